@@ -1,0 +1,1 @@
+"""The Typer command-line application (thin commands over the tinydeploy library)."""

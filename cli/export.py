@@ -1,0 +1,169 @@
+"""`tinydeploy export`, `verify` and `report`: thin commands over tinydeploy.export / verify / report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from cli.app import EXIT_CHECK_FAILED, app, fail, reports_errors
+from tinydeploy.artifacts import OPTIONAL_FORMATS, parse_formats
+from tinydeploy.export import export_run
+from tinydeploy.manifest import IntegrityError
+from tinydeploy.parity import DEFAULT_ATOL, DEFAULT_RTOL, FormatParity, ParityError
+from tinydeploy.providers import PROVIDER_CHOICES
+from tinydeploy.report import report_table
+from tinydeploy.verify import verify_export
+
+_PROVIDER_HELP = f"onnxruntime execution provider for the parity gate: {', '.join(PROVIDER_CHOICES)}."
+
+
+def _size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "-"
+    if n_bytes < 1024:
+        return f"{n_bytes} B"
+    return f"{n_bytes / 1024:.1f} KB" if n_bytes < 1024**2 else f"{n_bytes / 1024**2:.1f} MB"
+
+
+#: Short names of the runtimes that reload each format.
+_LOADERS = {"safetensors": "safetensors", "torchscript": "torch.jit", "pt2": "torch.export"}
+
+
+def _runtime(result: FormatParity) -> str:
+    """The runtime that reloaded the artifact, with onnxruntime's providers that really ran."""
+    providers = result.runtime.get("providers")
+    if providers:
+        return "onnxruntime " + ",".join(p.removesuffix("ExecutionProvider") for p in providers)
+    return _LOADERS.get(result.format, result.format)
+
+
+def _parity_table(results: list[FormatParity], sizes: dict[str, int] | None = None) -> Table:
+    """One row per format: size, runtime, max abs diff, test metric of artifact and frozen model, verdict."""
+    metric = next((r.metric["name"] for r in results if r.metric), "metric")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("format", "size", "runtime", "max |diff|", metric[:3], "frozen", "parity"):
+        table.add_column(column, justify="left" if column in ("format", "runtime") else "right", no_wrap=True)
+    for r in results:
+        values = (f"{r.metric['artifact']:.4f}", f"{r.metric['frozen']:.4f}") if r.metric else ("-", "-")
+        diff = f"{r.max_abs_diff:.1e}" if r.checks else "-"
+        verdict = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
+        table.add_row(r.format, _size((sizes or {}).get(r.format)), _runtime(r), diff, *values, verdict)
+    return table
+
+
+def _line(console: Console, text: str) -> None:
+    """Print plain text (no rich markup or highlighting: paths may contain brackets)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def _formats(onnx: bool, torchscript: bool, pt2: bool, formats: Optional[str]) -> tuple[str, ...]:
+    flagged = [name for name, on in (("onnx", onnx), ("torchscript", torchscript), ("pt2", pt2)) if on]
+    listed = list(parse_formats((formats or "").split(",")))
+    return tuple(flagged + listed) or ("onnx",)
+
+
+@app.command("export")
+@reports_errors
+def export_command(
+    run_dir: Path = typer.Argument(..., help="Run directory written by 'tinydeploy grow --out'."),
+    onnx: bool = typer.Option(False, "--onnx", help="Write model.onnx (the default when no format is chosen)."),
+    torchscript: bool = typer.Option(False, "--torchscript", help="Write model.ts (TorchScript)."),
+    pt2: bool = typer.Option(False, "--pt2", help="Write model.pt2 (torch.export)."),
+    formats: Optional[str] = typer.Option(
+        None, "--formats", help=f"Comma-separated formats: {', '.join(OPTIONAL_FORMATS)} (safetensors is always written)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export directory (default: RUN_DIR/artifacts)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; the range is checked)."),
+    no_preprocessing: bool = typer.Option(
+        False, "--no-preprocessing", help="Leave the standardisation out: clients send standardised features."
+    ),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help="Absolute tolerance of the parity gate."),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help="Relative tolerance of the parity gate."),
+    provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="'int8': also write model.int8.onnx, kept only within 1 accuracy point of fp32 (needs ONNX)."
+    ),
+    triton: Optional[Path] = typer.Option(None, "--triton", help="Also write a Triton model repository entry under this directory."),
+) -> None:
+    """Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."""
+    console, progress = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    chosen = _formats(onnx, torchscript, pt2, formats)
+    if quantize not in (None, "int8"):
+        fail(f"--quantize {quantize!r} is not supported: use int8")
+    if (quantize or triton) and "onnx" not in chosen:
+        fail("--quantize and --triton work on model.onnx: add --onnx")
+    command = shlex.join(["tinydeploy", *sys.argv[1:]])
+    try:
+        result = export_run(
+            run_dir, out, chosen, opset, not no_preprocessing, atol, rtol, command, provider,
+            progress=lambda message: progress.print(f"{message}...", markup=False, highlight=False, style="dim"),
+        )
+    except ParityError as exc:
+        console.print(_parity_table(exc.results))
+        fail(str(exc), EXIT_CHECK_FAILED)
+    onnx_note = f", opset {result.opset}" if result.opset else ""
+    inputs = "standardised features" if no_preprocessing else "raw features"
+    where = shlex.quote(str(result.out_dir))
+    _line(console, f"Exported {run_dir} -> {result.out_dir} (inputs: {inputs}{onnx_note})")
+    console.print(_parity_table(result.parity, result.sizes))
+    _line(console, f"Export complete ({result.seconds:.1f}s), every format within atol {atol:g} + rtol {rtol:g} x |frozen|")
+    _line(console, f"Width report: {result.out_dir / 'width_report.md'}")
+    _line(console, f"Verify:       tinydeploy verify {where}")
+    if "onnx" in result.files:
+        _line(console, f"Serve:        tinydeploy serve {where}")
+    if quantize:
+        from tinydeploy.quantize import QuantizationError, quantize_int8
+
+        try:
+            report = quantize_int8(result.out_dir, command=command).report
+        except QuantizationError as exc:
+            fail(str(exc), EXIT_CHECK_FAILED)
+        gate, size = report["gate"], report["size"]
+        _line(console, f"int8:         {result.out_dir / 'model.int8.onnx'} {gate['metric']} {gate['int8']:.4f} vs fp32 "
+                       f"{gate['fp32']:.4f}, {_size(size['int8_bytes'])} vs {_size(size['fp32_bytes'])} (parity.json: int8)")
+    if triton:
+        from tinydeploy.triton import write_triton_repo
+
+        _line(console, f"Triton:       {write_triton_repo(result.out_dir, triton)}")
+
+
+@app.command("verify")
+@reports_errors
+def verify_command(
+    directory: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export'."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: the one the export used)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: the one the export used)."),
+    provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+) -> None:
+    """Check the manifest hashes, reload every artifact with its own runtime and re-run the parity gate."""
+    console = Console(soft_wrap=True)
+    try:
+        result = verify_export(directory, atol, rtol, provider)
+    except IntegrityError as exc:
+        fail(str(exc), EXIT_CHECK_FAILED)
+    except ParityError as exc:
+        console.print(_parity_table(exc.results))
+        fail(str(exc), EXIT_CHECK_FAILED)
+    console.print(_parity_table(result.parity, {r.format: (directory / r.file).stat().st_size for r in result.parity}))
+    _line(
+        console,
+        f"Verified {directory}: manifest hashes match, {len(result.parity)} artifacts within "
+        f"atol {result.atol:g} + rtol {result.rtol:g} x |frozen|",
+    )
+
+
+@app.command("report")
+@reports_errors
+def report_command(
+    directory: Path = typer.Argument(..., help="Export directory or run directory."),
+) -> None:
+    """Print the per-layer width report."""
+    typer.echo(report_table(directory))
+

@@ -1,0 +1,99 @@
+"""``tinydeploy grow``: a few lines over ``tinydeploy.grow.run_grow`` plus a progress bar and a summary."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.app import app, reports_errors
+from tinydeploy.errors import TinyDeployError
+from tinydeploy.grow import GrowConfig, GrowResult, Progress as GrowProgress, prepare_grow
+
+_DEFAULTS = GrowConfig()
+
+
+def parse_widths(text: str) -> list[int]:
+    """'1,1' -> [1, 1], with a one-line error for anything else."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise TinyDeployError(f"--init-widths must be comma-separated positive integers like 1,1; got '{text}'") from None
+    if not widths or min(widths) < 1:
+        raise TinyDeployError(f"--init-widths must be comma-separated positive integers like 1,1; got '{text}'")
+    return widths
+
+
+def _summary(result: GrowResult, console: Console) -> None:
+    m = result.metrics
+    table = Table(title=f"grown {m['dataset']} network ({m['method']}, stop: {m['stop_reason']})")
+    for column in ("", "widths", "params", "MACs"):
+        table.add_column(column)
+    table.add_row("initial", str(m["initial_widths"]), str(m["initial_params"]), "")
+    table.add_row("final", str(m["final_widths"]), str(m["params"]), str(m["macs"]))
+    console.print(table)
+    key = "accuracy" if m["task"] == "classification" else "mse"
+    scores = ", ".join(f"{split} {key} {m['metrics'][split][key]:.4f}" for split in ("train", "val", "test"))
+    wall = m["wall_time_s"]
+    console.print(f"{scores}\nwall time {wall['total']:.1f} s (training {wall['training']:.1f} s, "
+                  f"growth {wall['growth']:.1f} s)\nrun directory: {result.run_dir}\n"
+                  f"next: tinydeploy export {result.run_dir} --onnx")
+
+
+@app.command()
+@reports_errors
+def grow(
+    dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | moons | spirals | sine | mnist | "
+                                "fashion-mnist | cifar10 | cifar100, or a path to a .npz / .csv file."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<dataset>-<timestamp>]."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
+    target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
+    method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | random."),
+    init_widths: str = typer.Option("1,1", help="Initial hidden widths, comma-separated."),
+    activation: str = typer.Option(_DEFAULTS.activation, help="relu | selu | tanh | gelu (sigma(0) must be 0)."),
+    grow_every: float = typer.Option(_DEFAULTS.grow_every, help="Epochs of training between growth steps (fractions allowed)."),
+    max_growth_epochs: float = typer.Option(_DEFAULTS.max_growth_epochs, help="Stop growing after this many epochs."),
+    final_epochs: float = typer.Option(_DEFAULTS.final_epochs, help="Epochs of training after growth stops."),
+    neurons_per_step: int = typer.Option(_DEFAULTS.neurons_per_step, help="Most neurons added to a layer per step."),
+    layers_per_step: Optional[int] = typer.Option(None, help="Most layers grown per step [default: all]."),
+    max_params: Optional[int] = typer.Option(None, help="Parameter budget [default: per built-in dataset, none for files]."),
+    max_width: Optional[int] = typer.Option(None, help="Largest width of any hidden layer."),
+    target_accuracy: Optional[float] = typer.Option(None, help="Stop growing once validation accuracy reaches this fraction."),
+    patience: int = typer.Option(_DEFAULTS.patience, help="Stop after this many growth steps with no significant neuron."),
+    lr: float = typer.Option(_DEFAULTS.lr, help="Adam learning rate."),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, help="Training mini-batch size."),
+    weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Adam weight decay."),
+    split_seed: int = typer.Option(_DEFAULTS.split_seed, help="Seed of the train/validation/test splits."),
+    seed: int = typer.Option(_DEFAULTS.seed, help="Seed of initialisation, batching and growth."),
+    device: str = typer.Option(_DEFAULTS.device, help="auto | cpu | cuda (auto picks CUDA when usable)."),
+) -> None:
+    """Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."""
+    cfg = GrowConfig(
+        dataset=dataset, data_dir=data_dir, target=target, split_seed=split_seed, method=method,
+        init_widths=parse_widths(init_widths), activation=activation, grow_every=grow_every,
+        max_growth_epochs=max_growth_epochs, final_epochs=final_epochs, neurons_per_step=neurons_per_step,
+        layers_per_step=layers_per_step, max_params=max_params, max_width=max_width,
+        target_accuracy=target_accuracy, patience=patience, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, device=device, seed=seed,
+    )
+    job = prepare_grow(cfg, out, force=force, command=shlex.join(["tinydeploy", *sys.argv[1:]]))
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed:.2f}/{task.total:.0f}"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("grow", total=cfg.max_growth_epochs + cfg.final_epochs, status="")
+
+        def show(p: GrowProgress) -> None:
+            bar.update(task, description=p.phase, completed=p.epoch, total=max(p.total_epochs, p.epoch),
+                       status=f"loss {p.train_loss:.3f} {p.metric_name} {p.val_metric:.4f} "
+                              f"widths {p.widths} params {p.params}")
+
+        result = job.run(show)
+    _summary(result, Console())

@@ -1,0 +1,132 @@
+"""The paper's identities (Prop. 3.1, 3.2, 3.4, Eq. 9, 10) checked on real networks' statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from growth_fixtures import explicit_activities, moments_for, small_problem
+from tinydeploy.growth import candidates, linalg
+from tinydeploy.growth.surgery import add_neurons
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_streamed_moments_equal_full_batch_products(layer):
+    spec, model, X, y, loss_fn = small_problem()
+    i_out = spec.linear_indices[spec.linear_indices.index(layer) + 1]
+    B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, layer, i_out)
+    n = X.shape[0]
+    m = moments_for(model, X, y, loss_fn, layer, chunk_size=37)
+    for name, expected in {"S": B_prev @ B_prev.T, "N_v": B_prev @ V.T, "S_ph": B_prev @ B_h.T,
+                           "S_h": B_h @ B_h.T, "N_h": B_h @ V.T, "VV": V @ V.T}.items():
+        torch.testing.assert_close(getattr(m, name), expected / n, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_prop_3_1_residual_is_orthogonal_to_B_h():
+    spec, model, X, y, loss_fn = small_problem()
+    B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, 2, 4)
+    m = moments_for(model, X, y, loss_fn, 2)
+    dW = linalg.best_update(m.S_h, m.N_h)
+    residual = V - dW @ B_h
+    assert residual.norm() > 1e-3 * V.norm()  # there is a bottleneck to speak of
+    assert (residual @ B_h.T).abs().max() < 1e-9 * V.norm() * B_h.norm()
+    psi = linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW)
+    assert psi == pytest.approx(float(residual.pow(2).sum() / X.shape[0]), rel=1e-9)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_eq_9_bottleneck_drops_by_sum_of_squared_lambdas(activation):
+    spec, model, X, y, loss_fn = small_problem(activation)
+    B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, 2, 4)
+    m = moments_for(model, X, y, loss_fn, 2)
+    dW = linalg.best_update(m.S_h, m.N_h)
+    psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
+    V_proj = V - dW @ B_h
+    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    assert len(neurons.lambdas) >= 2
+    for k in range(1, len(neurons.lambdas) + 1):
+        first = neurons.first(k)
+        linearised = first.omega @ first.alpha @ B_prev  # V(theta_K) = Omega A^T B_prev
+        psi_after = float((V_proj - linearised).pow(2).sum() / X.shape[0])
+        expected = psi - float(first.lambdas.pow(2).sum())
+        assert abs(psi_after - expected) / psi < 1e-4
+
+
+def test_new_neurons_pre_activation_variations_are_orthogonal():
+    spec, model, X, y, loss_fn = small_problem()
+    B_prev, _, _ = explicit_activities(model, X, y, loss_fn, 2, 4)
+    m = moments_for(model, X, y, loss_fn, 2)
+    dW = linalg.best_update(m.S_h, m.N_h)
+    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    variations = [torch.outer(neurons.omega[:, k], neurons.alpha[k] @ B_prev) for k in range(len(neurons.lambdas))]
+    gram = torch.tensor([[float((a * b).sum()) for b in variations] for a in variations], dtype=torch.float64)
+    off_diagonal = gram - torch.diag(torch.diag(gram))
+    assert off_diagonal.abs().max() < 1e-9 * torch.diag(gram).max()
+    # and each neuron's variation has squared norm n * lambda_k^2 (unit-norm u_k, q_k)
+    torch.testing.assert_close(torch.diag(gram) / X.shape[0], neurons.lambdas**2, rtol=1e-9, atol=0)
+
+
+def test_prop_3_4_alphas_solve_the_generalised_eigenproblem():
+    spec, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 0)  # inputs are Gaussian: S is positive definite
+    assert torch.linalg.eigvalsh(m.S).min() > 1e-3
+    dW = linalg.best_update(m.S_h, m.N_h)
+    N = linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
+    neurons = linalg.new_neurons(m.S, N)
+    for k, lam in enumerate(neurons.lambdas):
+        alpha = neurons.alpha[k]
+        torch.testing.assert_close(N @ N.T @ alpha, lam**2 * (m.S @ alpha), rtol=1e-8, atol=1e-12)
+        # omega_k is proportional to N^T alpha_k (Prop. 3.4: omega = N alpha up to the sqrt(lambda) scaling)
+        torch.testing.assert_close(N.T @ alpha, lam * neurons.omega[:, k], rtol=1e-8, atol=1e-12)
+
+
+def test_eq_10_first_order_loss_decrease_with_linear_activation():
+    spec, model, X, y, loss_fn = small_problem("identity")
+    m = moments_for(model, X, y, loss_fn, 2)
+    cand = candidates.tiny(m, max_neurons=10)
+    cand_all = candidates.Candidate(**{**cand.__dict__, **_all_neurons(m)})
+    expected = sum(l**2 for l in cand_all.lambdas) + float(torch.trace(cand_all.dW @ m.N_h))
+    loss = lambda net: float(loss_fn(net(X), y).mean().detach())  # noqa: E731
+    base = loss(model)
+    for gamma in (1e-4, 1e-5):
+        measured = (base - loss(add_neurons(model, cand_all, gamma))) / gamma
+        assert measured == pytest.approx(expected, rel=2e-3)
+
+
+def _all_neurons(m):
+    dW = linalg.best_update(m.S_h, m.N_h)
+    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    return {"alpha": neurons.alpha, "omega": neurons.omega, "lambdas": [float(v) for v in neurons.lambdas], "dW": dW}
+
+
+def test_null_threshold_separates_signal_from_noise():
+    """D.3: with V_goal independent of B_prev, no lambda clears lambda_-; a planted direction does."""
+    torch.manual_seed(1)
+    n, d, o = 2000, 20, 6
+    B = torch.cat([torch.randn(d, n, dtype=torch.float64), torch.ones(1, n, dtype=torch.float64)])
+    S = B @ B.T / n
+    noise = torch.randn(o, n, dtype=torch.float64)
+    Z = torch.randn(o, n, dtype=torch.float64)
+    null = linalg.null_threshold(S, B @ Z.T / n)
+    lambdas_noise = linalg.new_neurons(S, B @ noise.T / n).lambdas
+    assert (lambdas_noise > null).sum() <= 1
+    planted = noise + 0.5 * torch.outer(torch.randn(o, dtype=torch.float64), B[0])
+    lambdas_signal = linalg.new_neurons(S, B @ planted.T / n).lambdas
+    assert lambdas_signal[0] > 3 * null
+    assert (lambdas_signal > null).sum() <= 2
+
+
+def test_rank_is_bounded_by_fan_in_and_next_width():
+    spec, model, X, y, loss_fn = small_problem(widths=(1, 1))
+    m = moments_for(model, X, y, loss_fn, 0)  # next layer has width 1
+    dW = linalg.best_update(m.S_h, m.N_h)
+    assert len(linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW)).lambdas) == 1
+    m2 = moments_for(model, X, y, loss_fn, 2)  # fan-in 1 (+ bias): at most 2 neurons
+    dW2 = linalg.best_update(m2.S_h, m2.N_h)
+    assert len(linalg.new_neurons(m2.S, linalg.projected_cross_moment(m2.N_v, m2.S_ph, dW2)).lambdas) <= 2
+
+
+def test_psd_inverse_sqrt_cuts_null_directions():
+    S = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))
+    expected = torch.diag(torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(linalg.psd_inverse_sqrt(S), expected)

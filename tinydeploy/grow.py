@@ -1,0 +1,337 @@
+"""The ``grow`` job: start at width 1, train, grow with TINY (or a baseline), write a run directory."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tinydeploy import __version__
+from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, load_dataset
+from tinydeploy.devices import resolve_device, synchronize
+from tinydeploy.errors import TinyDeployError
+from tinydeploy.growth.candidates import METHODS
+from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, bottlenecks, count_params, growth_step, neuron_budget
+from tinydeploy.growth.surgery import carry_optimizer_state
+from tinydeploy.losses import per_sample_loss, task_metric
+from tinydeploy.rundir import write_run
+from tinydeploy.spec import ArchSpec, build_model, check_activation, spec_from_model
+from tinydeploy.train import Trainer, evaluate
+
+#: Parameter budgets used when --max-params is not given, sized to each built-in dataset.
+DEFAULT_MAX_PARAMS = {
+    "digits": 3000,
+    "mnist1d": 12000,
+    "moons": 400,
+    "spirals": 1500,
+    "sine": 300,
+    "mnist": 60000,
+    "fashion-mnist": 60000,
+    "cifar10": 200000,
+    "cifar100": 300000,
+}
+
+
+@dataclass
+class GrowConfig:
+    """Every option of ``tinydeploy grow`` (the CLI maps its flags one to one onto these fields)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    target: str | None = None
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    method: str = "tiny"
+    init_widths: list[int] = field(default_factory=lambda: [1, 1])
+    activation: str = "relu"
+    grow_every: float = 0.25
+    max_growth_epochs: float = 40.0
+    final_epochs: float = 60.0
+    neurons_per_step: int = 16
+    layers_per_step: int | None = None
+    max_params: int | None = None
+    max_width: int | None = None
+    target_accuracy: float | None = None
+    patience: int = 4
+    lr: float = 3e-3
+    batch_size: int = 16
+    weight_decay: float = 1e-3
+    line_search_batch: int = 1000
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise a one-line ``TinyDeployError`` for option values that cannot work."""
+        if self.method not in METHODS:
+            raise TinyDeployError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        check_activation(self.activation)
+        if not self.init_widths or min(self.init_widths) < 1:
+            raise TinyDeployError(f"--init-widths must be positive integers like 1,1; got {self.init_widths}")
+        positive = {"grow-every": self.grow_every, "lr": self.lr, "batch-size": self.batch_size,
+                    "neurons-per-step": self.neurons_per_step}
+        for name, value in positive.items():
+            if not value > 0:
+                raise TinyDeployError(f"--{name} must be > 0, got {value}")
+        if self.final_epochs < 0 or self.max_growth_epochs < 0:
+            raise TinyDeployError("--final-epochs and --max-growth-epochs must be >= 0")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise TinyDeployError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        if not 0 < self.val_fraction < 1:
+            raise TinyDeployError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Progress:
+    """What the job reports to its caller after each chunk of training or growth."""
+
+    phase: str
+    epoch: float
+    total_epochs: float
+    train_loss: float
+    val_loss: float
+    val_metric: float
+    metric_name: str
+    widths: list[int]
+    params: int
+
+
+@dataclass
+class GrowResult:
+    run_dir: Path
+    spec: ArchSpec
+    metrics: dict[str, Any]
+    growth_log: list[dict[str, Any]]
+
+
+class GrowJob:
+    """State of one grow run: data on device, trainer, log, timers, run-directory writes."""
+
+    def __init__(self, cfg: GrowConfig, run_dir: Path, command: str):
+        self.cfg, self.run_dir, self.command = cfg, run_dir, command
+        self.on_progress: Callable[[Progress], None] = lambda _p: None
+        self.device = resolve_device(cfg.device)
+        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
+                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
+        prep = fit_standardizer(self.data.X_train)
+        self.spec = ArchSpec.mlp(task=self.data.task, input_shape=self.data.input_shape,
+                                 hidden_widths=list(cfg.init_widths), n_outputs=self.data.n_outputs,
+                                 activation=cfg.activation, classes=self.data.classes, preprocessing=prep,
+                                 dataset=self.data.name)
+        self.task = self.data.task
+        self.loss_fn = per_sample_loss(self.task)
+        self.train_set, self.val_set, self.test_set = (self._tensors(X, y, prep) for X, y in (
+            (self.data.X_train, self.data.y_train), (self.data.X_val, self.data.y_val),
+            (self.data.X_test, self.data.y_test)))
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
+        model = build_model(self.spec).to(self.device)
+        self.initial_spec = self.spec
+        self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
+                               batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                               generator=self.cpu_generator)
+        self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
+                                       layers_per_step=cfg.layers_per_step, max_params=self.max_params,
+                                       max_width=cfg.max_width)
+        self.log: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+        self.psi: dict[int, float] = {}
+        self.time_train = self.time_growth = 0.0
+        self.started = time.perf_counter()
+        self.stop_reason = ""
+
+    @property
+    def max_params(self) -> int | None:
+        if self.cfg.max_params is not None:
+            return self.cfg.max_params
+        return DEFAULT_MAX_PARAMS.get(self.cfg.dataset)
+
+    def _tensors(self, X: np.ndarray, y: np.ndarray, prep: dict[str, Any]) -> Batch:
+        X_std = torch.from_numpy(apply_standardizer(X, prep)).to(self.device)
+        return Batch(X_std, torch.from_numpy(y).to(self.device))
+
+    @property
+    def model(self) -> torch.nn.Sequential:
+        return self.trainer.model
+
+    # ----- phases -------------------------------------------------------------------------------
+    def _train(self, n_steps: int) -> float:
+        start = time.perf_counter()
+        loss = self.trainer.train_steps(n_steps)
+        synchronize(self.device)
+        self.time_train += time.perf_counter() - start
+        return loss
+
+    def _record(self, phase: str, train_loss: float, total_epochs: float) -> None:
+        val_loss, val_metric = evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)
+        spec = spec_from_model(self.model, self.spec)
+        entry = {"epoch": round(self.trainer.epoch, 4), "phase": phase, "params": spec.n_params(),
+                 "widths": spec.hidden_widths, "train_loss": train_loss, "val_loss": val_loss,
+                 self._metric_key("val"): val_metric}
+        self.history.append(entry)
+        self.on_progress(Progress(phase, self.trainer.epoch, total_epochs, train_loss, val_loss, val_metric,
+                                  self._metric_key("val").replace("_", " "), spec.hidden_widths, spec.n_params()))
+
+    def _metric_key(self, split: str) -> str:
+        return f"{split}_accuracy" if self.task == "classification" else f"{split}_mse"
+
+    def _grow(self, step: int) -> list[Growth]:
+        start = time.perf_counter()
+        old_model = self.model
+        held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
+        metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
+        model, growths, moments = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
+                                              self.loss_fn, metric, self.settings, self.generator)
+        self.psi = bottlenecks(moments)
+        if growths:
+            self.trainer.replace_model(model, carry_optimizer_state(self.trainer.optimizer, old_model, model))
+        synchronize(self.device)
+        self.time_growth += time.perf_counter() - start
+        for g in growths:
+            self.log.append(self._event(step, g))
+        return growths
+
+    def _event(self, step: int, g: Growth) -> dict[str, Any]:
+        c = g.candidate
+        spec = spec_from_model(self.model, self.spec)
+        return {"step": step, "epoch": round(self.trainer.epoch, 4), "layer": c.in_index,
+                "hidden_index": self.spec.growable_indices.index(c.in_index), "method": c.method,
+                "neurons_added": c.n_neurons, "lambdas": c.lambdas, "lambda_null": c.lambda_null,
+                "gamma": g.gamma, "loss_before": g.loss_before, "loss_after": g.loss_after,
+                "acc_before" if self.task == "classification" else "mse_before": g.metric_before,
+                "acc_after" if self.task == "classification" else "mse_after": g.metric_after,
+                "psi_before": c.psi, "psi_after": g.psi_after, "params": spec.n_params(),
+                "widths": spec.hidden_widths}
+
+    def _budget_left(self) -> bool:
+        pairs = zip(self.spec.growable_indices, self.spec.linear_indices[1:])
+        return any(neuron_budget(self.model, i, o, self.settings) > 0 for i, o in pairs)
+
+    def growth_phase(self) -> None:
+        cfg = self.cfg
+        steps_between = max(1, round(cfg.grow_every * self.trainer.steps_per_epoch))
+        total = cfg.max_growth_epochs + cfg.final_epochs
+        step, idle = 0, 0
+        while True:
+            if not self._budget_left():
+                self.stop_reason = "max_params" if self.max_params is not None else "max_width"
+                break
+            if self.trainer.epoch >= cfg.max_growth_epochs:
+                self.stop_reason = "max_growth_epochs"
+                break
+            train_loss = self._train(steps_between)
+            if cfg.target_accuracy is not None and self.task == "classification":
+                if evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)[1] >= cfg.target_accuracy:
+                    self.stop_reason = "target_accuracy"
+                    self._record("grow", train_loss, total)
+                    break
+            step += 1
+            idle = 0 if self._grow(step) else idle + 1
+            self._record("grow", train_loss, total)
+            self.checkpoint("running")
+            if idle >= cfg.patience:
+                self.stop_reason = "no_significant_neuron"
+                break
+
+    def final_phase(self) -> None:
+        """Train the final architecture with a cosine learning-rate decay, one progress record per epoch."""
+        cfg = self.cfg
+        start_epoch = self.trainer.epoch
+        total_steps = round(cfg.final_epochs * self.trainer.steps_per_epoch)
+        done = 0
+        while done < total_steps:
+            chunk = min(self.trainer.steps_per_epoch, total_steps - done)
+            self.trainer.set_lr(cfg.lr * 0.5 * (1 + math.cos(math.pi * done / total_steps)))
+            train_loss = self._train(chunk)
+            done += chunk
+            self._record("final", train_loss, start_epoch + cfg.final_epochs)
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None) -> GrowResult:
+        """Grow, then train the final architecture; the run directory is rewritten after each growth step
+        and once more (``status: interrupted``) if the user interrupts."""
+        self.on_progress = on_progress or self.on_progress
+        make_run_dir(self.run_dir)
+        self.started = time.perf_counter()
+        try:
+            self.growth_phase()
+            self.final_phase()
+        except KeyboardInterrupt:
+            self.checkpoint("interrupted")
+            raise
+        metrics = self.checkpoint("complete")
+        return GrowResult(self.run_dir, spec_from_model(self.model, self.spec), metrics, self.log)
+
+    # ----- outputs ------------------------------------------------------------------------------
+    def metrics(self, status: str) -> dict[str, Any]:
+        spec = spec_from_model(self.model, self.spec)
+        splits = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        results = {}
+        for name, batch in splits.items():
+            loss, metric = evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task)
+            results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
+        wall = time.perf_counter() - self.started
+        return {
+            "status": status, "dataset": self.data.name, "task": self.task, "method": self.cfg.method,
+            "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
+            "initial_widths": self.initial_spec.hidden_widths, "final_widths": spec.hidden_widths,
+            "initial_params": self.initial_spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
+            "max_params": self.max_params, "metrics": results, "epochs": round(self.trainer.epoch, 4),
+            "growth_events": len(self.log), "stop_reason": self.stop_reason,
+            "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
+            "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth},
+            "history": self.history, "config": asdict(self.cfg), "command": self.command,
+            "versions": {"tinydeploy": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+
+    def checkpoint(self, status: str) -> dict[str, Any]:
+        """Write the run directory as it stands; returns the metrics written."""
+        metrics = self.metrics(status)
+        write_run(self.run_dir, self.model, spec_from_model(self.model, self.spec), self.log, metrics)
+        return metrics
+
+
+def default_run_dir(dataset: str) -> Path:
+    """runs/<dataset>-<timestamp> under the current directory."""
+    name = Path(dataset).stem if dataset.endswith((".csv", ".npz")) else dataset
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse to mix a new run into a non-empty directory unless ``force``; refuse a file path."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TinyDeployError(f"--out {run_dir} is a file: pass a directory path")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+        raise TinyDeployError(f"--out {run_dir} is not empty: pass a new directory or --force to overwrite")
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TinyDeployError(f"cannot create --out {run_dir}: {exc.strerror}; pass a writable directory") from exc
+
+
+def prepare_grow(cfg: GrowConfig, run_dir: Path | None = None, *, force: bool = False, command: str = "") -> GrowJob:
+    """Validate options, output directory and data; writes nothing, so bad input leaves no trace."""
+    cfg.validate()
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg.dataset)
+    check_run_dir(run_dir, force)
+    return GrowJob(cfg, run_dir, command)
+
+
+def run_grow(
+    cfg: GrowConfig,
+    run_dir: Path | None = None,
+    *,
+    force: bool = False,
+    command: str = "",
+    on_progress: Callable[[Progress], None] | None = None,
+) -> GrowResult:
+    """Grow a network as ``cfg`` says and write its run directory (also after every growth step)."""
+    return prepare_grow(cfg, run_dir, force=force, command=command).run(on_progress)

@@ -1,0 +1,124 @@
+"""Closed-form pieces of TINY (Verbockhaven et al., TMLR 2024) as pure functions of matrices.
+
+Orientation follows the paper: activities are stored one column per sample, so with n samples
+B_prev is (d+1, n) (inputs of the layer that gains neurons, with a row of ones for the bias), B_h is
+(h+1, n) (inputs of the next layer) and V_goal is (o, n) with V_goal = -d(sum_i l_i)/dA_out.
+The statistics below are the already-divided moments: S = B B^T / n and N = B V^T / n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Eigenvalues of S below this fraction of the largest are treated as 0 in S^+ and S^(-1/2).
+DEFAULT_RELATIVE_CUT = 1e-10
+
+
+def psd_inverse_sqrt(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+    """S^(-1/2) = O diag(sigma)^(-1/2) O^T from S = O diag(sigma) O^T, with 1/0 := 0.
+
+    Eigenvalues below ``rel_cut * max(sigma)`` are cut (treated as 0), which keeps the result
+    finite when S is singular (e.g. a constant input feature, or n < d).
+    """
+    sigma, O = torch.linalg.eigh(S)
+    keep = sigma > rel_cut * sigma.max().clamp_min(torch.finfo(S.dtype).tiny)
+    inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(S.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
+    return (O * inv_sqrt) @ O.T
+
+
+def psd_pinv(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+    """S^+, the pseudo-inverse of a symmetric PSD matrix with the same relative eigenvalue cut."""
+    S_inv_sqrt = psd_inverse_sqrt(S, rel_cut)
+    return S_inv_sqrt @ S_inv_sqrt
+
+
+def psd_sqrt(S: torch.Tensor) -> torch.Tensor:
+    """A square root L of a symmetric PSD matrix (L L^T = S), negative round-off clipped to 0."""
+    sigma, O = torch.linalg.eigh(S)
+    return O * sigma.clamp_min(0).sqrt()
+
+
+def best_update(S_h: torch.Tensor, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+    """Prop. 3.1: dW* = N_h^T S_h^+, the best move of the existing weights of the next layer.
+
+    S_h = B_h B_h^T / n is (h+1, h+1) and N_h = B_h V_goal^T / n is (h+1, o); dW* is (o, h+1) and its
+    activity update dW* B_h is the projection of V_goal onto the row space of B_h.
+    """
+    return N_h.T @ psd_pinv(S_h, rel_cut)
+
+
+def bottleneck(v_sq_norm: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+    """Psi = ||V_goal - dW B_h||_F^2 / n from moments (Eq. 4 with the best update of Prop. 3.1).
+
+    ``v_sq_norm`` is ||V_goal||_F^2 / n. Expanding the square: Psi = |V|^2/n - 2 tr(dW N_h) + tr(dW S_h dW^T).
+    """
+    return v_sq_norm - 2 * torch.trace(dW @ N_h) + torch.trace(dW @ S_h @ dW.T)
+
+
+def projected_cross_moment(N_prev_v: torch.Tensor, S_prev_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+    """N = B_prev V_goal_proj^T / n with V_goal_proj = V_goal - dW* B_h.
+
+    ``N_prev_v`` = B_prev V_goal^T / n is (d+1, o) and ``S_prev_h`` = B_prev B_h^T / n is (d+1, h+1).
+    """
+    return N_prev_v - S_prev_h @ dW.T
+
+
+def projected_covariance(
+    VV: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW: torch.Tensor
+) -> torch.Tensor:
+    """V_goal_proj V_goal_proj^T / n (o, o) from moments, with VV = V_goal V_goal^T / n."""
+    cross = dW @ N_h
+    return VV - cross - cross.T + dW @ S_h @ dW.T
+
+
+@dataclass(frozen=True)
+class NewNeurons:
+    """Prop. 3.2: K neurons (alpha_k, omega_k) and their singular values lambda_k (decreasing).
+
+    ``alpha`` is (K, d+1): fan-in weights with the bias last; ``omega`` is (o, K): fan-out weights.
+    """
+
+    alpha: torch.Tensor
+    omega: torch.Tensor
+    lambdas: torch.Tensor
+
+    def first(self, k: int) -> "NewNeurons":
+        """The k neurons with the largest lambda."""
+        return NewNeurons(self.alpha[:k], self.omega[:, :k], self.lambdas[:k])
+
+
+def new_neurons(S: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> NewNeurons:
+    """Prop. 3.2: SVD S^(-1/2) N = sum_k lambda_k u_k q_k^T, alpha_k = sqrt(lambda_k) S^(-1/2) u_k,
+    omega_k = sqrt(lambda_k) q_k.
+
+    S = B_prev B_prev^T / n is (d+1, d+1), N = B_prev V_goal_proj^T / n is (d+1, o). Adding the first K
+    neurons lowers the bottleneck by exactly sum_{k<=K} lambda_k^2 (Eq. 9, linearised effect).
+    Only the R = rank(S^(-1/2) N) <= min(d+1, o) non-zero directions are returned.
+    """
+    S_inv_sqrt = psd_inverse_sqrt(S, rel_cut)
+    U, lambdas, Qt = torch.linalg.svd(S_inv_sqrt @ N, full_matrices=False)
+    rank = int((lambdas > rel_cut * lambdas.max().clamp_min(torch.finfo(S.dtype).tiny)).sum()) if lambdas.numel() else 0
+    U, lambdas, Qt = U[:, :rank], lambdas[:rank], Qt[:rank]
+    root = lambdas.sqrt()
+    alpha = (S_inv_sqrt @ U * root).T
+    omega = Qt.T * root
+    return NewNeurons(alpha=alpha, omega=omega, lambdas=lambdas)
+
+
+def null_threshold(S: torch.Tensor, N_null: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+    """lambda_-: the largest singular value of S^(-1/2) N_null (earlier appendix, D.3).
+
+    N_null = B_prev V_gauss^T / n where V_gauss has the covariance of V_goal_proj but is independent of
+    B_prev: singular values of S^(-1/2) N below lambda_- are indistinguishable from noise.
+    """
+    return torch.linalg.matrix_norm(psd_inverse_sqrt(S, rel_cut) @ N_null, ord=2)
+
+
+def gradmax_fan_out(N_tilde: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradMax (App. B.1): fan-out Omega* = the top-k eigenvectors of N~^T N~ with N~ = B_prev V_goal^T / n
+    (unprojected). Returns (omega (o, k) with unit columns, eigenvalues (k,) = squared fan-in gradient norms)."""
+    eigenvalues, vectors = torch.linalg.eigh(N_tilde.T @ N_tilde)
+    order = torch.argsort(eigenvalues, descending=True)[:k]
+    return vectors[:, order], eigenvalues[order].clamp_min(0)

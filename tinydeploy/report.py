@@ -1,0 +1,289 @@
+"""Width report: where the network grew, what each layer costs, and how it compares.
+
+Per linear layer (hidden or output): fan-in, initial and final width, neurons added and at which
+growth steps, parameters, multiply-accumulates per sample, share of all parameters and the last
+measured bottleneck Psi. Totals for the grown net, the initial net and, when the run trained one, a
+reference fixed-width net. Written as width_report.json / .md / .png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tinydeploy.atomic import write_json, write_text
+from tinydeploy.errors import TinyDeployError
+from tinydeploy.rundir import METRICS_FILE, MODEL_FILE, read_run
+from tinydeploy.spec import ArchSpec
+
+REPORT_JSON = "width_report.json"
+REPORT_MD = "width_report.md"
+REPORT_PNG = "width_report.png"
+REPORT_FORMAT = "tinydeploy.width_report/1"
+
+
+# ----- building ------------------------------------------------------------------------------------
+def _layer_costs(spec: ArchSpec, index: int) -> dict[str, int]:
+    width, fan_in = spec.layers[index]["out_features"], spec.in_features(index)
+    return {"width": width, "params": (fan_in + 1) * width, "macs": fan_in * width}
+
+
+def _net_totals(spec: ArchSpec) -> dict[str, Any]:
+    return {"hidden_widths": spec.hidden_widths, "params": spec.n_params(), "macs": spec.macs()}
+
+
+def _last_psi(metrics: dict[str, Any], log: list[dict[str, Any]], hidden: int) -> float | None:
+    """Psi of hidden layer ``hidden``: metrics' final_bottleneck, else the last growth event measuring it."""
+    final = metrics.get("final_bottleneck")
+    if isinstance(final, list) and hidden < len(final) and final[hidden] is not None:
+        return float(final[hidden])
+    for event in reversed(log):
+        value = event.get("psi_after")
+        if isinstance(value, list) and hidden < len(value):
+            return float(value[hidden])
+        if isinstance(value, (int, float)) and event.get("hidden_index") == hidden:
+            return float(value)
+    return None
+
+
+def _metric_name(task: str) -> str:
+    return "accuracy" if task == "classification" else "mse"
+
+
+def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The width report of a run; raises if the growth log does not add up to the final widths."""
+    final_widths = spec.hidden_widths
+    initial_widths = [int(w) for w in metrics.get("initial_widths", final_widths)]
+    if len(initial_widths) != len(final_widths):
+        raise TinyDeployError(
+            f"metrics.json lists {len(initial_widths)} initial widths for {len(final_widths)} hidden layers"
+        )
+    initial_spec = spec.with_hidden_widths(initial_widths)
+    reference = metrics.get("reference")
+    reference_spec = None
+    if reference and len(reference.get("widths", [])) == len(final_widths):
+        reference_spec = spec.with_hidden_widths([int(w) for w in reference["widths"]])
+    total = spec.n_params()
+    metric = _metric_name(spec.task)
+    layers = []
+    for index in spec.linear_indices:
+        hidden = spec.growable_indices.index(index) if index in spec.growable_indices else None
+        costs = _layer_costs(spec, index)
+        events = [e for e in growth_log if hidden is not None and e.get("hidden_index") == hidden]
+        added = sum(int(e.get("neurons_added", 0)) for e in events)
+        initial = _layer_costs(initial_spec, index)
+        if initial["width"] + added != costs["width"]:
+            raise TinyDeployError(
+                f"growth_log.jsonl adds {added} neurons to hidden layer {hidden} but metrics.json says it grew "
+                f"from {initial['width']} to {costs['width']}: the run directory is inconsistent"
+            )
+        following = spec.layers[index + 1] if index + 1 < len(spec.layers) else {}
+        layers.append({
+            "name": str(index),
+            "module_index": index,
+            "hidden_index": hidden,
+            "kind": "hidden" if hidden is not None else "output",
+            "activation": following.get("name") if following.get("kind") == "activation" else None,
+            "fan_in": spec.in_features(index),
+            "initial_width": initial["width"],
+            "final_width": costs["width"],
+            "neurons_added": added,
+            "growth_steps": [e.get("step") for e in events],
+            "params": costs["params"],
+            "macs": costs["macs"],
+            "param_share": costs["params"] / total,
+            "bottleneck_psi": _last_psi(metrics, growth_log, hidden) if hidden is not None else None,
+            "initial": initial,
+            "reference": _layer_costs(reference_spec, index) if reference_spec else None,
+        })
+    test_metrics = metrics.get("metrics", {}).get("test", {})
+    totals: dict[str, Any] = {
+        "final": {**_net_totals(spec), f"test_{metric}": test_metrics.get(metric)},
+        "initial": _net_totals(initial_spec),
+        "reference": None,
+    }
+    if reference:
+        ref_totals = _net_totals(reference_spec) if reference_spec else {"hidden_widths": reference.get("widths")}
+        totals["reference"] = {**ref_totals, "params": reference.get("params", ref_totals.get("params")),
+                               f"test_{metric}": reference.get(f"test_{metric}")}
+    # one entry per growth step (a step may grow several layers: its last event holds the widths after it)
+    by_step = {e.get("step"): {"step": e.get("step"), "widths": e.get("widths"), "params": e.get("params")} for e in growth_log}
+    steps = [{"step": 0, "widths": initial_widths, "params": initial_spec.n_params()}, *by_step.values()]
+    history = [
+        {"epoch": h.get("epoch"), "params": h.get("params"), f"val_{metric}": h.get(f"val_{metric}")}
+        for h in metrics.get("history", [])
+    ]
+    return {
+        "format": REPORT_FORMAT,
+        "dataset": metrics.get("dataset", spec.dataset),
+        "task": spec.task,
+        "metric": metric,
+        "layers": layers,
+        "totals": totals,
+        "growth_steps": steps,
+        "history": history,
+        "checked_against": None,
+    }
+
+
+def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: str) -> None:
+    """Raise unless every layer's width and fan-in match the weight shapes stored in ``source``."""
+    stored_params = 0
+    for layer in report["layers"]:
+        expected = {f"{layer['name']}.weight": [layer["final_width"], layer["fan_in"]],
+                    f"{layer['name']}.bias": [layer["final_width"]]}
+        for name, shape in expected.items():
+            if shapes.get(name) != shape:
+                raise TinyDeployError(
+                    f"width report does not match {source}: {name} should have shape {shape} but has "
+                    f"{shapes.get(name, 'no such tensor')}"
+                )
+            stored_params += math.prod(shape)
+    if stored_params != report["totals"]["final"]["params"]:
+        raise TinyDeployError(
+            f"width report does not match {source}: {stored_params} weights stored, "
+            f"{report['totals']['final']['params']} reported"
+        )
+    report["checked_against"] = source
+
+
+# ----- rendering ---------------------------------------------------------------------------------------
+_COLUMNS = ("layer", "kind", "fan-in", "initial", "final", "added", "grown at steps", "params", "MACs", "share", "Psi")
+
+
+def _ranges(steps: list[int]) -> str:
+    """Sorted step numbers as compact ranges: [1, 2, 3, 5] -> "1-3,5"."""
+    parts: list[list[int]] = []
+    for step in sorted(set(steps)):
+        if parts and step == parts[-1][1] + 1:
+            parts[-1][1] = step
+        else:
+            parts.append([step, step])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for layer in report["layers"]:
+        psi = layer["bottleneck_psi"]
+        steps = _ranges(layer["growth_steps"]) or "-"
+        rows.append([
+            layer["name"], layer["kind"], str(layer["fan_in"]), str(layer["initial_width"]),
+            str(layer["final_width"]), f"+{layer['neurons_added']}", steps, f"{layer['params']:,}",
+            f"{layer['macs']:,}", f"{layer['param_share']:.1%}", "-" if psi is None else f"{psi:.3g}",
+        ])
+    return rows
+
+
+def _total_rows(report: dict[str, Any]) -> list[list[str]]:
+    metric = f"test_{report['metric']}"
+    rows = []
+    for name in ("final", "initial", "reference"):
+        net = report["totals"].get(name)
+        if not net:
+            continue
+        value = net.get(metric)
+        params, macs = net.get("params"), net.get("macs")
+        rows.append([
+            name, str(net.get("hidden_widths")), "-" if params is None else f"{params:,}",
+            "-" if macs is None else f"{macs:,}", "-" if value is None else f"{value:.4g}",
+        ])
+    return rows
+
+
+def _text_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [list(header), *rows]]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _total_header(report: dict[str, Any]) -> list[str]:
+    return ["net", "hidden widths", "params", "MACs", f"test {report['metric']}"]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    checked = report.get("checked_against")
+    return "\n\n".join([
+        f"# Width report: {report['dataset']} ({report['task']})",
+        _md_table(_COLUMNS, _rows(report)),
+        _md_table(_total_header(report), _total_rows(report)),
+        f"Widths checked against {checked}." if checked else "Widths not checked against an exported file.",
+    ]) + "\n"
+
+
+def render_text(report: dict[str, Any]) -> str:
+    return "\n\n".join([
+        f"Width report: {report['dataset']} ({report['task']})",
+        _text_table(_COLUMNS, _rows(report)),
+        _text_table(_total_header(report), _total_rows(report)),
+    ])
+
+
+def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """PNG: hidden widths over growth steps, and validation metric against parameters over training."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    widths_ax, metric_ax = figure.subplots(1, 2)
+    steps = report["growth_steps"]
+    x = [step["step"] for step in steps]
+    for layer in (layer for layer in report["layers"] if layer["kind"] == "hidden"):
+        widths = [step["widths"][layer["hidden_index"]] for step in steps]
+        widths_ax.step(x, widths, where="post", marker="o", label=f"hidden {layer['hidden_index']} (module {layer['name']})")
+    widths_ax.set(xlabel="growth step", ylabel="width", title="Width per hidden layer")
+    widths_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    widths_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    widths_ax.legend(fontsize=8)
+    metric = report["metric"]
+    points = [(h["params"], h[f"val_{metric}"]) for h in report["history"] if h["params"] and h[f"val_{metric}"] is not None]
+    if points:
+        metric_ax.plot(*zip(*points), marker=".", label=f"grown net (val {metric})")
+    params = [p for p, _ in points] + [report["totals"]["final"]["params"]]
+    for name, style in (("final", "o"), ("reference", "*")):
+        net = report["totals"].get(name)
+        if net and net.get("params") and net.get(f"test_{metric}") is not None:
+            metric_ax.plot([net["params"]], [net[f"test_{metric}"]], style, markersize=10, label=f"{name} (test {metric})")
+            params.append(net["params"])
+    metric_ax.set(xlabel="parameters", ylabel=metric, title=f"{metric} against parameters")
+    if max(params) > 20 * min(params):
+        metric_ax.set_xscale("log")
+    metric_ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(str(path), format="png")
+
+
+def write_width_report(directory: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Write width_report.json, .md and .png into ``directory``."""
+    directory = Path(directory)
+    write_json(directory / REPORT_JSON, report)
+    write_text(directory / REPORT_MD, render_markdown(report))
+    plot_report(report, directory / REPORT_PNG)
+
+
+def report_table(directory: str | os.PathLike[str]) -> str:
+    """The width report of an export directory (its width_report.json) or of a run directory, as text."""
+    directory = Path(directory)
+    if (directory / REPORT_JSON).is_file():
+        report = json.loads((directory / REPORT_JSON).read_text(encoding="utf-8"))
+    elif (directory / METRICS_FILE).is_file() and (directory / MODEL_FILE).is_file():
+        run = read_run(directory)
+        report = build_width_report(run.spec, run.growth_log, run.metrics)
+    elif not directory.is_dir():
+        raise TinyDeployError(f"{directory} does not exist: pass an export directory or a run directory")
+    else:
+        raise TinyDeployError(
+            f"{directory} has no {REPORT_JSON} and is not a run directory: pass an export directory or a run directory"
+        )
+    return render_text(report)

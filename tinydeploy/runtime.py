@@ -1,0 +1,542 @@
+"""Torch-free inference on an exported model with onnxruntime.
+
+This module imports only numpy, onnxruntime, the standard library and torch-free tinydeploy modules
+(``errors``, ``providers``, ``manifest``), so an edge device can run it without PyTorch installed.
+
+An :class:`OnnxModel` is opened from an export directory (or a bare ``model.onnx`` path):
+
+* when a ``manifest.json`` is present every file it lists is checked against its sha256, and the
+  model bytes actually handed to onnxruntime are hashed again, so a tampered file is refused and
+  named;
+* execution providers are chosen deliberately (``auto`` | ``cpu`` | ``cuda``, see
+  ``tinydeploy.providers``) and the session's real providers are checked after it is created;
+* inputs are validated against the model's declared input (shape, numeric dtype, finite values,
+  non-empty batch): a violation raises :class:`InputError`, which a server maps to a 4xx answer;
+* one row (1-D with ``n_features`` values, or exactly ``input_shape``) or a batch is accepted and
+  the answer is always batched: ``outputs`` has shape ``[batch, n_outputs]``; classifiers also get
+  ``labels`` (class names of the argmax) and ``probabilities`` (softmax of the logits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from tinydeploy.errors import TinyDeployError
+from tinydeploy.manifest import MANIFEST_FILE, IntegrityError, verify_manifest
+from tinydeploy.providers import CUDA, choose_providers, quiet_session_options
+
+MODEL_FILE = "model.onnx"
+ARCH_FILE = "arch.json"
+SPEC_KEY = "tinydeploy.spec"
+CLASSES_KEY = "tinydeploy.classes"
+TASK_KEY = "tinydeploy.task"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class InputError(TinyDeployError):
+    """The caller's input does not fit the model (shape, dtype, non-finite values, empty batch).
+
+    ``code`` is a short machine-readable reason (``"shape"``, ``"dtype"``, ``"non_finite"``,
+    ``"empty"``, ``"too_large"``) that a server reports next to the message.
+    """
+
+    def __init__(self, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Prediction:
+    """The answer for a batch: raw outputs, and for classifiers argmax labels and softmax."""
+
+    outputs: np.ndarray
+    labels: list[str] | None = None
+    indices: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.outputs.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (lists of floats, batch first)."""
+        answer: dict[str, Any] = {"outputs": self.outputs.tolist()}
+        if self.labels is not None:
+            answer["labels"] = list(self.labels)
+            answer["indices"] = [int(i) for i in self.indices] if self.indices is not None else None
+            answer["probabilities"] = self.probabilities.tolist() if self.probabilities is not None else None
+        return answer
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax computed in float64 (stable), returned as float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_model_path(path: str | os.PathLike[str], model_file: str = MODEL_FILE) -> tuple[Path, Path]:
+    """(export directory, model file) for an export directory or a bare ``.onnx`` path."""
+    path = Path(path)
+    if path.is_dir():
+        model_path = path / model_file
+        if not model_path.is_file():
+            raise TinyDeployError(
+                f"{path} holds no {model_file}: pass the directory written by 'tinydeploy export RUN --onnx' "
+                "or a .onnx file"
+            )
+        return path, model_path
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise TinyDeployError(f"{path} is not an .onnx file: pass an export directory or a model.onnx path")
+        return path.parent, path
+    raise TinyDeployError(f"{path} does not exist: pass an export directory or a model.onnx path")
+
+
+def verify_export_dir(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Check every file listed in ``directory``'s manifest.json; return the manifest (None if absent).
+
+    The rule is ``tinydeploy.manifest.verify_manifest``'s (size and sha256 of every listed file);
+    it raises ``IntegrityError`` naming each tampered, truncated or missing file.
+    """
+    directory = Path(directory)
+    if not (directory / MANIFEST_FILE).is_file():
+        return None
+    return verify_manifest(directory)
+
+
+def _dim(value: Any) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class OnnxModel:
+    """An exported model opened with onnxruntime; thread-safe for concurrent ``predict`` calls."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        provider: str = "auto",
+        *,
+        model_file: str = MODEL_FILE,
+        verify: bool = True,
+        intra_op_num_threads: int | None = None,
+        inter_op_num_threads: int | None = None,
+    ) -> None:
+        self.directory, self.model_path = resolve_model_path(path, model_file)
+        self.manifest = verify_export_dir(self.directory) if verify else None
+        data = self.model_path.read_bytes()
+        self.sha256 = sha256_bytes(data)
+        self.size_bytes = len(data)
+        if self.manifest is not None:
+            entry = self.manifest["files"].get(self.model_path.name)
+            if entry is not None and entry.get("sha256") != self.sha256:
+                # Hash the exact bytes given to onnxruntime: a file swapped after the manifest check
+                # is refused as well.
+                raise IntegrityError(
+                    f"{self.model_path} does not match the sha256 in {self.directory / MANIFEST_FILE}: "
+                    "the file was modified after export; re-export the run"
+                )
+        self.requested_provider = provider
+        providers = choose_providers(provider)
+        options = quiet_session_options()
+        if intra_op_num_threads is not None:
+            options.intra_op_num_threads = int(intra_op_num_threads)
+        if inter_op_num_threads is not None:
+            options.inter_op_num_threads = int(inter_op_num_threads)
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt models
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TinyDeployError(f"onnxruntime cannot load {self.model_path}: {first}") from exc
+        self.providers: list[str] = list(self.session.get_providers())
+        if provider == "cuda" and CUDA not in self.providers:
+            raise TinyDeployError(
+                f"provider 'cuda' requested but the session for {self.model_path} runs on "
+                f"{', '.join(self.providers)}: install onnxruntime-gpu matching the CUDA driver, or use 'cpu'"
+            )
+        self._read_signature()
+        self._read_metadata()
+
+    # ----- model description -----------------------------------------------------------------------
+    def _read_signature(self) -> None:
+        inputs = self.session.get_inputs()
+        outputs = self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise TinyDeployError(
+                f"{self.model_path} has {len(inputs)} inputs and {len(outputs)} outputs: "
+                "a tinydeploy model has one input and one output"
+            )
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        if inputs[0].type != "tensor(float)":
+            raise TinyDeployError(f"{self.model_path}: input '{self.input_name}' is {inputs[0].type}, expected tensor(float)")
+        shape = list(inputs[0].shape)
+        if len(shape) < 2:
+            raise TinyDeployError(f"{self.model_path}: input '{self.input_name}' has shape {shape}, expected [batch, ...]")
+        dims = [_dim(d) for d in shape[1:]]
+        if any(d is None for d in dims):
+            raise TinyDeployError(
+                f"{self.model_path}: input '{self.input_name}' has dynamic feature dims {shape}: only the batch may be dynamic"
+            )
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+        fixed_batch = _dim(shape[0])
+        self.fixed_batch: int | None = fixed_batch
+        out_shape = list(outputs[0].shape)
+        self.n_outputs: int | None = _dim(out_shape[-1]) if len(out_shape) >= 2 else None
+
+    def _read_metadata(self) -> None:
+        props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        self.metadata_props = props
+        spec: dict[str, Any] | None = None
+        if SPEC_KEY in props:
+            try:
+                spec = json.loads(props[SPEC_KEY])
+            except json.JSONDecodeError as exc:
+                raise TinyDeployError(f"{self.model_path}: metadata '{SPEC_KEY}' is not JSON ({exc})") from exc
+        elif (self.directory / ARCH_FILE).is_file():
+            try:
+                spec = json.loads((self.directory / ARCH_FILE).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                spec = None
+        self.spec: dict[str, Any] | None = spec if isinstance(spec, dict) else None
+        task = props.get(TASK_KEY) or (self.spec or {}).get("task")
+        classes: list[str] = []
+        if CLASSES_KEY in props:
+            try:
+                classes = [str(c) for c in json.loads(props[CLASSES_KEY])]
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise TinyDeployError(f"{self.model_path}: metadata '{CLASSES_KEY}' is not a JSON list ({exc})") from exc
+        elif self.spec:
+            classes = [str(c) for c in self.spec.get("classes", [])]
+        if task is None:
+            task = "classification" if classes else "regression"
+        self.task: str = str(task)
+        #: "raw" when the model standardises inside (the default export), "standardized" when it was
+        #: exported with --no-preprocessing and expects already standardised features.
+        self.input_space: str = props.get("tinydeploy.inputs", "raw")
+        if self.task == "classification" and not classes and self.n_outputs:
+            classes = [str(i) for i in range(self.n_outputs)]
+        self.classes: list[str] = classes
+        if self.spec and "input_shape" in self.spec:
+            declared = tuple(int(s) for s in self.spec["input_shape"])
+            if math.prod(declared) != self.n_features:
+                raise TinyDeployError(
+                    f"{self.model_path}: spec input_shape {list(declared)} disagrees with the ONNX input "
+                    f"{list(self.input_shape)}: re-export the run"
+                )
+
+    @property
+    def n_features(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def hidden_widths(self) -> list[int]:
+        """Widths of the growable hidden layers according to the spec (empty without a spec)."""
+        layers = (self.spec or {}).get("layers", [])
+        return [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear" and layer.get("growable")]
+
+    @property
+    def layer_widths(self) -> list[int]:
+        """Output widths of every linear layer according to the spec."""
+        layers = (self.spec or {}).get("layers", [])
+        return [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear"]
+
+    def describe(self) -> dict[str, Any]:
+        """Everything a client needs to call the model (JSON-serialisable)."""
+        return {
+            "model_file": self.model_path.name,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "task": self.task,
+            "classes": list(self.classes),
+            "input_space": self.input_space,
+            "input": {"name": self.input_name, "dtype": "float32", "shape": ["batch", *self.input_shape]},
+            "output": {"name": self.output_name, "dtype": "float32", "shape": ["batch", self.n_outputs]},
+            "widths": {"hidden": self.hidden_widths, "linear": self.layer_widths},
+            "spec": self.spec,
+            "providers": list(self.providers),
+            "requested_provider": self.requested_provider,
+            "verified_manifest": self.manifest is not None,
+            "onnxruntime": ort.__version__,
+        }
+
+    # ----- validation and inference ----------------------------------------------------------------
+    def validate(self, inputs: Any, *, max_batch: int | None = None) -> np.ndarray:
+        """Return ``inputs`` as a C-contiguous float32 batch ``[batch, *input_shape]`` or raise InputError."""
+        x = _as_numeric_array(inputs)
+        shape = self.input_shape
+        n = self.n_features
+        if x.ndim == 0:
+            raise InputError(
+                f"inputs is a single number; expected one row of {n} values or a batch [[...], ...] "
+                f"of shape [batch, {', '.join(map(str, shape))}]",
+                "shape",
+            )
+        if x.shape == shape or (x.ndim == 1 and x.shape[0] == n):
+            batch = x.reshape((1, *shape))
+        elif x.ndim >= 2 and tuple(x.shape[1:]) == shape:
+            batch = x
+        elif x.ndim == 2 and x.shape[1] == n:
+            batch = x.reshape((x.shape[0], *shape))
+        else:
+            if x.size == 0:
+                raise InputError("inputs is empty: send at least one row", "empty")
+            raise InputError(
+                f"inputs has shape {list(x.shape)}; expected one row of {n} values "
+                f"(or shape {list(shape)}) or a batch of shape [batch, {', '.join(map(str, shape))}]",
+                "shape",
+            )
+        if batch.shape[0] == 0:
+            raise InputError("inputs is an empty batch: send at least one row", "empty")
+        if max_batch is not None and batch.shape[0] > max_batch:
+            raise InputError(f"batch of {batch.shape[0]} rows exceeds the limit of {max_batch}: split it", "too_large")
+        if self.fixed_batch is not None and batch.shape[0] != self.fixed_batch:
+            raise InputError(f"this model takes exactly {self.fixed_batch} rows per call, got {batch.shape[0]}", "shape")
+        finite = np.isfinite(batch)
+        if not finite.all():
+            rows = np.unique(np.nonzero(~finite.reshape(batch.shape[0], -1))[0])
+            shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise InputError(f"inputs contain NaN or infinite values (rows {shown}): send finite numbers", "non_finite")
+        if x.dtype != np.float32 and np.abs(batch).max(initial=0.0) > _FLOAT32_MAX:
+            raise InputError("inputs contain values outside the float32 range (|x| > 3.4e38)", "non_finite")
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs for an already validated float32 batch."""
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def predict(self, inputs: Any, *, max_batch: int | None = None) -> Prediction:
+        """Validate ``inputs`` (one row or a batch) and run the model."""
+        batch = self.validate(inputs, max_batch=max_batch)
+        outputs = np.asarray(self.run(batch), dtype=np.float32).reshape(batch.shape[0], -1)
+        return self.postprocess(outputs)
+
+    def postprocess(self, outputs: np.ndarray) -> Prediction:
+        if self.task != "classification":
+            return Prediction(outputs=outputs)
+        indices = outputs.argmax(axis=1)
+        labels = [self.classes[i] if i < len(self.classes) else str(int(i)) for i in indices]
+        return Prediction(outputs=outputs, labels=labels, indices=indices, probabilities=softmax(outputs))
+
+    def predict_chunks(self, inputs: np.ndarray, chunk_size: int = 1024, progress: Any = None) -> Prediction:
+        """Predict a large validated array in chunks; ``progress(n_done)`` is called after each chunk."""
+        batch = self.validate(inputs)
+        parts = []
+        for start in range(0, batch.shape[0], max(1, int(chunk_size))):
+            chunk = batch[start : start + chunk_size]
+            parts.append(np.asarray(self.run(chunk), dtype=np.float32).reshape(chunk.shape[0], -1))
+            if progress is not None:
+                progress(chunk.shape[0])
+        return self.postprocess(np.concatenate(parts, axis=0))
+
+
+def _as_numeric_array(inputs: Any) -> np.ndarray:
+    """``inputs`` as a numeric (int/float) ndarray, or an InputError naming what is wrong.
+
+    Python lists are checked element by element (via an object array, at C speed): booleans,
+    strings, ``None`` and nested objects are refused instead of being silently coerced to numbers.
+    """
+    if isinstance(inputs, np.ndarray):
+        x = inputs
+        if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            what = "booleans" if x.dtype == np.bool_ else f"values of dtype {x.dtype}"
+            raise InputError(f"inputs must contain only numbers, found {what}", "dtype")
+        return x
+    if isinstance(inputs, (int, float)) and not isinstance(inputs, bool):
+        raise InputError("inputs is a single number; expected one row of values or a batch of rows", "shape")
+    if not isinstance(inputs, (list, tuple)):
+        raise InputError(
+            f"inputs must be a list of numbers or a list of rows, got {_json_type(inputs)}", "dtype"
+        )
+    try:
+        obj = np.asarray(inputs, dtype=object)
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            f"inputs is ragged: every row must have the same number of values ({_first_line(exc)})", "shape"
+        ) from exc
+    kinds = set(map(type, obj.ravel().tolist()))
+    if kinds & {list, tuple}:
+        raise InputError("inputs is ragged: every row must have the same number of values", "shape")
+    bad = kinds - {int, float}
+    if bad:
+        names = ", ".join(sorted(_json_type_name(k) for k in bad))
+        raise InputError(f"inputs must contain only numbers, found {names}", "dtype")
+    if obj.size == 0:
+        return np.zeros(obj.shape, dtype=np.float32)
+    try:
+        return obj.astype(np.float64)
+    except OverflowError as exc:
+        raise InputError("inputs contain an integer too large for float32", "non_finite") from exc
+
+
+_JSON_NAMES = {bool: "booleans", str: "strings", type(None): "nulls", dict: "objects (mappings)", bytes: "bytes"}
+
+
+def _json_type_name(kind: type) -> str:
+    return _JSON_NAMES.get(kind, kind.__name__)
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", type(None): "null", dict: "an object (mapping)"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ----- batch files (tinydeploy predict) -----------------------------------------------------------
+INPUT_SUFFIXES = (".npy", ".npz", ".csv")
+OUTPUT_SUFFIXES = (".npy", ".csv", ".json")
+
+
+def read_inputs(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
+    """Read a batch of inputs from .npy, .npz (array ``key`` or the first one) or numeric .csv.
+
+    A CSV may start with one header row (detected: a first row that is not all numbers); every other
+    cell must be a number. Errors are one-line ``TinyDeployError``s naming the file and the problem.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise TinyDeployError(f"--input {path}: unsupported file type '{suffix}': use {', '.join(INPUT_SUFFIXES)}")
+    if not path.is_file():
+        raise TinyDeployError(f"--input {path} does not exist")
+    if suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise TinyDeployError(f"--input {path} is not a readable .npy array ({_first_line(exc)})") from exc
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if not names:
+                    raise TinyDeployError(f"--input {path} holds no arrays")
+                if key is not None and key not in names:
+                    raise TinyDeployError(f"--input {path} has no array '{key}': it holds {', '.join(names)}")
+                return archive[key if key is not None else names[0]]
+        except TinyDeployError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise TinyDeployError(f"--input {path} is not a readable .npz archive ({_first_line(exc)})") from exc
+    return _read_csv(path)
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise TinyDeployError(f"--input {path} has no rows")
+
+    def numeric(row: list[str]) -> bool:
+        try:
+            [float(cell) for cell in row]
+        except ValueError:
+            return False
+        return True
+
+    first = 0 if numeric(rows[0]) else 1
+    body = rows[first:]
+    if not body:
+        raise TinyDeployError(f"--input {path} has a header but no data rows")
+    width = len(body[0])
+    values = np.empty((len(body), width), dtype=np.float64)
+    for i, row in enumerate(body):
+        line = i + first + 1
+        if len(row) != width:
+            raise TinyDeployError(f"--input {path}: row {line} has {len(row)} values, expected {width} like the first data row")
+        try:
+            values[i] = [float(cell) for cell in row]
+        except ValueError:
+            bad = next(cell for cell in row if not _is_float(cell))
+            raise TinyDeployError(f"--input {path}: row {line} has a non-numeric value {bad!r}") from None
+    return values
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_predictions(path: str | os.PathLike[str], prediction: Prediction, model: OnnxModel) -> Path:
+    """Write predictions atomically: .npy (raw outputs), .csv (label + probabilities, or outputs), .json."""
+    from tinydeploy.atomic import atomic_path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise TinyDeployError(f"--output {path}: unsupported file type '{suffix}': use {', '.join(OUTPUT_SUFFIXES)}")
+    with atomic_path(path) as tmp:
+        if suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, prediction.outputs)
+        elif suffix == ".json":
+            document = {"model_sha256": model.sha256, "task": model.task, "classes": model.classes, **prediction.to_dict()}
+            tmp.write_text(json.dumps(document, allow_nan=False) + "\n", encoding="utf-8")
+        else:
+            tmp.write_text("".join(csv_lines(prediction, model)), encoding="utf-8")
+    return path
+
+
+def csv_lines(prediction: Prediction, model: OnnxModel) -> list[str]:
+    """CSV text lines: ``label,p_<class>...`` for classifiers, ``output_0,...`` otherwise."""
+    if prediction.labels is not None and prediction.probabilities is not None:
+        header = ["label", *(f"p_{c}" for c in model.classes)]
+        lines = [",".join(_csv_cell(h) for h in header) + "\n"]
+        for label, probs in zip(prediction.labels, prediction.probabilities.tolist()):
+            lines.append(",".join([_csv_cell(label), *(f"{p:.6g}" for p in probs)]) + "\n")
+        return lines
+    width = prediction.outputs.shape[1]
+    lines = [",".join(f"output_{i}" for i in range(width)) + "\n"]
+    lines += [",".join(f"{v:.9g}" for v in row) + "\n" for row in prediction.outputs.tolist()]
+    return lines
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def load(path: str | os.PathLike[str], provider: str = "auto", **kwargs: Any) -> OnnxModel:
+    """Open an export directory or a model.onnx path (see :class:`OnnxModel`)."""
+    return OnnxModel(path, provider, **kwargs)
+
+
+def predict(path: str | os.PathLike[str], inputs: Any, provider: str = "auto") -> Prediction:
+    """One-shot convenience: open the model and predict ``inputs``."""
+    return OnnxModel(path, provider).predict(inputs)
+
+
+__all__: Sequence[str] = (
+    "read_inputs",
+    "write_predictions",
+    "InputError",
+    "IntegrityError",
+    "OnnxModel",
+    "Prediction",
+    "load",
+    "predict",
+    "softmax",
+    "verify_export_dir",
+)
