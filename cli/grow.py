@@ -70,8 +70,11 @@ def grow(
     lr: float = typer.Option(_DEFAULTS.lr, help="Adam learning rate."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, help="Training mini-batch size."),
     weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Adam weight decay."),
+    input_noise: Optional[float] = typer.Option(None, help="Std of Gaussian noise on standardised training inputs "
+                                                "[default: 0.3 for classification, 0 for regression]."),
     split_seed: int = typer.Option(_DEFAULTS.split_seed, help="Seed of the train/validation/test splits."),
     seed: int = typer.Option(_DEFAULTS.seed, help="Seed of initialisation, batching and growth."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: 1 for budgets <= 100k params]."),
     device: str = typer.Option(_DEFAULTS.device, help="auto | cpu | cuda (auto picks CUDA when usable)."),
 ) -> None:
     """Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."""
@@ -81,7 +84,7 @@ def grow(
         max_growth_epochs=max_growth_epochs, final_epochs=final_epochs, neurons_per_step=neurons_per_step,
         layers_per_step=layers_per_step, max_params=max_params, max_width=max_width,
         target_accuracy=target_accuracy, patience=patience, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, device=device, seed=seed,
+        weight_decay=weight_decay, input_noise=input_noise, device=device, threads=threads, seed=seed,
     )
     job = prepare_grow(cfg, out, force=force, command=shlex.join(["tinydeploy", *sys.argv[1:]]))
     console = Console(stderr=True)

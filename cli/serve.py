@@ -114,6 +114,13 @@ def bench_command(
         progress=lambda message: err.print(f"[dim]{message}...[/dim]"),
     )
     path = write_bench(document, out or directory / BENCH_FILE)
+    if path.resolve().parent == directory.resolve() and (directory / "manifest.json").is_file():
+        import shlex
+        import sys
+
+        from tinydeploy.quantize import amend_manifest
+
+        amend_manifest(directory, [path.name], shlex.join(["tinydeploy", *sys.argv[1:]]))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in BENCH_HEADER:
         table.add_column(column, justify="left" if column == "engine" else "right", no_wrap=True)
@@ -122,11 +129,13 @@ def bench_command(
     console = Console()
     console.print(table)
     settings = document["settings"]
+    threads = f"onnxruntime intra_op_num_threads={settings['onnxruntime_intra_op_num_threads']}"
+    if settings["torch_num_threads"]:
+        threads += f", torch.set_num_threads({settings['torch_num_threads']})"
     console.print(
-        f"{settings['iters']} interleaved calls per engine and batch after {settings['warmup']} warm-up calls; "
-        f"single-threaded: onnxruntime intra_op_num_threads={settings['onnxruntime_intra_op_num_threads']}, "
-        f"torch.set_num_threads({settings['torch_num_threads']})" if settings["torch_num_threads"] else
-        f"{settings['iters']} calls per batch; onnxruntime intra_op_num_threads={settings['onnxruntime_intra_op_num_threads']}",
+        f"{settings['iters']} timed calls per engine and batch size after {settings['warmup']} warm-up calls, engines "
+        f"interleaved in blocks of {settings['interleave_block']} in one process; {threads}. "
+        "rows/s = batch / mean latency.",
         highlight=False,
     )
     for name, reason in document["skipped"].items():

@@ -130,6 +130,7 @@ def test_bench_writes_bench_json(export_dir: Path, tmp_path: Path) -> None:
         assert document["agreement"][engine]["4"]["max_abs_diff_vs_onnxruntime"] < 1e-4
     assert set(document["ratios_p50"]["onnxruntime/torch-eager"]) == {"1", "4"}
     assert "onnxruntime" in result.output and "torch-eager" in result.output
+    assert "bench.json" in verify_manifest(directory)["files"]  # recorded, and the export still verifies
 
 
 def test_bench_options_are_checked(export_dir: Path) -> None:

@@ -162,6 +162,13 @@ def _inputs(model: OnnxModel, batch: int, rng: np.random.Generator) -> np.ndarra
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def _restore_threads(previous: int | None) -> None:
+    if previous is not None:
+        import torch
+
+        torch.set_num_threads(previous)
+
+
 def run_bench(
     export_dir: str | os.PathLike[str],
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
@@ -204,7 +211,11 @@ def run_bench(
             previous_threads = torch.get_num_threads()
         except ImportError:
             pass
-        built += _torch_engines(directory, threads, skipped)
+        try:
+            built += _torch_engines(directory, threads, skipped)
+        except BaseException:
+            _restore_threads(previous_threads)
+            raise
     chosen = [e for e in built if e.name in wanted]
     for name in list(skipped):
         if name not in wanted:
@@ -244,10 +255,7 @@ def run_bench(
             for e in chosen:
                 results[e.name][str(batch)] = _stats(samples[e.name], batch)
     finally:
-        if previous_threads is not None:
-            import torch
-
-            torch.set_num_threads(previous_threads)
+        _restore_threads(previous_threads)
 
     ratios: dict[str, dict[str, float]] = {}
     if BASELINE in results:

@@ -24,6 +24,13 @@ from tinydeploy.rundir import write_run
 from tinydeploy.spec import ArchSpec, build_model, check_activation, spec_from_model
 from tinydeploy.train import Trainer, evaluate
 
+#: Default --input-noise (std of Gaussian noise on standardised training inputs) per task: it
+#: regularises classifiers on small data; for regression it would blur the targets' inputs.
+DEFAULT_INPUT_NOISE = {"classification": 0.3, "regression": 0.0}
+
+#: Below this parameter budget one CPU thread is fastest: compact MLPs' matrices are too small to split.
+SINGLE_THREAD_MAX_PARAMS = 100_000
+
 #: Parameter budgets used when --max-params is not given, sized to each built-in dataset.
 DEFAULT_MAX_PARAMS = {
     "digits": 3000,
@@ -62,8 +69,10 @@ class GrowConfig:
     lr: float = 3e-3
     batch_size: int = 16
     weight_decay: float = 1e-3
+    input_noise: float | None = None
     line_search_batch: int = 1000
     device: str = "auto"
+    threads: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -82,6 +91,10 @@ class GrowConfig:
             raise TinyDeployError("--final-epochs and --max-growth-epochs must be >= 0")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise TinyDeployError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        if self.input_noise is not None and self.input_noise < 0:
+            raise TinyDeployError(f"--input-noise must be >= 0, got {self.input_noise}")
+        if self.threads is not None and self.threads < 1:
+            raise TinyDeployError(f"--threads must be >= 1, got {self.threads}")
         if not 0 < self.val_fraction < 1:
             raise TinyDeployError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -135,7 +148,7 @@ class GrowJob:
         self.initial_spec = self.spec
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               generator=self.cpu_generator)
+                               input_noise=self.input_noise, generator=self.cpu_generator)
         self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
                                        layers_per_step=cfg.layers_per_step, max_params=self.max_params,
                                        max_width=cfg.max_width)
@@ -145,6 +158,17 @@ class GrowJob:
         self.time_train = self.time_growth = 0.0
         self.started = time.perf_counter()
         self.stop_reason = ""
+
+    @property
+    def input_noise(self) -> float:
+        return self.cfg.input_noise if self.cfg.input_noise is not None else DEFAULT_INPUT_NOISE[self.task]
+
+    def cpu_threads(self) -> int:
+        """--threads, else 1 for compact budgets and torch's default for large or unbounded ones."""
+        if self.cfg.threads is not None:
+            return self.cfg.threads
+        small = self.max_params is not None and self.max_params <= SINGLE_THREAD_MAX_PARAMS
+        return 1 if small else torch.get_num_threads()
 
     @property
     def max_params(self) -> int | None:
@@ -258,12 +282,16 @@ class GrowJob:
         self.on_progress = on_progress or self.on_progress
         make_run_dir(self.run_dir)
         self.started = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.cpu_threads())
         try:
             self.growth_phase()
             self.final_phase()
         except KeyboardInterrupt:
             self.checkpoint("interrupted")
             raise
+        finally:
+            torch.set_num_threads(threads)
         metrics = self.checkpoint("complete")
         return GrowResult(self.run_dir, spec_from_model(self.model, self.spec), metrics, self.log)
 
@@ -281,7 +309,7 @@ class GrowJob:
             "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
             "initial_widths": self.initial_spec.hidden_widths, "final_widths": spec.hidden_widths,
             "initial_params": self.initial_spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
-            "max_params": self.max_params, "metrics": results, "epochs": round(self.trainer.epoch, 4),
+            "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results, "epochs": round(self.trainer.epoch, 4),
             "growth_events": len(self.log), "stop_reason": self.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth},

@@ -370,6 +370,8 @@ def _as_numeric_array(inputs: Any) -> np.ndarray:
         ) from exc
     kinds = set(map(type, obj.ravel().tolist()))
     if kinds & {list, tuple}:
+        if obj.ndim >= 32:
+            raise InputError(f"inputs is nested {obj.ndim}+ levels deep: send one row or a list of rows", "shape")
         raise InputError("inputs is ragged: every row must have the same number of values", "shape")
     bad = kinds - {int, float}
     if bad:

@@ -1,0 +1,170 @@
+"""Cost of one TINY step against its arithmetic floor, as width and estimation batch grow.
+
+Synthetic data: X ~ N(0, 1) with 64 features, 10 random classes, an MLP 64 -> w -> w -> 10 (ReLU),
+both hidden layers growable. One TINY step = ``gather_moments`` over n samples (the library's
+default chunking) + ``candidates.tiny`` for both layers (16 neurons max). Its floor is the time of
+just the matrix products it must form, as single torch matmuls of the same shapes and dtype
+(float64) on pre-made tensors:
+
+* ``S,N floor``: S = B_prev^T B_prev and N = B_prev^T V for both layers (what Prop. 3.2 needs);
+* ``all-products floor``: the seven products ``statistics._accumulate`` forms per layer
+  (S, N_v, S_ph, S_h, N_h, VV, N_z), plus one plain forward/backward over the batch (float32, no
+  hooks), which the statistics also need.
+
+ratio = step time / floor: 1.0 means the step costs no more than its arithmetic.
+
+Usage:
+    .venv/bin/python benchmarks/step_scaling.py
+    .venv/bin/python benchmarks/step_scaling.py --widths 8,32 --batches 256,1024 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Report, machine_info, pyplot, save_figure  # noqa: E402
+
+from tinydeploy.growth import candidates  # noqa: E402
+from tinydeploy.growth.statistics import gather_moments  # noqa: E402
+
+NAME = "step_scaling"
+D_IN, N_OUT, MAX_NEURONS = 64, 10, 16
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def measure(width: int, n: int, repeats: int, gen: torch.Generator) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, N_OUT))
+    X = torch.randn(n, D_IN, generator=gen)
+    y = torch.randint(0, N_OUT, (n,), generator=gen)
+    growable = [0, 2]
+
+    def gather():
+        return gather_moments(model, growable, X, y, loss_fn, generator=gen)
+
+    moments = gather()
+
+    def propose():
+        return [candidates.tiny(m, MAX_NEURONS) for m in moments]
+
+    t_gather = timeit(gather, repeats)
+    t_cand = timeit(propose, repeats)
+
+    # Floors: pre-made float64 tensors of the shapes the statistics multiply.
+    f64 = {"dtype": torch.float64}
+    shapes = [  # (B_prev cols, B_h cols, V cols) for layer pairs (0 -> 2) and (2 -> 4), bias column included
+        (D_IN + 1, width + 1, width),
+        (width + 1, width + 1, N_OUT),
+    ]
+    tensors = [(torch.randn(n, a, **f64, generator=gen), torch.randn(n, b, **f64, generator=gen),
+                torch.randn(n, c, **f64, generator=gen), torch.randn(n, c, **f64, generator=gen)) for a, b, c in shapes]
+
+    def sn_products():
+        for Bp, _, V, _ in tensors:
+            Bp.T @ Bp
+            Bp.T @ V
+
+    def all_products():
+        for Bp, Bh, V, Z in tensors:
+            Bp.T @ Bp, Bp.T @ V, Bp.T @ Bh, Bh.T @ Bh, Bh.T @ V, V.T @ V, Bp.T @ Z
+
+    def forward_backward():
+        for start in range(0, n, 1024):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(X[start:start + 1024]), y[start:start + 1024]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    t_sn = timeit(sn_products, repeats)
+    t_all = timeit(all_products, repeats)
+    t_fb = timeit(forward_backward, repeats)
+    step = t_gather + t_cand
+    return {"width": width, "n": n, "gather_s": t_gather, "candidates_s": t_cand, "step_s": step,
+            "sn_floor_s": t_sn, "all_products_s": t_all, "forward_backward_s": t_fb,
+            "ratio_vs_sn": step / t_sn, "ratio_vs_all": step / (t_all + t_fb)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", default="8,32,128,512")
+    p.add_argument("--batches", default="256,1024,4096,16384")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="widths 8,64; batches 256,2048; 2 repeats")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.widths, args.batches, args.repeats = "8,64", "256,2048", 2
+    widths = [int(w) for w in args.widths.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    report = Report(NAME, "One TINY step vs the matrix products it must compute")
+    gen = torch.Generator().manual_seed(0)
+    rows_data = []
+    for w in widths:
+        for n in batches:
+            r = measure(w, n, args.repeats, gen)
+            rows_data.append(r)
+            print(f"[{report.elapsed:5.0f}s] w={w:4d} n={n:6d}: step {1e3 * r['step_s']:9.2f} ms "
+                  f"(gather {1e3 * r['gather_s']:.2f}, candidates {1e3 * r['candidates_s']:.2f}); S,N floor "
+                  f"{1e3 * r['sn_floor_s']:.2f} ms; all products {1e3 * r['all_products_s']:.2f} + fwd/bwd "
+                  f"{1e3 * r['forward_backward_s']:.2f} ms", flush=True)
+    rows = [[r["width"], f"{r['n']:,}", f"{1e3 * r['gather_s']:.2f}", f"{1e3 * r['candidates_s']:.2f}",
+             f"{1e3 * r['step_s']:.2f}", f"{1e3 * r['sn_floor_s']:.2f}", f"{r['ratio_vs_sn']:.1f}",
+             f"{1e3 * (r['all_products_s'] + r['forward_backward_s']):.2f}", f"{r['ratio_vs_all']:.2f}"]
+            for r in rows_data]
+    report.table(
+        "TINY step time (ms) vs floors, MLP 64 -> w -> w -> 10, both layers",
+        ["width w", "batch n", "gather_moments", "candidates.tiny x2", "step", "S,N floor", "step / S,N",
+         "all products + fwd/bwd", "step / (all + fwd/bwd)"], rows,
+        note=(f"Median of {args.repeats} runs after a warm-up; {args.threads} torch thread(s); float64 products "
+              "as in the library. The S,N floor is the strict minimum (S and N only); the all-products floor adds "
+              "the other five products statistics.py forms (S_ph, S_h, N_h, VV, N_z) and the forward/backward pass."))
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for w in widths:
+        rs = [r for r in rows_data if r["width"] == w]
+        axes[0].plot([r["n"] for r in rs], [1e3 * r["step_s"] for r in rs], "o-", label=f"step w={w}")
+        axes[0].plot([r["n"] for r in rs], [1e3 * r["sn_floor_s"] for r in rs], "x:", color=axes[0].lines[-1].get_color())
+        axes[1].plot([r["n"] for r in rs], [r["ratio_vs_sn"] for r in rs], "o-", label=f"w={w} vs S,N")
+        axes[1].plot([r["n"] for r in rs], [r["ratio_vs_all"] for r in rs], "x:", color=axes[1].lines[-1].get_color(),
+                     label=f"w={w} vs all + fwd/bwd")
+    axes[0].set(xscale="log", yscale="log", xlabel="estimation batch n", ylabel="ms",
+                title="TINY step (solid) vs S,N products (dotted)")
+    axes[1].set(xscale="log", yscale="log", xlabel="estimation batch n", ylabel="step / floor",
+                title="distance to the arithmetic floor")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, f"{NAME}.png")
+    report.write({"settings": vars(args), "rows": rows_data}, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
