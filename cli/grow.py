@@ -51,7 +51,7 @@ def _summary(result: GrowResult, console: Console) -> None:
 def grow(
     dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | moons | spirals | sine | mnist | "
                                 "fashion-mnist | cifar10 | cifar100, or a path to a .npz / .csv file."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<dataset>-<timestamp>]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
     target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
@@ -62,8 +62,8 @@ def grow(
     max_growth_epochs: float = typer.Option(_DEFAULTS.max_growth_epochs, help="Stop growing after this many epochs."),
     final_epochs: float = typer.Option(_DEFAULTS.final_epochs, help="Epochs of training after growth stops."),
     neurons_per_step: int = typer.Option(_DEFAULTS.neurons_per_step, help="Most neurons added to a layer per step."),
-    layers_per_step: Optional[int] = typer.Option(None, help="Most layers grown per step [default: all]."),
-    max_params: Optional[int] = typer.Option(None, help="Parameter budget [default: per built-in dataset, none for files]."),
+    layers_per_step: Optional[int] = typer.Option(None, help="Most layers grown per step (default: all)."),
+    max_params: Optional[int] = typer.Option(None, help="Parameter budget (default: per built-in dataset, none for files)."),
     max_width: Optional[int] = typer.Option(None, help="Largest width of any hidden layer."),
     target_accuracy: Optional[float] = typer.Option(None, help="Stop growing once validation accuracy reaches this fraction."),
     patience: int = typer.Option(_DEFAULTS.patience, help="Stop after this many growth steps with no significant neuron."),
@@ -71,10 +71,10 @@ def grow(
     batch_size: int = typer.Option(_DEFAULTS.batch_size, help="Training mini-batch size."),
     weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Adam weight decay."),
     input_noise: Optional[float] = typer.Option(None, help="Std of Gaussian noise on standardised training inputs "
-                                                "[default: 0.3 for classification, 0 for regression]."),
+                                                "(default: 0.3 for classification, 0 for regression)."),
     split_seed: int = typer.Option(_DEFAULTS.split_seed, help="Seed of the train/validation/test splits."),
     seed: int = typer.Option(_DEFAULTS.seed, help="Seed of initialisation, batching and growth."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: 1 for budgets <= 100k params]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for budgets <= 100k params)."),
     device: str = typer.Option(_DEFAULTS.device, help="auto | cpu | cuda (auto picks CUDA when usable)."),
 ) -> None:
     """Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."""

@@ -43,9 +43,9 @@ def predict_command(
     export_dir: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export --onnx' (or a .onnx file)."),
     input: Path = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (--key or first array) or numeric .csv (optional header)."),
     output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Write .npy (raw outputs), .csv (label + probabilities) or .json [default: CSV to stdout]."
+        None, "--output", "-o", help="Write .npy (raw outputs), .csv (label + probabilities) or .json (default: CSV to stdout)."
     ),
-    key: Optional[str] = typer.Option(None, "--key", help="Array to read from an .npz input [default: the first]."),
+    key: Optional[str] = typer.Option(None, "--key", help="Array to read from an .npz input (default: the first)."),
     provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Rows per onnxruntime call."),
 ) -> None:
@@ -96,7 +96,7 @@ def bench_command(
     warmup: int = typer.Option(20, "--warmup", help="Untimed calls per engine and batch size first."),
     threads: int = typer.Option(1, "--threads", help="Threads of every engine (onnxruntime intra-op and torch)."),
     provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write bench.json [default: EXPORT_DIR/bench.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json)."),
 ) -> None:
     """Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side."""
     from rich import box

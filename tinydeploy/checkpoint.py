@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -63,8 +62,3 @@ def load_model(path: str | os.PathLike[str]) -> tuple[nn.Sequential, ArchSpec]:
     except RuntimeError as exc:
         raise SpecError(f"{path}: weights do not match the spec in its metadata ({exc})") from exc
     return model.eval(), spec
-
-
-def state_dict_on(model: nn.Module, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """A detached copy of the state dict on ``device``."""
-    return {k: v.detach().to(device).clone() for k, v in model.state_dict().items()}
