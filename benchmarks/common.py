@@ -45,6 +45,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         load = None
     return {
+        "tinydeploy_source": source_info(),
         "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu": cpu,
@@ -55,6 +56,47 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def source_info() -> dict[str, Any]:
+    """Which tinydeploy code produced the numbers: the imported package's path, a sha256 over its
+    .py files, and (read-only git queries) the checkout's HEAD and its uncommitted library files.
+
+    The library is edited concurrently, so results must say which version they measured."""
+    import hashlib
+    import subprocess
+
+    import tinydeploy
+
+    package = Path(tinydeploy.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    info: dict[str, Any] = {"package_dir": str(package), "sources_sha256": digest.hexdigest(),
+                            "version": getattr(tinydeploy, "__version__", None)}
+    snapshot = package.parent / "SNAPSHOT_OF"
+    if snapshot.is_file():
+        info["snapshot_of"] = snapshot.read_text().strip()
+    repo = BENCH_DIR.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    info["checkout_head"] = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--", "tinydeploy")
+    info["checkout_uncommitted_library_files"] = dirty.splitlines() if dirty else []
+    return info
+
+
+def thread_kwargs(threads: int) -> dict[str, int]:
+    """``threads=`` for GrowConfig when this tinydeploy version has the field (pins the job's CPU threads)."""
+    from tinydeploy.grow import GrowConfig
+
+    return {"threads": threads} if "threads" in GrowConfig.__dataclass_fields__ else {}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -120,7 +162,11 @@ class Report:
         """Write ``<name>.json`` (``data`` + machine + wall time) and ``<name>.md`` (the tables)."""
         doc = {"benchmark": self.name, "machine": machine, "script_wall_time_s": self.elapsed, **data}
         write_json(results_path(f"{self.name}.json"), doc)
-        header = (f"## {self.title}\n\nCommand: `{machine['command']}`  \n"
+        src = machine.get("tinydeploy_source", {})
+        code = (f"tinydeploy {src.get('version')} from `{src.get('package_dir')}`"
+                + (f" (snapshot of {src['snapshot_of']})" if src.get("snapshot_of") else "")
+                + f", sources sha256 {str(src.get('sources_sha256'))[:12]}")
+        header = (f"## {self.title}\n\nCommand: `{machine['command']}`  \nCode: {code}  \n"
                   f"Date (UTC): {machine['utc']}  \nMachine: {machine['cpu']}, {machine['cpu_count']} cores "
                   f"(shared with other users; load average at start {fmt_load(machine)}), torch {machine['torch']}, "
                   f"{machine['torch_threads']} torch thread(s)  \nScript wall time: {self.elapsed:.0f} s\n")

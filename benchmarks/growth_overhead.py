@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, machine_info, pyplot, save_figure  # noqa: E402
+from common import Report, machine_info, pyplot, save_figure, thread_kwargs  # noqa: E402
 
 import tinydeploy.grow as grow_mod  # noqa: E402
 import tinydeploy.growth.policy as policy  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     machine = machine_info()
     report = Report(NAME, f"Growth overhead: {args.dataset}, {args.method}, seed {args.seed}")
-    cfg = GrowConfig(dataset=args.dataset, method=args.method, seed=args.seed, device="cpu")
+    cfg = GrowConfig(dataset=args.dataset, method=args.method, seed=args.seed, device="cpu", **thread_kwargs(args.threads))
     if args.quick:
         cfg.max_growth_epochs, cfg.final_epochs, args.cap_epochs = 8.0, 8.0, 30
 

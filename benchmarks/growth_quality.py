@@ -28,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, results_path, save_figure  # noqa: E402
+from common import (Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, results_path, save_figure,  # noqa: E402
+                    thread_kwargs)
 
 from tinydeploy.atomic import write_json  # noqa: E402
 from tinydeploy.grow import DEFAULT_MAX_PARAMS, GrowConfig, prepare_grow  # noqa: E402
@@ -81,7 +83,7 @@ def run_one(dataset: str, seed: int, label: str, cfg: GrowConfig, keep: bool) ->
             "macs": m["macs"], "max_params": m["max_params"], "test_accuracy": m["metrics"]["test"]["accuracy"],
             "test_loss": m["metrics"]["test"]["loss"], "val_accuracy": m["metrics"]["val"]["accuracy"],
             "train_accuracy": m["metrics"]["train"]["accuracy"], "epochs": m["epochs"],
-            "stop_reason": m["stop_reason"], "growth_events": m["growth_events"], "wall_time_s": m["wall_time_s"],
+            "input_noise": m.get("input_noise"), "stop_reason": m["stop_reason"], "growth_events": m["growth_events"], "wall_time_s": m["wall_time_s"],
             "history": [{k: h[k] for k in ("epoch", "phase", "params", "widths", "val_accuracy")} for h in m["history"]],
             "config": {"max_growth_epochs": cfg.max_growth_epochs, "final_epochs": cfg.final_epochs,
                        "max_params": cfg.max_params},
@@ -112,7 +114,7 @@ def plan(dataset: str, seed: int, args) -> list[tuple[str, GrowConfig | None]]:
 
 
 def config_for(label: str, dataset: str, seed: int, args, tiny: dict[str, Any] | None) -> GrowConfig:
-    base = dict(dataset=dataset, seed=seed, device="cpu")
+    base = dict(dataset=dataset, seed=seed, device="cpu", **thread_kwargs(args.threads))
     if args.quick:
         base.update(max_growth_epochs=args.quick_growth_epochs, final_epochs=args.quick_final_epochs)
     if label in GROWN:
@@ -219,7 +221,11 @@ def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{ds}: mean ± std over seeds")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     save_figure(fig, f"{NAME}_acc_vs_params.png")
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
@@ -257,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick-final-epochs", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME, help="results file stem")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots from results/<name>.json")
     args = p.parse_args(argv)
     NAME = args.name
+    if args.replot:
+        doc = json.loads(results_path(f"{NAME}.json").read_text())
+        plot(doc["records"], list(doc["summary"]))
+        return 0
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     args.big_datasets = [d for d in args.big_datasets.split(",") if d]
@@ -290,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max {GrowConfig().max_growth_epochs:g} growth epochs, patience {GrowConfig().patience}, then "
         f"{GrowConfig().final_epochs:g} final epochs with cosine decay; Adam lr {GrowConfig().lr:g}, batch "
         f"{GrowConfig().batch_size}, weight decay {GrowConfig().weight_decay:g})"
+        + (f"; input noise {m_noise}" if (m_noise := sorted({str(r.get('input_noise')) for r in records})) else "")
         + (" -- QUICK schedule, not comparable" if args.quick else "")
         + f"; 1 torch thread; fixed nets trained for the TINY run's epoch count of the same seed.",
     ]

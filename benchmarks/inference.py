@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, machine_info, pyplot, results_path, save_figure  # noqa: E402
+from common import Report, machine_info, pyplot, results_path, save_figure, thread_kwargs  # noqa: E402
 
 from tinydeploy.bench import ENGINE_ORDER, run_bench  # noqa: E402
 from tinydeploy.export import export_run  # noqa: E402
@@ -49,13 +49,13 @@ def get_run(dataset: str, kind: str, work: Path, big_epochs: float, quick: bool)
     if stored.is_dir() and not quick:
         return stored, f"trained by growth_quality.py ({stored.relative_to(results_path('').parent.parent)})"
     if kind == "grown":
-        cfg = GrowConfig(dataset=dataset, method="tiny", seed=0, device="cpu")
+        cfg = GrowConfig(dataset=dataset, method="tiny", seed=0, device="cpu", **thread_kwargs(1))
         if quick:
             cfg.max_growth_epochs, cfg.final_epochs = 8.0, 8.0
         why = "grown here, default settings" if not quick else "grown here, QUICK schedule"
     else:
         cfg = GrowConfig(dataset=dataset, init_widths=[1000, 1000], max_growth_epochs=0, final_epochs=big_epochs,
-                         max_params=10**9, seed=0, device="cpu")
+                         max_params=10**9, seed=0, device="cpu", **thread_kwargs(1))
         why = f"trained here for {big_epochs:g} epochs only: latency/size reference, accuracy not comparable"
     run_dir = work / f"{dataset}-{kind}-run"
     prepare_grow(cfg, run_dir).run()
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="train fresh short-schedule models (ignores stored runs)")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    torch.set_num_threads(1)
     machine = machine_info()
     report = Report(NAME, "Inference: grown MLPs vs fixed [1000,1000], per engine (1 thread)")
     models = []

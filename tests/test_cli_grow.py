@@ -40,6 +40,7 @@ def test_grow_end_to_end_on_digits(tmp_path):
     assert 0.0 <= metrics["metrics"]["test"]["accuracy"] <= 1.0
     events = [json.loads(line) for line in (out / "growth_log.jsonl").read_text().splitlines()]
     assert events and events[-1]["widths"] == metrics["final_widths"]
+    assert events[0]["epoch"] == 0.0  # the first growth step runs at initialisation
     for e in events:
         assert e["method"] == "tiny" and e["gamma"] > 0 and e["loss_after"] < e["loss_before"]
         assert all(lam > e["lambda_null"] for lam in e["lambdas"]) and len(e["lambdas"]) == e["neurons_added"]
@@ -90,6 +91,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "X_train has 60 samples but y_train has 50: they must match"),
         (["--dataset", str(_npz(tmp / "range.npz", y_train=np.arange(60) % 3 * 2))],
          "classification labels must be 0..C-1"),
+        (["--dataset", str(_npz(tmp / "few.npz", X_train=np.zeros((6, 3), np.float32), y_train=np.arange(6) % 3))],
+         "only 6 training samples: need at least 10"),
         (["--dataset", str(csv)], "needs a label column: pass --target COLUMN"),
         (["--dataset", str(csv), "--target", "nope"], "target column 'nope' not in"),
         (["--activation", "sigmoid"], "activation 'sigmoid' has sigma(0)=0.5, but TINY needs sigma(0)=0"),
