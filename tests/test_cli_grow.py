@@ -100,6 +100,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--method", "magic"], "unknown method 'magic': use one of tiny, gradmax, random"),
         (["--device", "tpu"], "unknown device 'tpu': use one of auto, cpu, cuda"),
         (["--target-accuracy", "97"], "--target-accuracy is a fraction in (0, 1], got 97.0"),
+        (["--dataset", "sine", "--target-accuracy", "0.9"], "--target-accuracy applies to classification"),
     ]
 
 

@@ -136,6 +136,9 @@ class GrowJob:
                                  activation=cfg.activation, classes=self.data.classes, preprocessing=prep,
                                  dataset=self.data.name)
         self.task = self.data.task
+        if cfg.target_accuracy is not None and self.task != "classification":
+            raise TinyDeployError(f"--target-accuracy applies to classification, but '{cfg.dataset}' is a "
+                                  "regression dataset: drop the option")
         self.loss_fn = per_sample_loss(self.task)
         self.train_set, self.val_set, self.test_set = (self._tensors(X, y, prep) for X, y in (
             (self.data.X_train, self.data.y_train), (self.data.X_val, self.data.y_val),
@@ -225,7 +228,7 @@ class GrowJob:
 
     def _event(self, step: int, g: Growth) -> dict[str, Any]:
         c = g.candidate
-        spec = spec_from_model(self.model, self.spec)
+        spec = self.spec.with_hidden_widths(g.widths_after)
         return {"step": step, "epoch": round(self.trainer.epoch, 4), "layer": c.in_index,
                 "hidden_index": self.spec.growable_indices.index(c.in_index), "method": c.method,
                 "neurons_added": c.n_neurons, "lambdas": c.lambdas, "lambda_null": c.lambda_null,

@@ -57,6 +57,7 @@ class Growth:
     loss_after: float
     metric_before: float
     metric_after: float
+    widths_after: list[int]
     psi_after: float | None = None
 
 
@@ -141,7 +142,8 @@ def growth_step(
         _, cand, gamma, _ = best
         model = add_neurons(model, cand, gamma)
         loss_1, metric_1 = evaluate(model)
-        applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1))
+        widths = [model[i].out_features for i in growable]
+        applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1, widths))
         remaining.remove(cand.in_index)
         if not remaining:
             break
