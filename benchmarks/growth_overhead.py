@@ -143,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-epochs", type=int, default=100, help="from-scratch cap (default = 40 + 60, the grow maximum)")
     p.add_argument("--quick", action="store_true", help="short grow schedule (8 + 8 epochs), cap 30")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=NAME, help="results file stem")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
-    report = Report(NAME, f"Growth overhead: {args.dataset}, {args.method}, seed {args.seed}")
+    report = Report(args.name, f"Growth overhead: {args.dataset}, {args.method}, seed {args.seed}")
     cfg = GrowConfig(dataset=args.dataset, method=args.method, seed=args.seed, device="cpu", **thread_kwargs(args.threads))
     if args.quick:
         cfg.max_growth_epochs, cfg.final_epochs, args.cap_epochs = 8.0, 8.0, 30
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(f"{args.dataset} grow ({total:.1f}s total) vs from scratch to same acc ({scratch['train_s']:.1f}s)")
     ax.axvline(scratch["train_s"], color="C3", ls="--", label="from scratch, time to same test acc")
     ax.legend(fontsize=8)
-    save_figure(fig, f"{NAME}.png")
+    save_figure(fig, f"{args.name}.png")
     report.write({
         "settings": {**vars(args), "grow_config": cfg.__dict__},
         "grow": {"metrics": {k: m[k] for k in ("final_widths", "params", "macs", "epochs", "growth_events",

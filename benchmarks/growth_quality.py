@@ -43,7 +43,7 @@ from common import (Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, res
                     thread_kwargs)
 
 from tinydeploy.atomic import write_json  # noqa: E402
-from tinydeploy.grow import DEFAULT_MAX_PARAMS, GrowConfig, prepare_grow  # noqa: E402
+from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
 
 NAME = "growth_quality"
 GROWN = ("TINY", "GradMax", "Random")
@@ -154,9 +154,10 @@ def summarise(records: list[dict[str, Any]], report: Report, datasets: list[str]
                 f"{wall_m:.1f} ± {wall_s:.1f}",
                 f"{sum(zero)}/{sum(hidden)} ; {sum(inactive)}/{sum(hidden)}",
             ])
-        budget = DEFAULT_MAX_PARAMS.get(ds)
+        budgets = sorted({r["max_params"] for r in records if r["dataset"] == ds and r["label"] in GROWN})
+        budget = ", ".join(f"{b:,}" for b in budgets if b is not None) or "none"
         report.table(
-            f"{ds} (default budget {budget:,} params; {len({r['seed'] for r in records if r['dataset'] == ds})} seeds)",
+            f"{ds} (default budget {budget} params; {len({r['seed'] for r in records if r['dataset'] == ds})} seeds)",
             ["model", "test acc % (mean ± std)", "params", "MACs", "final widths (per seed)", "epochs",
              "stop reason", "wall s (mean ± std)", "dead: zero fan-in ; never active (all seeds)"],
             rows,
@@ -298,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [d for d in datasets if d not in args.big_datasets]
     notes = [
         f"Settings: default GrowConfig schedule for every method (grow every 0.25 epoch, 16 neurons/step, "
-        f"max {GrowConfig().max_growth_epochs:g} growth epochs, patience {GrowConfig().patience}, then "
+        f"max {GrowConfig().max_growth_epochs:g} growth epochs, then "
         f"{GrowConfig().final_epochs:g} final epochs with cosine decay; Adam lr {GrowConfig().lr:g}, batch "
         f"{GrowConfig().batch_size}, weight decay {GrowConfig().weight_decay:g})"
+        + f", patience {GrowConfig().patience}"
         + (f"; input noise {m_noise}" if (m_noise := sorted({str(r.get('input_noise')) for r in records})) else "")
         + (" -- QUICK schedule, not comparable" if args.quick else "")
         + f"; 1 torch thread; fixed nets trained for the TINY run's epoch count of the same seed.",
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         notes.append(f"Fixed [1000,1000] was trained on {', '.join(args.big_datasets) or 'no dataset'} only; "
                      f"skipped on {', '.join(skipped)} to keep the full run under 20 min on 2 shared cores "
-                     f"(it costs ~100 s per seed on digits, ~3x that on mnist1d).")
+                     f"(it costs ~70-100 s per seed on digits on this machine, ~3x that on mnist1d).")
     for n in notes:
         report.note(n)
     targets = checks(records, summary, report)

@@ -47,7 +47,7 @@ def significance_test_off():
     TINY direction counts as significant (the library's own stop rule is what the plain 'TINY'
     runs use; the paper's Fig. 8 adds a fixed number of neurons per step instead)."""
     original = linalg.null_threshold
-    linalg.null_threshold = lambda S, N_null, rel_cut=linalg.DEFAULT_RELATIVE_CUT: torch.zeros((), dtype=S.dtype)
+    linalg.null_threshold = lambda S_inv_sqrt, N_null: torch.zeros((), dtype=S_inv_sqrt.dtype)
     try:
         yield
     finally:

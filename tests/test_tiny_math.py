@@ -42,7 +42,7 @@ def test_eq_9_bottleneck_drops_by_sum_of_squared_lambdas(activation):
     dW = linalg.best_update(m.S_h, m.N_h)
     psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
     V_proj = V - dW @ B_h
-    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
     assert len(neurons.lambdas) >= 2
     for k in range(1, len(neurons.lambdas) + 1):
         first = neurons.first(k)
@@ -57,7 +57,7 @@ def test_new_neurons_pre_activation_variations_are_orthogonal():
     B_prev, _, _ = explicit_activities(model, X, y, loss_fn, 2, 4)
     m = moments_for(model, X, y, loss_fn, 2)
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
     variations = [torch.outer(neurons.omega[:, k], neurons.alpha[k] @ B_prev) for k in range(len(neurons.lambdas))]
     gram = torch.tensor([[float((a * b).sum()) for b in variations] for a in variations], dtype=torch.float64)
     off_diagonal = gram - torch.diag(torch.diag(gram))
@@ -72,7 +72,7 @@ def test_prop_3_4_alphas_solve_the_generalised_eigenproblem():
     assert torch.linalg.eigvalsh(m.S).min() > 1e-3
     dW = linalg.best_update(m.S_h, m.N_h)
     N = linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
-    neurons = linalg.new_neurons(m.S, N)
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
     for k, lam in enumerate(neurons.lambdas):
         alpha = neurons.alpha[k]
         torch.testing.assert_close(N @ N.T @ alpha, lam**2 * (m.S @ alpha), rtol=1e-8, atol=1e-12)
@@ -95,7 +95,7 @@ def test_eq_10_first_order_loss_decrease_with_linear_activation():
 
 def _all_neurons(m):
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
     return {"alpha": neurons.alpha, "omega": neurons.omega, "lambdas": [float(v) for v in neurons.lambdas], "dW": dW}
 
 
@@ -107,11 +107,11 @@ def test_null_threshold_separates_signal_from_noise():
     S = B @ B.T / n
     noise = torch.randn(o, n, dtype=torch.float64)
     Z = torch.randn(o, n, dtype=torch.float64)
-    null = linalg.null_threshold(S, B @ Z.T / n)
-    lambdas_noise = linalg.new_neurons(S, B @ noise.T / n).lambdas
+    null = linalg.null_threshold(linalg.psd_inverse_sqrt(S), B @ Z.T / n)
+    lambdas_noise = linalg.new_neurons(linalg.psd_inverse_sqrt(S), B @ noise.T / n).lambdas
     assert (lambdas_noise > null).sum() <= 1
     planted = noise + 0.5 * torch.outer(torch.randn(o, dtype=torch.float64), B[0])
-    lambdas_signal = linalg.new_neurons(S, B @ planted.T / n).lambdas
+    lambdas_signal = linalg.new_neurons(linalg.psd_inverse_sqrt(S), B @ planted.T / n).lambdas
     assert lambdas_signal[0] > 3 * null
     assert (lambdas_signal > null).sum() <= 2
 
@@ -120,10 +120,10 @@ def test_rank_is_bounded_by_fan_in_and_next_width():
     spec, model, X, y, loss_fn = small_problem(widths=(1, 1))
     m = moments_for(model, X, y, loss_fn, 0)  # next layer has width 1
     dW = linalg.best_update(m.S_h, m.N_h)
-    assert len(linalg.new_neurons(m.S, linalg.projected_cross_moment(m.N_v, m.S_ph, dW)).lambdas) == 1
+    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW)).lambdas) == 1
     m2 = moments_for(model, X, y, loss_fn, 2)  # fan-in 1 (+ bias): at most 2 neurons
     dW2 = linalg.best_update(m2.S_h, m2.N_h)
-    assert len(linalg.new_neurons(m2.S, linalg.projected_cross_moment(m2.N_v, m2.S_ph, dW2)).lambdas) <= 2
+    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m2.S), linalg.projected_cross_moment(m2.N_v, m2.S_ph, dW2)).lambdas) <= 2
 
 
 def test_psd_inverse_sqrt_cuts_null_directions():

@@ -89,17 +89,18 @@ class NewNeurons:
         return NewNeurons(self.alpha[:k], self.omega[:, :k], self.lambdas[:k])
 
 
-def new_neurons(S: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> NewNeurons:
+def new_neurons(S_inv_sqrt: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> NewNeurons:
     """Prop. 3.2: SVD S^(-1/2) N = sum_k lambda_k u_k q_k^T, alpha_k = sqrt(lambda_k) S^(-1/2) u_k,
     omega_k = sqrt(lambda_k) q_k.
 
-    S = B_prev B_prev^T / n is (d+1, d+1), N = B_prev V_goal_proj^T / n is (d+1, o). Adding the first K
-    neurons lowers the bottleneck by exactly sum_{k<=K} lambda_k^2 (Eq. 9, linearised effect).
-    Only the R = rank(S^(-1/2) N) <= min(d+1, o) non-zero directions are returned.
+    ``S_inv_sqrt`` = S^(-1/2) (``psd_inverse_sqrt``) with S = B_prev B_prev^T / n, (d+1, d+1);
+    N = B_prev V_goal_proj^T / n is (d+1, o). Adding the first K neurons lowers the bottleneck by
+    exactly sum_{k<=K} lambda_k^2 (Eq. 9, linearised effect). Only the R = rank(S^(-1/2) N) <= min(d+1, o)
+    non-zero directions are returned.
     """
-    S_inv_sqrt = psd_inverse_sqrt(S, rel_cut)
     U, lambdas, Qt = torch.linalg.svd(S_inv_sqrt @ N, full_matrices=False)
-    rank = int((lambdas > rel_cut * lambdas.max().clamp_min(torch.finfo(S.dtype).tiny)).sum()) if lambdas.numel() else 0
+    tiny = torch.finfo(N.dtype).tiny
+    rank = int((lambdas > rel_cut * lambdas.max().clamp_min(tiny)).sum()) if lambdas.numel() else 0
     U, lambdas, Qt = U[:, :rank], lambdas[:rank], Qt[:rank]
     root = lambdas.sqrt()
     alpha = (S_inv_sqrt @ U * root).T
@@ -107,13 +108,13 @@ def new_neurons(S: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFAULT_RELAT
     return NewNeurons(alpha=alpha, omega=omega, lambdas=lambdas)
 
 
-def null_threshold(S: torch.Tensor, N_null: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+def null_threshold(S_inv_sqrt: torch.Tensor, N_null: torch.Tensor) -> torch.Tensor:
     """lambda_-: the largest singular value of S^(-1/2) N_null (earlier appendix, D.3).
 
     N_null = B_prev V_gauss^T / n where V_gauss has the covariance of V_goal_proj but is independent of
     B_prev: singular values of S^(-1/2) N below lambda_- are indistinguishable from noise.
     """
-    return torch.linalg.matrix_norm(psd_inverse_sqrt(S, rel_cut) @ N_null, ord=2)
+    return torch.linalg.matrix_norm(S_inv_sqrt @ N_null, ord=2)
 
 
 def gradmax_fan_out(N_tilde: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

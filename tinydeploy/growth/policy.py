@@ -25,7 +25,7 @@ class GrowthSettings:
     layers_per_step: int | None = None
     max_params: int | None = None
     max_width: int | None = None
-    estimation_scale: float = 1.0
+    estimation_scale: float = 4.0
     estimation_floor: int = 16
     min_estimation_batch: int = 256
     max_estimation_batch: int = 16384
@@ -62,7 +62,7 @@ class Growth:
 
 
 def estimation_batch_size(fan_in: int, available: int, s: GrowthSettings) -> int:
-    """App. E.1: n proportional to (fan-in + 1)^2, floored at ``estimation_floor`` x (fan-in + 1) and
+    """App. E.1: n proportional to (fan-in + 1)^2 (factor ``estimation_scale``), floored at ``estimation_floor`` x (fan-in + 1) and
     ``min_estimation_batch``, capped by the data available and ``max_estimation_batch``."""
     d1 = fan_in + 1
     wanted = max(int(s.estimation_scale * d1 * d1), s.estimation_floor * d1, s.min_estimation_batch)
