@@ -4,7 +4,8 @@ For each dataset and seed, with the *default* GrowConfig schedule and parameter 
 method (nothing tuned per method or seed), on CPU with one torch thread:
 
 * ``TINY``, ``GradMax``, ``Random``: grown from [1, 1] under the dataset's default budget
-  (``DEFAULT_MAX_PARAMS``); each stops when its own rule fires (budget, or no significant neuron
+  (``tinydeploy.grow.DATASET_DEFAULTS[dataset]["max_params"]``, with that entry's default input
+  noise); each stops when its own rule fires (budget, or no significant neuron
   for ``patience`` growth steps), then trains ``final_epochs`` with cosine decay;
 * ``GradMax @ TINY params`` / ``Random @ TINY params``: the same, with the budget set to the
   parameter count TINY ended with for that seed (equal-parameter comparison);
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    args.big_datasets = [d for d in args.big_datasets.split(",") if d]
+    args.big_datasets = [d for d in args.big_datasets.split(",") if d and d != "none"]
     torch.set_num_threads(args.threads)
     machine = machine_info()
     report = Report(NAME, "Growth quality: TINY vs GradMax vs Random vs fixed MLPs")
@@ -297,20 +298,25 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(partial, {"records": records})
     summary = summarise(records, report, datasets)
     skipped = [d for d in datasets if d not in args.big_datasets]
+    noise_of = {ds: sorted({str(r.get("input_noise")) for r in records if r["dataset"] == ds}) for ds in datasets}
+    noise = ", ".join(f"{ds} {'/'.join(v)}" for ds, v in noise_of.items())
     notes = [
-        f"Settings: default GrowConfig schedule for every method (grow every 0.25 epoch, 16 neurons/step, "
+        f"Settings: default GrowConfig schedule for every method (grow once at initialisation, then every "
+        f"{GrowConfig().grow_every:g} epoch, at most {GrowConfig().neurons_per_step} neurons/step, "
         f"max {GrowConfig().max_growth_epochs:g} growth epochs, then "
         f"{GrowConfig().final_epochs:g} final epochs with cosine decay; Adam lr {GrowConfig().lr:g}, batch "
         f"{GrowConfig().batch_size}, weight decay {GrowConfig().weight_decay:g})"
         + f", patience {GrowConfig().patience}"
-        + (f"; input noise {m_noise}" if (m_noise := sorted({str(r.get('input_noise')) for r in records})) else "")
+        + f"; input noise (dataset default) {noise}"
         + (" -- QUICK schedule, not comparable" if args.quick else "")
         + f"; 1 torch thread; fixed nets trained for the TINY run's epoch count of the same seed.",
     ]
+    big = [r["wall_time_s"]["total"] for r in records if r["label"] == "Fixed [1000,1000]"]
+    big_cost = f"{min(big):.0f}-{max(big):.0f} s" if big else "~70-100 s (measured earlier)"
     if skipped:
         notes.append(f"Fixed [1000,1000] was trained on {', '.join(args.big_datasets) or 'no dataset'} only; "
                      f"skipped on {', '.join(skipped)} to keep the full run under 20 min on 2 shared cores "
-                     f"(it costs ~70-100 s per seed on digits on this machine, ~3x that on mnist1d).")
+                     f"(on digits it costs {big_cost} per seed on this machine; mnist1d has ~3x the steps per epoch).")
     for n in notes:
         report.note(n)
     targets = checks(records, summary, report)

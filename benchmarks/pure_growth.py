@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-params", type=int, default=3000)
-    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--patience", type=int, default=GrowConfig().patience,
+                   help="stop after this many calls in a row add nothing (default: the library's grow patience)")
     p.add_argument("--max-calls", type=int, default=400)
     p.add_argument("--quick", action="store_true", help="budget 600, first seed only")
     p.add_argument("--threads", type=int, default=1)
