@@ -212,7 +212,7 @@ def quantize_int8(
     method: str = "dynamic",
     tolerance_pp: float = DEFAULT_TOLERANCE_PP,
     mse_tolerance: float = DEFAULT_MSE_TOLERANCE,
-    per_channel: bool = False,
+    per_channel: bool = True,
     latency_iters: int = 200,
     command: str = "",
     progress: Callable[[str], None] | None = None,
