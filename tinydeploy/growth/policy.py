@@ -43,7 +43,8 @@ class Batch:
         """A random subset of ``n`` samples (all of them, in order, when n >= len)."""
         if n >= self.X.shape[0]:
             return self
-        index = torch.randperm(self.X.shape[0], generator=generator)[:n].to(self.X.device)
+        device = generator.device if generator is not None else self.X.device
+        index = torch.randperm(self.X.shape[0], generator=generator, device=device)[:n].to(self.X.device)
         return Batch(self.X[index], self.y[index])
 
 
