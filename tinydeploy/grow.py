@@ -131,6 +131,7 @@ class GrowJob:
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
                                  split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
         prep = fit_standardizer(self.data.X_train)
+        # The spec at the initial widths; current widths are read back with spec_from_model.
         self.spec = ArchSpec.mlp(task=self.data.task, input_shape=self.data.input_shape,
                                  hidden_widths=list(cfg.init_widths), n_outputs=self.data.n_outputs,
                                  activation=cfg.activation, classes=self.data.classes, preprocessing=prep,
@@ -147,7 +148,6 @@ class GrowJob:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
         model = build_model(self.spec).to(self.device)
-        self.initial_spec = self.spec
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                input_noise=self.input_noise, generator=self.cpu_generator)
@@ -314,8 +314,8 @@ class GrowJob:
         return {
             "status": status, "dataset": self.data.name, "task": self.task, "method": self.cfg.method,
             "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
-            "initial_widths": self.initial_spec.hidden_widths, "final_widths": spec.hidden_widths,
-            "initial_params": self.initial_spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
+            "initial_widths": self.spec.hidden_widths, "final_widths": spec.hidden_widths,
+            "initial_params": self.spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
             "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results, "epochs": round(self.trainer.epoch, 4),
             "growth_events": len(self.log), "stop_reason": self.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],

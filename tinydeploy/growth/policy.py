@@ -125,9 +125,9 @@ def growth_step(
             return scores(net.eval()(held_out.X))
 
     remaining, applied = list(growable), []
+    loss_0, metric_0 = evaluate(model)
     for _ in range(s.layers_per_step or len(growable)):
         moments = _moments(model, remaining, train, loss_fn, s, generator)
-        loss_0, metric_0 = evaluate(model)
         best: tuple[float, Candidate, float, float] | None = None
         for m in moments:
             budget = neuron_budget(model, m.in_index, m.out_index, s)
@@ -145,6 +145,7 @@ def growth_step(
         loss_1, metric_1 = evaluate(model)
         widths = [model[i].out_features for i in growable]
         applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1, widths))
+        loss_0, metric_0 = loss_1, metric_1
         remaining.remove(cand.in_index)
         if not remaining:
             break
