@@ -94,7 +94,7 @@ def source_info() -> dict[str, Any]:
 
 def thread_kwargs(threads: int) -> dict[str, int]:
     """``threads=`` for GrowConfig when this tinydeploy version has the field (pins the job's CPU threads)."""
-    from tinydeploy.grow import GrowConfig
+    from tinydeploy.training.config import GrowConfig
 
     return {"threads": threads} if "threads" in GrowConfig.__dataclass_fields__ else {}
 

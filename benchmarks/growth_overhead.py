@@ -3,7 +3,7 @@ costs against training the final architecture from scratch.
 
 1. One default ``tinydeploy grow`` run (digits, TINY, default GrowConfig, CPU, 1 torch thread) with
    the library functions timed from the outside: this process replaces the names that
-   ``tinydeploy.growth.policy`` and ``tinydeploy.grow`` look up (gather_moments, propose,
+   ``tinydeploy.growth.policy`` and ``tinydeploy.training.job`` look up (gather_moments, propose,
    grown_output, line_search, add_neurons, carry_optimizer_state, bottlenecks) and the job's
    checkpoint/record methods by timing wrappers. No library file is edited.
 2. The final grown architecture is built fresh (same seed) and trained epoch by epoch at the
@@ -34,10 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, machine_info, pyplot, save_figure, thread_kwargs  # noqa: E402
 
-import tinydeploy.grow as grow_mod  # noqa: E402
+import tinydeploy.training.job as grow_mod  # noqa: E402
 import tinydeploy.growth.policy as policy  # noqa: E402
-from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
-from tinydeploy.train import evaluate  # noqa: E402
+from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.job import prepare_grow  # noqa: E402
+from tinydeploy.training.trainer import evaluate  # noqa: E402
 
 NAME = "growth_overhead"
 

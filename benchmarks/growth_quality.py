@@ -4,7 +4,7 @@ For each dataset and seed, with the *default* GrowConfig schedule and parameter 
 method (nothing tuned per method or seed), on CPU with one torch thread:
 
 * ``TINY``, ``GradMax``, ``Random``: grown from [1, 1] under the dataset's default budget
-  (``tinydeploy.grow.DATASET_DEFAULTS[dataset]["max_params"]``, with that entry's default input
+  (``tinydeploy.training.config.DATASET_DEFAULTS[dataset]["max_params"]``, with that entry's default input
   noise); each stops when its own rule fires (budget, or no significant neuron
   for ``patience`` growth steps), then trains ``final_epochs`` with cosine decay;
 * ``GradMax @ TINY params`` / ``Random @ TINY params``: the same, with the budget set to the
@@ -44,7 +44,8 @@ from common import (Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, res
                     thread_kwargs)
 
 from tinydeploy.atomic import write_json  # noqa: E402
-from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
+from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.job import prepare_grow  # noqa: E402
 
 NAME = "growth_quality"
 GROWN = ("TINY", "GradMax", "Random")

@@ -2,8 +2,8 @@
 
 For each dataset: the TINY-grown model (seed 0) and a [1000, 1000] MLP are exported with
 ``tinydeploy.export.export_run`` (safetensors + ONNX + TorchScript + torch.export, each gated on
-parity), quantized to int8 with ``tinydeploy.quantize.quantize_int8`` (dynamic, gated on a <= 1 pp
-accuracy drop), then measured with ``tinydeploy.bench.run_bench``: onnxruntime fp32, onnxruntime
+parity), quantized to int8 with ``tinydeploy.export.quantize.quantize_int8`` (dynamic, gated on a <= 1 pp
+accuracy drop), then measured with ``tinydeploy.export.bench.run_bench``: onnxruntime fp32, onnxruntime
 int8, torch eager, TorchScript and torch.export, single-threaded, batches 1 / 32 / 256, interleaved.
 
 Models come from ``benchmarks/results/runs/`` when ``growth_quality.py`` left them there
@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, machine_info, pyplot, results_path, save_figure, thread_kwargs  # noqa: E402
 
-from tinydeploy.bench import ENGINE_ORDER, run_bench  # noqa: E402
-from tinydeploy.export import export_run  # noqa: E402
-from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
-from tinydeploy.rundir import read_run  # noqa: E402
+from tinydeploy.export.bench import ENGINE_ORDER, run_bench  # noqa: E402
+from tinydeploy.export.pipeline import export_run  # noqa: E402
+from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.job import prepare_grow  # noqa: E402
+from tinydeploy.training.rundir import read_run  # noqa: E402
 
 NAME = "inference"
 RUNS = results_path("runs")
@@ -69,15 +70,15 @@ def measure(dataset: str, kind: str, run_dir: Path, why: str, out: Path, args) -
     export_s = time.perf_counter() - t0
     int8: dict[str, Any] = {}
     try:
-        from tinydeploy.quantize import QuantizationError, quantize_int8
+        from tinydeploy.export.quantize import QuantizationError, quantize_int8
 
         try:
             q = quantize_int8(out, command="benchmarks/inference.py")
             int8 = {"passed": True, "gate": q.report["gate"], "size": q.report["size"]}
         except QuantizationError as exc:
             int8 = {"passed": False, "error": str(exc), "gate": exc.result.get("gate")}
-    except ImportError as exc:  # tinydeploy.quantize missing
-        int8 = {"passed": False, "error": f"tinydeploy.quantize unavailable: {exc}"}
+    except ImportError as exc:  # tinydeploy.export.quantize missing
+        int8 = {"passed": False, "error": f"tinydeploy.export.quantize unavailable: {exc}"}
     sizes = {fmt: (out / f).stat().st_size for fmt, f in FILES.items() if (out / f).is_file()}
     bench = run_bench(out, batch_sizes=tuple(args.batch_sizes), iters=args.iters, warmup=args.warmup, threads=1)
     return {
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"batch {b}")
         ax.tick_params(axis="y", labelsize=7)
     save_figure(fig, f"{NAME}.png")
-    report.note(f"All engines single-threaded (tinydeploy.bench defaults: interleaved blocks of 10 calls, "
+    report.note(f"All engines single-threaded (tinydeploy.export.bench defaults: interleaved blocks of 10 calls, "
                 f"{args.iters} timed calls per engine and batch, {args.warmup} warm-up). CPU shared with other users.")
     report.write({"settings": vars(args), "models": models}, machine)
     return 0

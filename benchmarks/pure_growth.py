@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, fmt_pm, machine_info, mean_std, pyplot, save_figure  # noqa: E402
 
-from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
+from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.job import prepare_grow  # noqa: E402
 from tinydeploy.growth import linalg  # noqa: E402
 from tinydeploy.growth.policy import growth_step, neuron_budget  # noqa: E402
-from tinydeploy.losses import task_metric  # noqa: E402
-from tinydeploy.train import evaluate  # noqa: E402
+from tinydeploy.model.losses import task_metric  # noqa: E402
+from tinydeploy.training.trainer import evaluate  # noqa: E402
 
 NAME = "pure_growth"
 METHODS = {"tiny": "TINY", "tiny-nothreshold": "TINY, no significance test", "random": "Random"}

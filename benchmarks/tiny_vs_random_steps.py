@@ -27,13 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, machine_info  # noqa: E402
 
-from tinydeploy.grow import GrowConfig, prepare_grow  # noqa: E402
+from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.job import prepare_grow  # noqa: E402
 from tinydeploy.growth import candidates  # noqa: E402
 from tinydeploy.growth.amplitude import line_search  # noqa: E402
 from tinydeploy.growth.policy import estimation_batch_size, growth_step, neuron_budget  # noqa: E402
 from tinydeploy.growth.statistics import gather_moments  # noqa: E402
 from tinydeploy.growth.surgery import grown_output  # noqa: E402
-from tinydeploy.losses import task_metric  # noqa: E402
+from tinydeploy.model.losses import task_metric  # noqa: E402
 
 
 def decrease(growths) -> float:

@@ -1,4 +1,4 @@
-"""`tinydeploy export`, `verify` and `report`: thin commands over tinydeploy.export / verify / report."""
+"""`tinydeploy export`, `verify` and `report`: thin commands over tinydeploy.export.pipeline / verify / report."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.app import EXIT_CHECK_FAILED, app, fail, reports_errors
-from tinydeploy.artifacts import OPTIONAL_FORMATS, parse_formats
-from tinydeploy.export import export_run
-from tinydeploy.manifest import IntegrityError
-from tinydeploy.parity import DEFAULT_ATOL, DEFAULT_RTOL, FormatParity, ParityError
-from tinydeploy.providers import PROVIDER_CHOICES
-from tinydeploy.report import report_table
-from tinydeploy.verify import verify_export
+from tinydeploy.export.formats import OPTIONAL_FORMATS, parse_formats
+from tinydeploy.export.pipeline import export_run
+from tinydeploy.serving.manifest import IntegrityError
+from tinydeploy.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, FormatParity, ParityError
+from tinydeploy.serving.providers import PROVIDER_CHOICES
+from tinydeploy.export.width_report import report_table
+from tinydeploy.export.verify import verify_export
 
 _PROVIDER_HELP = f"onnxruntime execution provider for the parity gate: {', '.join(PROVIDER_CHOICES)}."
 
@@ -119,7 +119,7 @@ def export_command(
     if "onnx" in result.files:
         _line(console, f"Serve:        tinydeploy serve {where}")
     if quantize:
-        from tinydeploy.quantize import QuantizationError, quantize_int8
+        from tinydeploy.export.quantize import QuantizationError, quantize_int8
 
         try:
             report = quantize_int8(result.out_dir, command=command).report
@@ -129,7 +129,7 @@ def export_command(
         _line(console, f"int8:         {result.out_dir / 'model.int8.onnx'} {gate['metric']} {gate['int8']:.4f} vs fp32 "
                        f"{gate['fp32']:.4f}, {_size(size['int8_bytes'])} vs {_size(size['fp32_bytes'])} (parity.json: int8)")
     if triton:
-        from tinydeploy.triton import write_triton_repo
+        from tinydeploy.export.triton import write_triton_repo
 
         _line(console, f"Triton:       {write_triton_repo(result.out_dir, triton)}")
 

@@ -1,4 +1,4 @@
-"""``tinydeploy grow``: a few lines over ``tinydeploy.grow.run_grow`` plus a progress bar and a summary."""
+"""``tinydeploy grow``: a few lines over ``tinydeploy.training.job.run_grow`` plus a progress bar and a summary."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from rich.table import Table
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.grow import GrowConfig, GrowResult, Progress as GrowProgress, prepare_grow
+from tinydeploy.training.config import GrowConfig
+from tinydeploy.training.job import GrowResult, Progress as GrowProgress, prepare_grow
 
 _DEFAULTS = GrowConfig()
 

@@ -1,4 +1,4 @@
-"""`tinydeploy serve`, `predict` and `bench`: thin commands over tinydeploy.server / runtime / bench.
+"""`tinydeploy serve`, `predict` and `bench`: thin commands over tinydeploy.serving.server / runtime / bench.
 
 Importing this module imports no torch: serve and predict run on onnxruntime only; bench imports
 torch lazily inside the command to measure the PyTorch engines when torch is installed.
@@ -14,7 +14,7 @@ import typer
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.providers import PROVIDER_CHOICES
+from tinydeploy.serving.providers import PROVIDER_CHOICES
 
 _PROVIDER_HELP = f"onnxruntime execution provider: {', '.join(PROVIDER_CHOICES)} (auto = CUDA only where it really loads)."
 #: Inputs with more rows than this get a progress bar.
@@ -32,7 +32,7 @@ def serve_command(
     max_batch: int = typer.Option(1024, "--max-batch", help="Largest batch accepted per request (larger gets 413)."),
 ) -> None:
     """Serve an exported model over HTTP with onnxruntime (no torch needed)."""
-    from tinydeploy.server import serve
+    from tinydeploy.serving.server import serve
 
     serve(export_dir, host=host, port=port, provider=provider, workers=workers, max_batch=max_batch)
 
@@ -55,7 +55,7 @@ def predict_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tinydeploy.runtime import OnnxModel, csv_lines, read_inputs, write_predictions
+    from tinydeploy.serving.runtime import OnnxModel, csv_lines, read_inputs, write_predictions
 
     if chunk_size < 1:
         raise TinyDeployError(f"--chunk-size must be at least 1, got {chunk_size}")
@@ -103,8 +103,8 @@ def bench_command(
     from rich.console import Console
     from rich.table import Table
 
-    from tinydeploy.bench import BENCH_FILE, BENCH_HEADER, bench_table, parse_batch_sizes, run_bench, write_bench
-    from tinydeploy.runtime import resolve_model_path
+    from tinydeploy.export.bench import BENCH_FILE, BENCH_HEADER, bench_table, parse_batch_sizes, run_bench, write_bench
+    from tinydeploy.serving.runtime import resolve_model_path
 
     sizes = parse_batch_sizes(batch_sizes)
     directory, _ = resolve_model_path(export_dir)
@@ -118,7 +118,7 @@ def bench_command(
         import shlex
         import sys
 
-        from tinydeploy.quantize import amend_manifest
+        from tinydeploy.export.quantize import amend_manifest
 
         amend_manifest(directory, [path.name], shlex.join(["tinydeploy", *sys.argv[1:]]))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
-from tinydeploy.export import ExportResult, export_run
-from tinydeploy.rundir import write_run
-from tinydeploy.spec import ArchSpec, build_model
+from tinydeploy.export.pipeline import ExportResult, export_run
+from tinydeploy.training.rundir import write_run
+from tinydeploy.model.build import build_model
+from tinydeploy.model.spec import ArchSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = str(Path(sys.executable))

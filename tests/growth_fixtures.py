@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from tinydeploy.growth.statistics import gather_moments, with_ones
-from tinydeploy.losses import per_sample_loss
-from tinydeploy.spec import ArchSpec, build_model
+from tinydeploy.model.losses import per_sample_loss
+from tinydeploy.model.build import build_model
+from tinydeploy.model.spec import ArchSpec
 
 
 def small_problem(activation: str = "relu", widths=(3, 4), n: int = 400, d: int = 6, classes: int = 5, seed: int = 0):

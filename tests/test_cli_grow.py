@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-from tinydeploy.grow import GrowConfig, run_grow
-from tinydeploy.rundir import read_run
+from tinydeploy.training.config import GrowConfig
+from tinydeploy.training.job import run_grow
+from tinydeploy.training.rundir import read_run
 
 FAST = ["--max-growth-epochs", "1", "--final-epochs", "1", "--grow-every", "0.25"]
 

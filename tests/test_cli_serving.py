@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 import cli.export  # noqa: F401  (registers export)
 import cli.serve  # noqa: F401  (registers serve, predict, bench)
 from cli.app import app
-from tinydeploy.bench import parse_batch_sizes
+from tinydeploy.export.bench import parse_batch_sizes
 from tinydeploy.data import load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.manifest import verify_manifest
-from tinydeploy.quantize import quantize_int8
-from tinydeploy.runtime import OnnxModel, read_inputs
+from tinydeploy.serving.manifest import verify_manifest
+from tinydeploy.export.quantize import quantize_int8
+from tinydeploy.serving.runtime import OnnxModel, read_inputs
 
 runner = CliRunner()
 

@@ -17,19 +17,20 @@ from export_fixtures import REPO, exported, trained_run  # noqa: F401  (fixtures
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import tinydeploy.artifacts
+import tinydeploy.export.formats
 from tinydeploy.data import apply_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.export import ExportResult, export_run
-from tinydeploy.freeze import STANDARDIZE, freeze, load_frozen
-from tinydeploy.manifest import MANIFEST_FILE, read_manifest, verify_manifest
-from tinydeploy.onnx_export import initializer_shapes
-from tinydeploy.ort_support import max_ir_version, max_opset
-from tinydeploy.parity import ParityError
-from tinydeploy.providers import _PROBE_MODEL, choose_providers, cuda_usable
-from tinydeploy.report import check_widths
-from tinydeploy.rundir import read_run
-from tinydeploy.spec import ArchSpec, build_model
+from tinydeploy.export.pipeline import ExportResult, export_run
+from tinydeploy.model.freeze import STANDARDIZE, freeze, load_frozen
+from tinydeploy.serving.manifest import MANIFEST_FILE, read_manifest, verify_manifest
+from tinydeploy.export.onnx_format import initializer_shapes
+from tinydeploy.export.ort_support import max_ir_version, max_opset
+from tinydeploy.export.parity import ParityError
+from tinydeploy.serving.providers import _PROBE_MODEL, choose_providers, cuda_usable
+from tinydeploy.export.width_report import check_widths
+from tinydeploy.training.rundir import read_run
+from tinydeploy.model.build import build_model
+from tinydeploy.model.spec import ArchSpec
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_provider_choice() -> None:
 
 
 def test_runtime_modules_do_not_import_torch() -> None:
-    code = "import sys, tinydeploy.providers, tinydeploy.manifest; assert 'torch' not in sys.modules"
+    code = "import sys, tinydeploy.serving.providers, tinydeploy.serving.manifest; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -176,7 +177,7 @@ def test_runtime_modules_do_not_import_torch() -> None:
 def test_perturbed_onnx_fails_the_gate_and_publishes_nothing(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_export = tinydeploy.artifacts.export_onnx_model
+    real_export = tinydeploy.export.formats.export_onnx_model
 
     def perturbed_export(*args, **kwargs) -> onnx.ModelProto:
         model = real_export(*args, **kwargs)
@@ -186,7 +187,7 @@ def test_perturbed_onnx_fails_the_gate_and_publishes_nothing(
         weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
         return model
 
-    monkeypatch.setattr(tinydeploy.artifacts, "export_onnx_model", perturbed_export)
+    monkeypatch.setattr(tinydeploy.export.formats, "export_onnx_model", perturbed_export)
     out = tmp_path / "out"
     with pytest.raises(ParityError, match=r"^parity check failed for onnx \(max abs diff .* exceeds atol 1e-05") as info:
         export_run(trained_run, out, formats=("onnx", "torchscript"))
@@ -199,7 +200,7 @@ def test_failed_export_keeps_the_previous_export(trained_run: Path, tmp_path: Pa
     out = tmp_path / "out"
     export_run(trained_run, out, formats=("torchscript",))
     before = read_manifest(out)["files"]
-    monkeypatch.setattr(tinydeploy.artifacts, "save_torchscript", lambda frozen, path, metadata: path.write_bytes(b"junk"))
+    monkeypatch.setattr(tinydeploy.export.formats, "save_torchscript", lambda frozen, path, metadata: path.write_bytes(b"junk"))
     with pytest.raises(ParityError, match=r"torchscript \(cannot load or run it .*; nothing was published$"):
         export_run(trained_run, out, formats=("torchscript", "pt2"))
     assert read_manifest(out)["files"] == before and not (out / "model.pt2").exists()

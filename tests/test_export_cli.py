@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cli import export as _export_commands  # noqa: F401  (registers export, verify, report)
 from cli.app import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, app
-from tinydeploy.export import ExportResult
-from tinydeploy.manifest import read_manifest, verify_manifest
+from tinydeploy.export.pipeline import ExportResult
+from tinydeploy.serving.manifest import read_manifest, verify_manifest
 
 
 def tinydeploy(*args: str) -> subprocess.CompletedProcess[str]:
@@ -124,7 +124,7 @@ def test_report_prints_the_width_table(exported: ExportResult, trained_run: Path
     ],
 )
 def test_bad_input_gets_one_line(trained_run: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    from tinydeploy.ort_support import max_opset
+    from tinydeploy.export.ort_support import max_opset
 
     values = {"tmp": str(tmp_path), "run": str(trained_run), "max_opset": str(max_opset())}
     result = invoke(*(a.format(**values) for a in args))

@@ -16,10 +16,10 @@ from serving_fixtures import copy_export, export_dir, exported, trained_run  # n
 
 from tinydeploy.data import load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.manifest import verify_manifest, write_manifest
-from tinydeploy.quantize import INT8_FILE, QuantizationError, gemm_to_matmul, quantize_int8
-from tinydeploy.runtime import OnnxModel
-from tinydeploy.triton import write_triton_repo
+from tinydeploy.serving.manifest import verify_manifest, write_manifest
+from tinydeploy.export.quantize import INT8_FILE, QuantizationError, gemm_to_matmul, quantize_int8
+from tinydeploy.serving.runtime import OnnxModel
+from tinydeploy.export.triton import write_triton_repo
 
 
 # ----- int8 ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""tinydeploy.runtime on a real export directory: outputs, input validation, integrity, providers, no torch."""
+"""tinydeploy.serving.runtime on a real export directory: outputs, input validation, integrity, providers, no torch."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from serving_fixtures import copy_export, export_dir, exported, trained_run  # n
 
 from tinydeploy.data import load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.manifest import IntegrityError
-from tinydeploy.providers import cuda_usable
-from tinydeploy.runtime import InputError, OnnxModel, softmax
+from tinydeploy.serving.manifest import IntegrityError
+from tinydeploy.serving.providers import cuda_usable
+from tinydeploy.serving.runtime import InputError, OnnxModel, softmax
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,9 +174,9 @@ def test_runtime_and_server_do_not_import_torch(export_dir: Path) -> None:
     """In a fresh interpreter where importing torch fails, the serving stack still loads and predicts."""
     script = _NO_TORCH + f"""
 import json, numpy as np
-from tinydeploy.runtime import OnnxModel, read_inputs
-from tinydeploy.server import create_app
-import tinydeploy.serve_edge, tinydeploy.triton
+from tinydeploy.serving.runtime import OnnxModel, read_inputs
+from tinydeploy.serving.server import create_app
+import tinydeploy.serving.edge, tinydeploy.export.triton
 import cli.serve
 model = OnnxModel({str(export_dir)!r}, "auto")
 prediction = model.predict(np.zeros((3, 64), dtype=np.float32))

@@ -20,8 +20,8 @@ from serving_fixtures import export_dir, exported, running_server, trained_run  
 
 from tinydeploy.data import load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.runtime import OnnxModel
-from tinydeploy.server import create_app
+from tinydeploy.serving.runtime import OnnxModel
+from tinydeploy.serving.server import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BATCH = 64
@@ -194,15 +194,17 @@ def _free_port() -> int:
 
 
 def image_layout(root: Path) -> Path:
-    """The package as deployment/Dockerfile copies it: only the modules its COPY line names."""
+    """The package as deployment/Dockerfile copies it: only the files and folders its COPY lines name."""
     dockerfile = (REPO / "deployment" / "Dockerfile").read_text()
-    copy = next(block for block in re.split(r"\n(?=[A-Z]+ )", dockerfile) if block.startswith("COPY tinydeploy/"))
-    modules = re.findall(r"tinydeploy/(\w+\.py)", copy)
-    assert "server.py" in modules and "serve_edge.py" in modules
-    package = root / "tinydeploy"
-    package.mkdir(parents=True)
-    for name in modules:
-        (package / name).write_bytes((REPO / "tinydeploy" / name).read_bytes())
+    copies = [block for block in re.split(r"\n(?=[A-Z]+ )", dockerfile) if block.startswith("COPY tinydeploy/")]
+    sources = [path for block in copies for path in re.findall(r"(tinydeploy/[\w/]*(?:\.py|/))", block)]
+    files = [f for s in sources for f in ((REPO / s).glob("*.py") if s.endswith("/") else [REPO / s])]
+    names = {f.relative_to(REPO).as_posix() for f in files}
+    assert {"tinydeploy/serving/server.py", "tinydeploy/serving/edge.py"} <= names
+    for file in files:
+        target = root / file.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(file.read_bytes())
     return root
 
 
@@ -251,7 +253,7 @@ def test_cli_serve_with_two_workers(export_dir: Path, x_test: np.ndarray, model:
 
 
 def test_edge_entry_point_serves_without_torch(export_dir: Path, x_test: np.ndarray, model: OnnxModel, tmp_path: Path) -> None:
-    """``python -m tinydeploy.serve_edge`` from the Docker image's file set, where importing torch fails."""
+    """``python -m tinydeploy.serving.edge`` from the Docker image's file set, where importing torch fails."""
     site = image_layout(tmp_path / "opt")
     port = _free_port()
     blocker = (
@@ -262,7 +264,7 @@ def test_edge_entry_point_serves_without_torch(export_dir: Path, x_test: np.ndar
         "sys.meta_path.insert(0, B())\n"
         "sys.argv = ['serve_edge'] + sys.argv[1:]\n"
         f"import tinydeploy; assert tinydeploy.__file__.startswith({str(site)!r}), tinydeploy.__file__\n"
-        "runpy.run_module('tinydeploy.serve_edge', run_name='__main__')\n"
+        "runpy.run_module('tinydeploy.serving.edge', run_name='__main__')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
     process = subprocess.Popen(
@@ -281,9 +283,10 @@ def test_edge_entry_point_serves_without_torch(export_dir: Path, x_test: np.ndar
         _stop(process)
 
 
-def test_edge_entry_point_reports_a_bad_directory_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["tinydeploy.serving.edge", "tinydeploy.serve_edge"])
+def test_edge_entry_point_reports_a_bad_directory_in_one_line(tmp_path: Path, module: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tinydeploy.serve_edge", str(tmp_path / "nope")],
+        [sys.executable, "-m", module, str(tmp_path / "nope")],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )
     assert done.returncode == 2
@@ -300,11 +303,14 @@ def test_create_app_validates_arguments(export_dir: Path, tmp_path: Path) -> Non
 
 def test_dockerignore_sends_exactly_what_the_image_copies() -> None:
     dockerfile = (REPO / "deployment" / "Dockerfile").read_text()
-    copied = set(re.findall(r"(?:deployment|tinydeploy)/[\w.-]+\.(?:py|txt)", "\n".join(
+    sources = re.findall(r"(?<![\w/])((?:deployment|tinydeploy)/[\w./-]*)", "\n".join(
         line for line in re.split(r"\n(?=[A-Z]+ )", dockerfile) if line.startswith("COPY ")
-    )))
+    ))
+    copied = {f.relative_to(REPO).as_posix() for s in sources
+              for f in ((REPO / s).glob("*.py") if s.endswith("/") else [REPO / s])}
     ignore = (REPO / "deployment" / "Dockerfile.dockerignore").read_text().splitlines()
-    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    allowed = {f.relative_to(REPO).as_posix() for line in ignore if line.startswith("!") for f in REPO.glob(line[1:])}
     assert "**" in ignore and copied == allowed
+    assert "tinydeploy/serving/runtime.py" in copied and not any(p.startswith("tinydeploy/training") for p in copied)
     for path in copied:
         assert (REPO / path).is_file(), path

@@ -1,1 +1,2 @@
-"""TINY growth: statistics, the paper's closed-form updates, baselines, amplitude search, policy."""
+"""Stage 3, growth: backpropagation statistics, the paper's closed forms, growth methods, amplitude
+search, the where/how-many policy and model surgery. Imports only ``model`` (and the common modules)."""

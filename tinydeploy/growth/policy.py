@@ -13,7 +13,7 @@ from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.candidates import Candidate, propose
 from tinydeploy.growth.statistics import LayerMoments, gather_moments
 from tinydeploy.growth.surgery import add_neurons, grown_output
-from tinydeploy.losses import LossFn
+from tinydeploy.model.losses import LossFn
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinydeploy.losses import LossFn
+from tinydeploy.model.losses import LossFn
 
 
 @dataclass

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from tinydeploy.providers import CPU, quiet_session_options
+from tinydeploy.serving.providers import CPU, quiet_session_options
 
 #: Oldest versions probed; anything older is not worth exporting to.
 _OLDEST_IR = 7

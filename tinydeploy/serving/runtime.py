@@ -9,7 +9,7 @@ An :class:`OnnxModel` is opened from an export directory (or a bare ``model.onnx
   model bytes actually handed to onnxruntime are hashed again, so a tampered file is refused and
   named;
 * execution providers are chosen deliberately (``auto`` | ``cpu`` | ``cuda``, see
-  ``tinydeploy.providers``) and the session's real providers are checked after it is created;
+  ``tinydeploy.serving.providers``) and the session's real providers are checked after it is created;
 * inputs are validated against the model's declared input (shape, numeric dtype, finite values,
   non-empty batch): a violation raises :class:`InputError`, which a server maps to a 4xx answer;
 * one row (1-D with ``n_features`` values, or exactly ``input_shape``) or a batch is accepted and
@@ -31,8 +31,8 @@ import numpy as np
 import onnxruntime as ort
 
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.manifest import MANIFEST_FILE, IntegrityError, verify_manifest
-from tinydeploy.providers import CUDA, choose_providers, quiet_session_options
+from tinydeploy.serving.manifest import MANIFEST_FILE, IntegrityError, verify_manifest
+from tinydeploy.serving.providers import CUDA, choose_providers, quiet_session_options
 
 MODEL_FILE = "model.onnx"
 ARCH_FILE = "arch.json"
@@ -110,7 +110,7 @@ def resolve_model_path(path: str | os.PathLike[str], model_file: str = MODEL_FIL
 def verify_export_dir(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Check every file listed in ``directory``'s manifest.json; return the manifest (None if absent).
 
-    The rule is ``tinydeploy.manifest.verify_manifest``'s (size and sha256 of every listed file);
+    The rule is ``tinydeploy.serving.manifest.verify_manifest``'s (size and sha256 of every listed file);
     it raises ``IntegrityError`` naming each tampered, truncated or missing file.
     """
     directory = Path(directory)

@@ -17,17 +17,24 @@ from typing import Any, Callable, Iterable
 
 from safetensors import safe_open
 
-from tinydeploy.artifacts import FORMATS, artifact_metadata, parse_formats, write_artifact
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.freeze import freeze
-from tinydeploy.gate import gate_file, gate_inputs
-from tinydeploy.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, write_manifest
-from tinydeploy.onnx_export import check_opset, initializer_shapes
-from tinydeploy.parity import DEFAULT_ATOL, DEFAULT_RTOL, FormatParity, ParityError, failure_message, parity_document
-from tinydeploy.providers import choose_providers
-from tinydeploy.report import build_width_report, check_widths, write_width_report
-from tinydeploy.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
+from tinydeploy.export.formats import FORMATS, artifact_metadata, parse_formats, write_artifact
+from tinydeploy.export.gate import gate_file, gate_inputs
+from tinydeploy.export.onnx_format import check_opset, initializer_shapes
+from tinydeploy.export.parity import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    FormatParity,
+    ParityError,
+    failure_message,
+    parity_document,
+)
+from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
+from tinydeploy.model.freeze import freeze
+from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, write_manifest
+from tinydeploy.serving.providers import choose_providers
+from tinydeploy.training.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
 
 PARITY_FILE = "parity.json"
 ARTIFACTS_DIR = "artifacts"

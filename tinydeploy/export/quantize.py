@@ -33,8 +33,8 @@ import numpy as np
 
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
-from tinydeploy.runtime import MODEL_FILE, OnnxModel, resolve_model_path
+from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
+from tinydeploy.serving.runtime import MODEL_FILE, OnnxModel, resolve_model_path
 
 INT8_FILE = "model.int8.onnx"
 PARITY_FILE = "parity.json"
@@ -345,4 +345,4 @@ def _record(directory: Path, report: dict[str, Any], command: str) -> None:
     else:
         write_json(directory / "quant.json", {"int8": report})
         written = [INT8_FILE, "quant.json"]
-    amend_manifest(directory, written, command or "tinydeploy.quantize.quantize_int8")
+    amend_manifest(directory, written, command or "tinydeploy.export.quantize.quantize_int8")

@@ -16,8 +16,8 @@ from typing import Any
 
 from tinydeploy.atomic import write_json, write_text
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.rundir import METRICS_FILE, MODEL_FILE, read_run
-from tinydeploy.spec import ArchSpec
+from tinydeploy.model.spec import ArchSpec
+from tinydeploy.training.rundir import METRICS_FILE, MODEL_FILE, read_run
 
 REPORT_JSON = "width_report.json"
 REPORT_MD = "width_report.md"

@@ -3,7 +3,7 @@
 ``torch.onnx.export(dynamo=True)`` traces the model with ``torch.export`` and translates it with
 onnxscript. The returned ``ModelProto`` keeps its weights inline and is serialised here in one
 piece, so no external ``.data`` file is ever written. Its IR version is clamped to what the installed
-onnxruntime loads (see ``tinydeploy.ort_support``) and checked with ``onnx.checker``.
+onnxruntime loads (see ``tinydeploy.export.ort_support``) and checked with ``onnx.checker``.
 
 onnxruntime's CPU GEMM accumulates in another order than torch's, so its outputs differ from the
 frozen model's by a few float32 ulps of the largest logit (measured: 5.7e-6 on logits up to 43 for
@@ -25,8 +25,8 @@ from onnx import helper
 from torch import nn
 
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.ort_support import max_ir_version, max_opset
-from tinydeploy.spec import ArchSpec
+from tinydeploy.export.ort_support import max_ir_version, max_opset
+from tinydeploy.model.spec import ArchSpec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

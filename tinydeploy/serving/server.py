@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.runtime import InputError, OnnxModel
+from tinydeploy.serving.runtime import InputError, OnnxModel
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -386,6 +386,6 @@ def serve(
     os.environ[_ENV_PROVIDER] = provider
     os.environ[_ENV_MAX_BATCH] = str(max_batch)
     uvicorn.run(
-        "tinydeploy.server:app_from_env", factory=True, host=host, port=port,
+        "tinydeploy.serving.server:app_from_env", factory=True, host=host, port=port,
         workers=workers, log_level=log_level, access_log=False,
     )

@@ -14,22 +14,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-from torch import nn
-
 from tinydeploy.errors import SpecError
 
 SPEC_FORMAT = "tinydeploy.arch/1"
 TASKS = ("classification", "regression")
 
 #: Activations TINY can grow through: all satisfy sigma(0) = 0 (paper Sec. 2.1).
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "selu": nn.SELU,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-    "identity": nn.Identity,
-}
+ACTIVATIONS: tuple[str, ...] = ("relu", "selu", "tanh", "gelu", "identity")
 #: Activations users commonly ask for that violate sigma(0) = 0, with their value at 0.
 _REJECTED_ACTIVATIONS = {"sigmoid": 0.5, "softplus": math.log(2.0), "hardsigmoid": 0.5}
 
@@ -208,36 +199,3 @@ class ArchSpec:
         except json.JSONDecodeError as exc:
             raise SpecError(f"architecture spec is not valid JSON: {exc}") from exc
         return ArchSpec.from_dict(data)
-
-
-def build_model(spec: ArchSpec) -> nn.Sequential:
-    """A plain ``nn.Sequential`` with the spec's layers (fresh PyTorch default initialisation)."""
-    modules: list[nn.Module] = []
-    for i, layer in enumerate(spec.layers):
-        if layer["kind"] == "flatten":
-            modules.append(nn.Flatten())
-        elif layer["kind"] == "linear":
-            modules.append(nn.Linear(spec.in_features(i), layer["out_features"]))
-        else:
-            modules.append(ACTIVATIONS[layer["name"]]())
-    return nn.Sequential(*modules)
-
-
-def spec_from_model(model: nn.Sequential, template: ArchSpec) -> ArchSpec:
-    """``template`` with hidden widths read back from ``model``'s linear layers."""
-    widths = []
-    for i in template.growable_indices:
-        module = model[i]
-        if not isinstance(module, nn.Linear):
-            raise SpecError(f"module {i} is {type(module).__name__}, the spec says linear")
-        widths.append(module.out_features)
-    return template.with_hidden_widths(widths)
-
-
-def standardize_inputs(x: torch.Tensor, preprocessing: dict[str, Any] | None) -> torch.Tensor:
-    """Apply the spec's preprocessing (``(x - mean) / std``) to raw inputs, batch-first."""
-    if not preprocessing:
-        return x
-    mean = torch.as_tensor(preprocessing["mean"], dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(preprocessing["std"], dtype=x.dtype, device=x.device)
-    return (x - mean.reshape(x.shape[1:])) / std.reshape(x.shape[1:])

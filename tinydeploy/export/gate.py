@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinydeploy.artifacts import FORMATS, load_artifact
-from tinydeploy.checkpoint import SPEC_KEY
 from tinydeploy.data import apply_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.parity import PARITY_SEED, RANDOM_BATCHES, FormatParity, parity_inputs, run_gate
-from tinydeploy.spec import ArchSpec
+from tinydeploy.export.formats import FORMATS, load_artifact
+from tinydeploy.export.parity import PARITY_SEED, RANDOM_BATCHES, FormatParity, parity_inputs, run_gate
+from tinydeploy.model.serialization import SPEC_KEY
+from tinydeploy.model.spec import ArchSpec
 
 
 @dataclass

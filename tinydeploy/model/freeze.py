@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinydeploy.checkpoint import load_model
 from tinydeploy.errors import SpecError
-from tinydeploy.rundir import ARCH_FILE, MODEL_FILE
-from tinydeploy.spec import ArchSpec, build_model
+from tinydeploy.model.build import build_model
+from tinydeploy.model.serialization import ARCH_FILE, MODEL_FILE, load_model
+from tinydeploy.model.spec import ArchSpec
 
 STANDARDIZE = "standardize"
 

@@ -12,9 +12,13 @@ from torch import nn
 from tinydeploy import __version__
 from tinydeploy.atomic import atomic_path
 from tinydeploy.errors import SpecError, TinyDeployError
-from tinydeploy.spec import ArchSpec, build_model
+from tinydeploy.model.build import build_model
+from tinydeploy.model.spec import ArchSpec
 
 SPEC_KEY = "tinydeploy.spec"
+#: File names of the weights and of the indented spec in run and export directories.
+MODEL_FILE = "model.safetensors"
+ARCH_FILE = "arch.json"
 
 
 def save_model(

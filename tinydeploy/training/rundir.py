@@ -19,12 +19,10 @@ from typing import Any
 from torch import nn
 
 from tinydeploy.atomic import write_json, write_text
-from tinydeploy.checkpoint import load_model, save_model
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.spec import ArchSpec
+from tinydeploy.model.serialization import ARCH_FILE, MODEL_FILE, load_model, save_model
+from tinydeploy.model.spec import ArchSpec
 
-MODEL_FILE = "model.safetensors"
-ARCH_FILE = "arch.json"
 GROWTH_LOG_FILE = "growth_log.jsonl"
 METRICS_FILE = "metrics.json"
 

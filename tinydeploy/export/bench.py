@@ -3,9 +3,9 @@
 Engines (each only when its file exists and, for the torch ones, when torch is installed):
 
 * ``onnxruntime``      model.onnx, ``InferenceSession.run`` on a float32 numpy batch;
-* ``onnxruntime-int8`` model.int8.onnx (written by ``tinydeploy.quantize``), same call;
+* ``onnxruntime-int8`` model.int8.onnx (written by ``tinydeploy.export.quantize``), same call;
 * ``torch-eager``      the frozen model rebuilt from model.safetensors + its spec with the
-  preprocessing baked in (``tinydeploy.freeze``), called under ``torch.inference_mode()``;
+  preprocessing baked in (``tinydeploy.model.freeze``), called under ``torch.inference_mode()``;
 * ``torchscript``      model.ts loaded with ``torch.jit.load``, same call;
 * ``torch-export``     model.pt2 loaded with ``torch.export.load``, same call.
 
@@ -36,7 +36,7 @@ import numpy as np
 from tinydeploy import __version__
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.runtime import OnnxModel, resolve_model_path
+from tinydeploy.serving.runtime import OnnxModel, resolve_model_path
 
 BENCH_FILE = "bench.json"
 BENCH_FORMAT = "tinydeploy.bench/1"
@@ -93,10 +93,10 @@ def _torch_engines(directory: Path, threads: int, skipped: dict[str, str]) -> li
         for name in ("torch-eager", "torchscript", "torch-export"):
             skipped[name] = "torch is not installed"
         return []
-    from tinydeploy.artifacts import INPUTS_KEY, METADATA_KEYS
-    from tinydeploy.checkpoint import load_model, read_metadata
-    from tinydeploy.freeze import freeze
-    from tinydeploy.torch_formats import load_pt2, load_torchscript
+    from tinydeploy.export.formats import INPUTS_KEY, METADATA_KEYS
+    from tinydeploy.export.torch_formats import load_pt2, load_torchscript
+    from tinydeploy.model.freeze import freeze
+    from tinydeploy.model.serialization import load_model, read_metadata
 
     torch.set_num_threads(threads)
 
@@ -121,7 +121,7 @@ def _torch_engines(directory: Path, threads: int, skipped: dict[str, str]) -> li
         model, spec = load_model(weights)
         frozen = freeze(model, spec, preprocessing=raw)
         engines.append(Engine("torch-eager", weights.name, wrap(frozen), to_tensor, to_numpy,
-                              {**base, "loader": "safetensors + spec, tinydeploy.freeze"}))
+                              {**base, "loader": "safetensors + spec, tinydeploy.model.freeze"}))
     else:
         skipped["torch-eager"] = "model.safetensors is missing"
     if (directory / "model.ts").is_file():

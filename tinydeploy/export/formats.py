@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from tinydeploy import __version__
-from tinydeploy.checkpoint import SPEC_KEY, load_model, read_metadata, save_model
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.freeze import freeze
-from tinydeploy.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_model
-from tinydeploy.providers import open_session
-from tinydeploy.spec import ArchSpec
-from tinydeploy.torch_formats import load_pt2, load_torchscript, save_pt2, save_torchscript
+from tinydeploy.export.onnx_format import INPUT_NAME, OUTPUT_NAME, export_onnx_model
+from tinydeploy.export.torch_formats import load_pt2, load_torchscript, save_pt2, save_torchscript
+from tinydeploy.model.freeze import freeze
+from tinydeploy.model.serialization import SPEC_KEY, load_model, read_metadata, save_model
+from tinydeploy.model.spec import ArchSpec
+from tinydeploy.serving.providers import open_session
 
 #: Format name -> file name in an export directory. safetensors is always written.
 FORMATS: dict[str, str] = {

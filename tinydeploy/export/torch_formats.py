@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from tinydeploy.spec import ArchSpec
+from tinydeploy.model.spec import ArchSpec
 
 _JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.runtime import resolve_model_path
+from tinydeploy.serving.runtime import resolve_model_path
 
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"

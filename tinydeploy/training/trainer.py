@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinydeploy.losses import LossFn, task_metric
+from tinydeploy.model.losses import LossFn, task_metric
 
 
 class Trainer:

@@ -7,15 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinydeploy.artifacts import FORMATS, INPUTS_KEY
-from tinydeploy.checkpoint import read_metadata
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.export import PARITY_FILE
-from tinydeploy.freeze import load_frozen
-from tinydeploy.gate import gate_file, gate_inputs
-from tinydeploy.manifest import verify_manifest
-from tinydeploy.parity import FormatParity, ParityError, failure_message
-from tinydeploy.providers import choose_providers
+from tinydeploy.export.formats import FORMATS, INPUTS_KEY
+from tinydeploy.export.gate import gate_file, gate_inputs
+from tinydeploy.export.parity import FormatParity, ParityError, failure_message
+from tinydeploy.export.pipeline import PARITY_FILE
+from tinydeploy.model.freeze import load_frozen
+from tinydeploy.model.serialization import read_metadata
+from tinydeploy.serving.manifest import verify_manifest
+from tinydeploy.serving.providers import choose_providers
 
 
 @dataclass

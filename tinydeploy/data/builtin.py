@@ -1,0 +1,74 @@
+"""Built-in datasets available offline: sklearn's digits, MNIST-1D, moons, spirals and sine."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import numpy as np
+
+from tinydeploy.data.arrays import RawSplit, split_pool
+
+#: Seed of the synthetic generators: their points never change, ``split_seed`` only moves the split.
+GENERATOR_SEED = 0
+
+
+def _digits(split_seed: int) -> RawSplit:
+    """sklearn's 8x8 digits: 1797 images, stratified 1437 train / 360 test."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    classes = tuple(str(c) for c in digits.target_names)
+    return split_pool("digits", digits.data, digits.target, classes, 360, split_seed)
+
+
+def _mnist1d(split_seed: int) -> RawSplit:
+    """MNIST-1D generated locally (4000 train / 1000 test as the generator splits it)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:  # make_dataset reseeds the global RNGs: restore them so loading has no side effects
+        data = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    classes = tuple(str(c) for c in range(10))
+    return RawSplit("mnist1d", "classification", data["x"], data["y"], data["x_test"], data["y_test"], classes)
+
+
+def _moons(split_seed: int) -> RawSplit:
+    """Two interleaved half-moons with noise 0.2: 1000 train / 500 test."""
+    from sklearn.datasets import make_moons
+
+    X, y = make_moons(n_samples=1500, noise=0.2, random_state=GENERATOR_SEED)
+    return split_pool("moons", X, y, ("0", "1"), 500, split_seed)
+
+
+def _spirals(split_seed: int) -> RawSplit:
+    """Two interleaved 1.5-turn spirals in [-1, 1]^2 with a little noise: 1000 train / 500 test."""
+    rng = np.random.default_rng(GENERATOR_SEED)
+    y = np.repeat([0, 1], 750)
+    radius = np.sqrt(rng.uniform(0.02, 1.0, y.size))
+    angle = 3 * np.pi * radius + np.pi * y
+    X = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    X += rng.normal(0.0, 0.02, X.shape)
+    return split_pool("spirals", X, y, ("0", "1"), 500, split_seed)
+
+
+def _sine(split_seed: int) -> RawSplit:
+    """TINY paper App. A.4 regression y = 2 sin(x) + x on [0, 2 pi], noise 0.05: 1000 / 250."""
+    rng = np.random.default_rng(GENERATOR_SEED)
+    x = rng.uniform(0.0, 2 * np.pi, (1250, 1))
+    y = 2 * np.sin(x) + x + rng.normal(0.0, 0.05, x.shape)
+    return split_pool("sine", x, y, (), 250, split_seed)
+
+
+LOCAL_LOADERS: dict[str, Callable[[int], RawSplit]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "moons": _moons,
+    "spirals": _spirals,
+    "sine": _sine,
+}
+
+

@@ -1,0 +1,49 @@
+"""Torch-free edge entry point: ``python -m tinydeploy.serving.edge DIR [options]``.
+
+``tinydeploy serve`` goes through the full CLI, whose other commands (grow, export) import torch at
+import time. This entry point imports only the standard library, numpy, onnxruntime, FastAPI and
+uvicorn (via ``tinydeploy.serving.server``), so it runs on an image with ``requirements-edge.txt`` and no
+torch. Options are the same as ``tinydeploy serve``. Errors are one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinydeploy.errors import TinyDeployError
+from tinydeploy.serving.providers import PROVIDER_CHOICES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinydeploy.serving.edge",
+        description="Serve a tinydeploy export directory over HTTP with onnxruntime (no torch needed).",
+    )
+    parser.add_argument("export_dir", help="export directory written by 'tinydeploy export --onnx' (or a .onnx file)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch per request (default 1024)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tinydeploy.serving.server import serve
+
+    try:
+        serve(args.export_dir, host=args.host, port=args.port, provider=args.provider, workers=args.workers,
+              max_batch=args.max_batch, log_level=args.log_level)
+    except TinyDeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage 4, training: the trainer, devices, the grow job and its run directory."""
