@@ -1,29 +1,100 @@
-"""The shared Typer application object and the error boundary of every command."""
+"""The shared Typer application object, its lazily loaded commands, and the error boundary of every command.
+
+Start-up stays short because nothing heavy is imported before it is needed: ``tinydeploy --help``
+lists the commands from ``COMMANDS`` without importing any of their modules, and running a command
+imports only the module that defines it. Command modules import torch, onnxruntime and the like
+inside the command functions, so ``serve``, ``predict``, ``verify --hashes-only`` and ``report`` of an
+export directory never import torch.
+"""
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib
 import sys
 from typing import Any, Callable, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from tinydeploy.errors import TinyDeployError
+from tinydeploy.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, TinyDeployError, exit_code
+
+__all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "app", "fail", "reports_errors"]
+
+#: Command name -> (module that registers it, the first line of its docstring for ``tinydeploy --help``).
+#: ``tests/test_cli_startup.py`` checks that this table matches the commands the modules register.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "grow": ("cli.grow", "Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."),
+    "export": ("cli.export", "Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."),
+    "verify": ("cli.export", "Check the manifest hashes, reload every safe artifact from the hashed bytes and re-run the parity gate."),
+    "report": ("cli.export", "Print the per-layer width report."),
+    "serve": ("cli.serve", "Serve an exported model over HTTP with onnxruntime (no torch needed)."),
+    "predict": ("cli.serve", "Batch inference on a file of raw inputs, in chunks, with a progress bar on large inputs."),
+    "bench": ("cli.serve", "Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side."),
+}
+
+
+class LazyGroup(TyperGroup):
+    """A command group that imports a command's module only when that command is used."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name in self.commands:
+            return self.commands[name]
+        if name not in COMMANDS:
+            return None
+        module, short_help = COMMANDS[name]
+        if self._listing:  # the group's help needs one line per command, not the command itself
+            return TyperCommand(name, help=short_help, short_help=short_help)
+        importlib.import_module(module)
+        for info in app.registered_commands:
+            if (info.name or typer.main.get_command_name(info.callback.__name__)) == name:
+                command = typer.main.get_command_from_info(
+                    info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode
+                )
+                self.commands[name] = command
+                return command
+        return None
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name = args[0]
+        command = self.get_command(ctx, name)
+        if command is None and not ctx.resilient_parsing:
+            if name.startswith("-"):
+                self.parse_args(ctx, args)
+            close = difflib.get_close_matches(name, self.list_commands(ctx))
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            ctx.fail(f"No such command {name!r}.{hint}")
+        return (name if command else None), command, args[1:]
+
 
 app = typer.Typer(
     name="tinydeploy",
-    help="Grow compact neural networks with TINY and ship them to edge devices.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-#: Exit code for bad input (unknown option values, missing files, malformed data).
-EXIT_BAD_INPUT = 2
-#: Exit code for a check that ran and failed (parity gate, hash mismatch).
-EXIT_CHECK_FAILED = 1
+@app.callback()
+def _tinydeploy() -> None:
+    """Grow compact neural networks with TINY and ship them to edge devices."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -33,14 +104,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def reports_errors(func: F) -> F:
-    """Turn a ``TinyDeployError`` raised by library code into a one-line error and exit code 2."""
+    """Turn a ``TinyDeployError`` raised by library code into a one-line error: exit 1 for a refused
+    model directory (``IntegrityError``), 2 for other bad input (see ``tinydeploy.errors``)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except TinyDeployError as exc:
-            fail(str(exc))
+            fail(str(exc), exit_code(exc))
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             sys.exit(130)

@@ -1,11 +1,15 @@
-"""`tinydeploy export`, `verify` and `report`: thin commands over tinydeploy.export.pipeline / verify / report."""
+"""`tinydeploy export`, `verify` and `report`: thin commands over tinydeploy.export.pipeline / verify / report.
+
+Importing this module imports no torch: the export pipeline (torch) and the parity gate are imported
+inside the commands, so ``verify --hashes-only`` and ``report`` of an export directory stay torch-free.
+"""
 
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich import box
@@ -13,13 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.app import EXIT_CHECK_FAILED, app, fail, reports_errors
-from tinydeploy.export.formats import OPTIONAL_FORMATS, parse_formats
-from tinydeploy.export.pipeline import export_run
-from tinydeploy.serving.manifest import IntegrityError
-from tinydeploy.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, FormatParity, ParityError
+from tinydeploy.export.artifacts import FORMATS, OPTIONAL_FORMATS, TRUST_HELP, parse_formats
+from tinydeploy.export.parity import DEFAULT_ATOL, DEFAULT_RTOL
 from tinydeploy.serving.providers import PROVIDER_CHOICES
-from tinydeploy.export.width_report import report_table
-from tinydeploy.export.verify import verify_export
+
+if TYPE_CHECKING:
+    from tinydeploy.export.parity import FormatParity
 
 _PROVIDER_HELP = f"onnxruntime execution provider for the parity gate: {', '.join(PROVIDER_CHOICES)}."
 
@@ -44,9 +47,10 @@ def _runtime(result: FormatParity) -> str:
     return _LOADERS.get(result.format, result.format)
 
 
-def _parity_table(results: list[FormatParity], sizes: dict[str, int] | None = None) -> Table:
-    """One row per format: size, runtime, max abs diff, test metric of artifact and frozen model, verdict."""
-    metric = next((r.metric["name"] for r in results if r.metric), "metric")
+def _parity_table(results: list[FormatParity], sizes: dict[str, int] | None = None, hash_only: tuple[str, ...] = ()) -> Table:
+    """One row per format: size, runtime, max abs diff, test metric of artifact and frozen model, verdict;
+    then one row per artifact checked by hash only (not loaded)."""
+    metric = next((r.metric["name"] for r in results if r.metric), "accuracy")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in ("format", "size", "runtime", "max |diff|", metric[:3], "frozen", "parity"):
         table.add_column(column, justify="left" if column in ("format", "runtime") else "right", no_wrap=True)
@@ -55,6 +59,8 @@ def _parity_table(results: list[FormatParity], sizes: dict[str, int] | None = No
         diff = f"{r.max_abs_diff:.1e}" if r.checks else "-"
         verdict = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
         table.add_row(r.format, _size((sizes or {}).get(r.format)), _runtime(r), diff, *values, verdict)
+    for fmt in hash_only:
+        table.add_row(fmt, _size((sizes or {}).get(fmt)), "not loaded", "-", "-", "-", "[yellow]HASH[/yellow]")
     return table
 
 
@@ -93,6 +99,9 @@ def export_command(
     triton: Optional[Path] = typer.Option(None, "--triton", help="Also write a Triton model repository entry under this directory."),
 ) -> None:
     """Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."""
+    from tinydeploy.export.parity import ParityError
+    from tinydeploy.export.pipeline import export_run
+
     console, progress = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     chosen = _formats(onnx, torchscript, pt2, formats)
     if quantize not in (None, "int8"):
@@ -141,21 +150,35 @@ def verify_command(
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: the one the export used)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: the one the export used)."),
     provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
+    hashes_only: bool = typer.Option(False, "--hashes-only", help="Check the manifest hashes only (no artifact is loaded; no torch needed)."),
 ) -> None:
-    """Check the manifest hashes, reload every artifact with its own runtime and re-run the parity gate."""
+    """Check the manifest hashes, reload every safe artifact from the hashed bytes and re-run the parity gate.
+
+    Every file must be listed in manifest.json and match its sha256; symbolic links are refused.
+    safetensors and ONNX are reloaded and gated. model.ts and model.pt2 can run code when loaded, so
+    they are checked by hash only unless --trust-pickle is given.
+    """
+    from tinydeploy.export.parity import ParityError
+    from tinydeploy.export.verify import verify_export
+
     console = Console(soft_wrap=True)
     try:
-        result = verify_export(directory, atol, rtol, provider)
-    except IntegrityError as exc:
-        fail(str(exc), EXIT_CHECK_FAILED)
+        result = verify_export(directory, atol, rtol, provider, trust_pickle=trust_pickle, hashes_only=hashes_only)
     except ParityError as exc:
         console.print(_parity_table(exc.results))
         fail(str(exc), EXIT_CHECK_FAILED)
-    console.print(_parity_table(result.parity, {r.format: (directory / r.file).stat().st_size for r in result.parity}))
+    sizes = result.files
+    console.print(_parity_table(result.parity, sizes, tuple(result.hash_only)))
+    if hashes_only:
+        _line(console, f"Verified {directory}: manifest hashes match ({len(sizes)} artifacts, none loaded)")
+        return
+    not_loaded = [FORMATS[fmt] for fmt in result.hash_only]
     _line(
         console,
         f"Verified {directory}: manifest hashes match, {len(result.parity)} artifacts within "
-        f"atol {result.atol:g} + rtol {result.rtol:g} x |frozen|",
+        f"atol {result.atol:g} + rtol {result.rtol:g} x |frozen|"
+        + (f"; {', '.join(not_loaded)} checked by hash only (pass --trust-pickle to load them)" if not_loaded else ""),
     )
 
 
@@ -165,5 +188,7 @@ def report_command(
     directory: Path = typer.Argument(..., help="Export directory or run directory."),
 ) -> None:
     """Print the per-layer width report."""
+    from tinydeploy.export.width_report import report_table
+
     typer.echo(report_table(directory))
 

@@ -1,10 +1,7 @@
-"""Entry point: importing the command modules registers their commands on ``app``."""
+"""Entry point of ``tinydeploy``: the commands are registered lazily (see ``cli.app.COMMANDS``)."""
 
 from __future__ import annotations
 
-from cli import grow  # noqa: F401  (registers `grow`)
-from cli import export  # noqa: F401  (registers `export`, `verify`, `report`)
-from cli import serve  # noqa: F401
 from cli.app import app
 
 

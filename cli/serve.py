@@ -1,7 +1,8 @@
 """`tinydeploy serve`, `predict` and `bench`: thin commands over tinydeploy.serving.server / runtime / bench.
 
-Importing this module imports no torch: serve and predict run on onnxruntime only; bench imports
-torch lazily inside the command to measure the PyTorch engines when torch is installed.
+Importing this module imports no torch (nor onnxruntime): serve and predict run on onnxruntime only
+and import it when they run; bench imports torch inside the command to measure the PyTorch engines
+when torch is installed.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import typer
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.export.artifacts import TRUST_HELP
+from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S
 from tinydeploy.serving.providers import PROVIDER_CHOICES
 
 _PROVIDER_HELP = f"onnxruntime execution provider: {', '.join(PROVIDER_CHOICES)} (auto = CUDA only where it really loads)."
 #: Inputs with more rows than this get a progress bar.
 _PROGRESS_ROWS = 8192
+_NO_VERIFY_HELP = ("Skip manifest.json: load model.onnx without checking any hash (unsafe: tampered or truncated "
+                   "files go undetected; a loud warning is printed).")
 
 
 @app.command("serve")
@@ -30,11 +35,18 @@ def serve_command(
     provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes (each loads the model; metrics are per worker)."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Largest batch accepted per request (larger gets 413)."),
+    body_timeout: float = typer.Option(DEFAULT_BODY_TIMEOUT_S, "--body-timeout", help="Seconds a client gets to send a request body (slower gets 408)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY_HELP),
 ) -> None:
-    """Serve an exported model over HTTP with onnxruntime (no torch needed)."""
+    """Serve an exported model over HTTP with onnxruntime (no torch needed).
+
+    The directory must hold a manifest.json whose hashes match (written by 'tinydeploy export');
+    requests are bounded before they are parsed (body size and time, JSON depth, numbers, batch).
+    """
     from tinydeploy.serving.server import serve
 
-    serve(export_dir, host=host, port=port, provider=provider, workers=workers, max_batch=max_batch)
+    serve(export_dir, host=host, port=port, provider=provider, workers=workers, max_batch=max_batch,
+          verify=not no_verify, body_timeout_s=body_timeout)
 
 
 @app.command("predict")
@@ -48,6 +60,7 @@ def predict_command(
     key: Optional[str] = typer.Option(None, "--key", help="Array to read from an .npz input (default: the first)."),
     provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Rows per onnxruntime call."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY_HELP),
 ) -> None:
     """Batch inference on a file of raw inputs, in chunks, with a progress bar on large inputs."""
     import sys
@@ -55,18 +68,20 @@ def predict_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tinydeploy.serving.runtime import OnnxModel, csv_lines, read_inputs, write_predictions
+    from tinydeploy.serving.runtime import NO_VERIFY_WARNING, OnnxModel, csv_lines, read_inputs, write_predictions
 
     if chunk_size < 1:
         raise TinyDeployError(f"--chunk-size must be at least 1, got {chunk_size}")
     if output is not None and output.suffix.lower() not in (".npy", ".csv", ".json"):
         raise TinyDeployError(f"--output {output}: unsupported file type '{output.suffix}': use .npy, .csv or .json")
-    model = OnnxModel(export_dir, provider)
+    model = OnnxModel(export_dir, provider, verify=not no_verify)
+    err = Console(stderr=True)
+    if no_verify:
+        err.print(NO_VERIFY_WARNING.format(path=model.model_path), markup=False, highlight=False, style="bold red")
     data = read_inputs(input, key)
     batch = model.validate(data)  # whole file checked before any work: errors name the rows
     n = int(batch.shape[0])
     start = time.perf_counter()
-    err = Console(stderr=True)
     if n > _PROGRESS_ROWS:
         columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=True) as bar:
@@ -97,6 +112,7 @@ def bench_command(
     threads: int = typer.Option(1, "--threads", help="Threads of every engine (onnxruntime intra-op and torch)."),
     provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
 ) -> None:
     """Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side."""
     from rich import box
@@ -111,10 +127,10 @@ def bench_command(
     err = Console(stderr=True)
     document = run_bench(
         directory, sizes, iters=iters, warmup=warmup, threads=threads, provider=provider,
-        progress=lambda message: err.print(f"[dim]{message}...[/dim]"),
+        progress=lambda message: err.print(f"[dim]{message}...[/dim]"), trust_pickle=trust_pickle,
     )
     path = write_bench(document, out or directory / BENCH_FILE)
-    if path.resolve().parent == directory.resolve() and (directory / "manifest.json").is_file():
+    if path.resolve().parent == directory.resolve():
         import shlex
         import sys
 

@@ -114,7 +114,8 @@ def test_predict_bad_files_fail_in_one_line(export_dir: Path, tmp_path: Path, co
 def test_bench_writes_bench_json(export_dir: Path, tmp_path: Path) -> None:
     directory = copy_export(export_dir, tmp_path / "export")
     quantize_int8(directory, latency_iters=5)
-    result = runner.invoke(app, ["bench", str(directory), "--batch-sizes", "1,4", "--iters", "5", "--warmup", "1"])
+    result = runner.invoke(app, ["bench", str(directory), "--batch-sizes", "1,4", "--iters", "5", "--warmup", "1",
+                                 "--trust-pickle"])
     assert result.exit_code == 0, result.output
     document = json.loads((directory / "bench.json").read_text())
     assert {"format", "settings", "machine", "engines", "results", "ratios_p50", "skipped", "agreement"} <= set(document)

@@ -55,7 +55,25 @@ def test_verify_in_a_subprocess_names_a_changed_byte(exported: ExportResult, tmp
 def test_verify_passes_on_an_intact_export(exported: ExportResult) -> None:
     result = invoke("verify", str(exported.out_dir))
     assert result.exit_code == 0, result.output
-    assert f"Verified {exported.out_dir}: manifest hashes match, 4 artifacts within" in result.stdout
+    assert result.stdout.splitlines()[-1] == (
+        f"Verified {exported.out_dir}: manifest hashes match, 2 artifacts within atol 1e-05 + rtol 0.0001 x |frozen|; "
+        "model.ts, model.pt2 checked by hash only (pass --trust-pickle to load them)"
+    )
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:-1]}
+    assert rows["torchscript"][-1] == rows["pt2"][-1] == "HASH" and "not loaded" in " ".join(rows["pt2"])
+    assert rows["onnx"][-1] == rows["safetensors"][-1] == "PASS"
+    trusted = invoke("verify", str(exported.out_dir), "--trust-pickle")
+    assert trusted.exit_code == 0, trusted.output
+    assert f"Verified {exported.out_dir}: manifest hashes match, 4 artifacts within" in trusted.stdout
+    hashes = invoke("verify", str(exported.out_dir), "--hashes-only")
+    assert hashes.exit_code == 0, hashes.output
+    assert hashes.stdout.splitlines()[-1] == f"Verified {exported.out_dir}: manifest hashes match (4 artifacts, none loaded)"
+
+
+def test_verify_of_a_run_directory_is_refused_as_a_failed_check(trained_run: Path) -> None:
+    result = invoke("verify", str(trained_run))
+    assert result.exit_code == EXIT_CHECK_FAILED
+    assert result.stderr == f"error: {trained_run} has no manifest.json: pass a directory written by 'tinydeploy export'\n"
 
 
 @pytest.mark.parametrize(
@@ -119,7 +137,6 @@ def test_report_prints_the_width_table(exported: ExportResult, trained_run: Path
             "unknown provider 'gpu': use one of auto, cpu, cuda",
         ),
         (["verify", "{tmp}/missing"], "export directory {tmp}/missing does not exist: pass the --out directory of 'tinydeploy export'"),
-        (["verify", "{run}"], "{run} has no manifest.json: pass a directory written by 'tinydeploy export'"),
         (["report", "{tmp}"], "{tmp} has no width_report.json and is not a run directory: pass an export directory or a run directory"),
     ],
 )

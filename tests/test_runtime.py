@@ -125,14 +125,17 @@ def test_tampered_artifacts_are_refused_and_named(export_dir: Path, tmp_path: Pa
         OnnxModel(missing, "cpu")
 
 
-def test_a_bare_onnx_file_loads_without_manifest(export_dir: Path, tmp_path: Path, digits) -> None:
+def test_a_bare_onnx_file_needs_its_manifest_or_no_verify(export_dir: Path, tmp_path: Path, digits) -> None:
     bare = tmp_path / "elsewhere" / "model.onnx"
     bare.parent.mkdir()
     bare.write_bytes((export_dir / "model.onnx").read_bytes())
-    model = OnnxModel(bare, "cpu")
+    with pytest.raises(IntegrityError, match=r"has no manifest.json: .* \(or --no-verify"):
+        OnnxModel(bare, "cpu")
+    model = OnnxModel(bare, "cpu", verify=False)
     assert model.manifest is None and model.classes == [str(i) for i in range(10)]
     assert model.spec is not None and model.spec["input_shape"] == [64]
     assert len(model.predict(digits.X_test[:3])) == 3
+    assert len(OnnxModel(export_dir / "model.onnx", "cpu").predict(digits.X_test[:3])) == 3  # listed: verified
 
 
 def test_missing_and_foreign_paths_give_one_line_errors(tmp_path: Path) -> None:
@@ -143,7 +146,7 @@ def test_missing_and_foreign_paths_give_one_line_errors(tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     with pytest.raises(TinyDeployError, match="onnxruntime cannot load"):
-        OnnxModel(junk, "cpu")
+        OnnxModel(junk, "cpu", verify=False)
 
 
 def test_provider_choice(export_dir: Path) -> None:

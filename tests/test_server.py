@@ -107,7 +107,7 @@ def _bad_requests(x_test: np.ndarray) -> list[tuple[str, dict, bytes, int, str]]
         ("missing inputs", JSON, b'{"input": [1]}', 422, '"inputs"'),
         ("extra field", JSON, f'{{"inputs": {row}, "x": 1}}'.encode(), 422, "unknown field"),
         ("wrong width", JSON, b'{"inputs": [[1, 2, 3]]}', 422, "[1, 3]"),
-        ("wrong ndim", JSON, json.dumps({"inputs": [[[0.0] * 64]] * 2}).encode(), 422, "[2, 1, 64]"),
+        ("wrong ndim", JSON, json.dumps({"inputs": [[[0.0] * 64]] * 2}).encode(), 400, "4 levels deep, over the limit of 3"),
         ("ragged", JSON, json.dumps({"inputs": [[0.0] * 64, [0.0] * 63]}).encode(), 422, "ragged"),
         ("strings", JSON, json.dumps({"inputs": ["a"] * 64}).encode(), 422, "strings"),
         ("string inputs", JSON, b'{"inputs": "1,2,3"}', 422, "string"),
@@ -115,10 +115,10 @@ def _bad_requests(x_test: np.ndarray) -> list[tuple[str, dict, bytes, int, str]]
         ("booleans", JSON, json.dumps({"inputs": [True] * 64}).encode(), 422, "booleans"),
         ("NaN literal", JSON, f'{{"inputs": [NaN{", 0" * 63}]}}'.encode(), 422, "NaN"),
         ("Infinity literal", JSON, f'{{"inputs": [[-Infinity{", 0" * 63}]]}}'.encode(), 422, "Infinity"),
-        ("overflowing number", JSON, f'{{"inputs": [1e999{", 0" * 63}]}}'.encode(), 422, "NaN or infinite"),
+        ("overflowing number", JSON, f'{{"inputs": [1e999{", 0" * 63}]}}'.encode(), 422, "outside float32's range"),
         ("empty batch", JSON, b'{"inputs": []}', 422, "empty"),
         ("scalar", JSON, b'{"inputs": 5}', 422, "single number"),
-        ("oversized batch", JSON, json.dumps({"inputs": [[0.0] * 64] * (MAX_BATCH + 1)}).encode(), 413, f"limit of {MAX_BATCH}"),
+        ("oversized batch", JSON, json.dumps({"inputs": [[0.0] * 64] * (MAX_BATCH + 1)}).encode(), 413, f"({MAX_BATCH} rows of 64 values)"),
         ("oversized body", JSON, b'{"inputs": [' + b"0," * 2_000_000 + b"0]}", 413, "bytes"),
     ]
 

@@ -9,6 +9,10 @@ Engines (each only when its file exists and, for the torch ones, when torch is i
 * ``torchscript``      model.ts loaded with ``torch.jit.load``, same call;
 * ``torch-export``     model.pt2 loaded with ``torch.export.load``, same call.
 
+The export directory is untrusted: its manifest is verified and every engine loads the bytes that
+were hashed. TorchScript and torch.export files can run code when loaded, so their engines run only
+with ``trust_pickle=True`` (``--trust-pickle``) and are listed as skipped otherwise.
+
 Fairness rules: every engine runs single-threaded (onnxruntime ``intra_op_num_threads=1`` and
 ``inter_op_num_threads=1``, ``torch.set_num_threads(1)``; ``threads`` changes both) and all engines
 see the same input values. The engines take turns within one process for the whole measurement, so
@@ -36,6 +40,8 @@ import numpy as np
 from tinydeploy import __version__
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.export.artifacts import FORMATS, INPUTS_KEY, INT8_FILE, METADATA_KEYS
+from tinydeploy.serving.manifest import read_verified
 from tinydeploy.serving.runtime import OnnxModel, resolve_model_path
 
 BENCH_FILE = "bench.json"
@@ -45,7 +51,6 @@ DEFAULT_ITERS = 200
 DEFAULT_WARMUP = 20
 #: Consecutive timed calls per engine before the next engine's turn (see the module doc).
 DEFAULT_BLOCK = 10
-INT8_FILE = "model.int8.onnx"
 ENGINE_ORDER = ("onnxruntime", "onnxruntime-int8", "torch-eager", "torchscript", "torch-export")
 BASELINE = "torch-eager"
 
@@ -85,18 +90,19 @@ def _onnx_engine(name: str, directory: Path, file: str, provider: str, threads: 
     )
 
 
-def _torch_engines(directory: Path, threads: int, skipped: dict[str, str]) -> list[Engine]:
-    """Eager, TorchScript and torch.export engines (torch imported lazily, here only)."""
+def _torch_engines(directory: Path, manifest: dict[str, Any], threads: int, skipped: dict[str, str],
+                   trust_pickle: bool) -> list[Engine]:
+    """Eager, TorchScript and torch.export engines (torch imported lazily, here only), each loaded from
+    the bytes that ``read_verified`` hashed; TorchScript and torch.export only when ``trust_pickle``."""
     try:
         import torch
     except ImportError:
         for name in ("torch-eager", "torchscript", "torch-export"):
             skipped[name] = "torch is not installed"
         return []
-    from tinydeploy.export.formats import INPUTS_KEY, METADATA_KEYS
     from tinydeploy.export.torch_formats import load_pt2, load_torchscript
     from tinydeploy.model.freeze import freeze
-    from tinydeploy.model.serialization import load_model, read_metadata
+    from tinydeploy.model.serialization import load_model_bytes, metadata_from_bytes
 
     torch.set_num_threads(threads)
 
@@ -115,25 +121,26 @@ def _torch_engines(directory: Path, threads: int, skipped: dict[str, str]) -> li
 
     base = {"runtime": f"torch {torch.__version__}", "device": "cpu", "threads": threads}
     engines = []
-    weights = directory / "model.safetensors"
-    if weights.is_file():
-        raw = read_metadata(weights).get(INPUTS_KEY, "raw") == "raw"
-        model, spec = load_model(weights)
-        frozen = freeze(model, spec, preprocessing=raw)
-        engines.append(Engine("torch-eager", weights.name, wrap(frozen), to_tensor, to_numpy,
+    files = manifest["files"]
+    weights = FORMATS["safetensors"]
+    if weights in files:
+        data = read_verified(directory, manifest, weights)
+        model, spec = load_model_bytes(data)
+        frozen = freeze(model, spec, preprocessing=metadata_from_bytes(data).get(INPUTS_KEY, "raw") == "raw")
+        engines.append(Engine("torch-eager", weights, wrap(frozen), to_tensor, to_numpy,
                               {**base, "loader": "safetensors + spec, tinydeploy.model.freeze"}))
     else:
-        skipped["torch-eager"] = "model.safetensors is missing"
-    if (directory / "model.ts").is_file():
-        module, _ = load_torchscript(directory / "model.ts", METADATA_KEYS)
-        engines.append(Engine("torchscript", "model.ts", wrap(module), to_tensor, to_numpy, {**base, "loader": "torch.jit.load"}))
-    else:
-        skipped["torchscript"] = "model.ts is missing"
-    if (directory / "model.pt2").is_file():
-        module, _ = load_pt2(directory / "model.pt2", METADATA_KEYS)
-        engines.append(Engine("torch-export", "model.pt2", wrap(module), to_tensor, to_numpy, {**base, "loader": "torch.export.load"}))
-    else:
-        skipped["torch-export"] = "model.pt2 is missing"
+        skipped["torch-eager"] = f"{weights} is missing"
+    for name, fmt, load, loader in (("torchscript", "torchscript", load_torchscript, "torch.jit.load"),
+                                    ("torch-export", "pt2", load_pt2, "torch.export.load")):
+        file = FORMATS[fmt]
+        if file not in files:
+            skipped[name] = f"{file} is missing"
+        elif not trust_pickle:
+            skipped[name] = f"{file} not loaded: {fmt} files can run code when loaded (pass --trust-pickle to measure it)"
+        else:
+            module, _ = load(read_verified(directory, manifest, file), METADATA_KEYS)
+            engines.append(Engine(name, file, wrap(module), to_tensor, to_numpy, {**base, "loader": loader}))
     return engines
 
 
@@ -180,6 +187,7 @@ def run_bench(
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
     progress: Callable[[str], None] | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Measure every available engine on ``export_dir``; return the bench.json document."""
     if iters < 1 or warmup < 0 or threads < 1 or block < 1:
@@ -197,7 +205,7 @@ def run_bench(
     skipped: dict[str, str] = {}
     reference = OnnxModel(directory, provider)
     built: list[Engine] = [_onnx_engine("onnxruntime", directory, "model.onnx", provider, threads)]
-    if (directory / INT8_FILE).is_file():
+    if INT8_FILE in reference.manifest["files"]:
         built.append(_onnx_engine("onnxruntime-int8", directory, INT8_FILE, provider, threads))
     else:
         skipped["onnxruntime-int8"] = f"{INT8_FILE} is missing (run 'tinydeploy export RUN --quantize int8')"
@@ -212,7 +220,7 @@ def run_bench(
         except ImportError:
             pass
         try:
-            built += _torch_engines(directory, threads, skipped)
+            built += _torch_engines(directory, reference.manifest, threads, skipped, trust_pickle)
         except BaseException:
             _restore_threads(previous_threads)
             raise

@@ -1,12 +1,12 @@
-"""The exported formats: file names, embedded metadata, and writing / reloading each with its runtime."""
+"""The exported formats: embedded metadata, and writing / reloading each with its runtime (file names in
+``tinydeploy.export.artifacts``)."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -15,33 +15,21 @@ from torch import nn
 
 from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.export.artifacts import (  # noqa: F401  (re-exported names)
+    CODE_FORMATS,
+    FORMATS,
+    INPUTS_KEY,
+    METADATA_KEYS,
+    OPTIONAL_FORMATS,
+    parse_formats,
+)
 from tinydeploy.export.onnx_format import INPUT_NAME, OUTPUT_NAME, export_onnx_model
 from tinydeploy.export.torch_formats import load_pt2, load_torchscript, save_pt2, save_torchscript
 from tinydeploy.model.freeze import freeze
-from tinydeploy.model.serialization import SPEC_KEY, load_model, read_metadata, save_model
+from tinydeploy.model.serialization import SPEC_KEY, load_model_bytes, metadata_from_bytes, save_model
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.serving.providers import open_session
-
-#: Format name -> file name in an export directory. safetensors is always written.
-FORMATS: dict[str, str] = {
-    "safetensors": "model.safetensors",
-    "onnx": "model.onnx",
-    "torchscript": "model.ts",
-    "pt2": "model.pt2",
-}
-OPTIONAL_FORMATS = ("onnx", "torchscript", "pt2")
-
-#: Metadata key saying whether the artifact expects raw features ("raw") or standardised ones.
-INPUTS_KEY = "tinydeploy.inputs"
-METADATA_KEYS = [
-    SPEC_KEY,
-    "tinydeploy.spec_sha256",
-    "tinydeploy.version",
-    "tinydeploy.task",
-    "tinydeploy.classes",
-    "tinydeploy.preprocessing",
-    INPUTS_KEY,
-]
+from tinydeploy.serving.runtime import check_self_contained
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -53,17 +41,6 @@ class Loaded:
     predict: Predict
     runtime: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def parse_formats(names: Iterable[str]) -> tuple[str, ...]:
-    """Validated optional format names in canonical order (safetensors is accepted and implied)."""
-    names = [n.strip().lower() for n in names if n.strip()]
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown:
-        raise TinyDeployError(
-            f"unknown format '{unknown[0]}': use one of {', '.join(OPTIONAL_FORMATS)} (safetensors is always written)"
-        )
-    return tuple(f for f in OPTIONAL_FORMATS if f in names)
 
 
 def artifact_metadata(spec: ArchSpec, preprocessing_included: bool) -> dict[str, str]:
@@ -109,17 +86,24 @@ def _torch_predictor(module: nn.Module) -> Predict:
     return predict
 
 
-def load_artifact(fmt: str, path: str | os.PathLike[str], provider: str = "cpu") -> Loaded:
-    """Reload ``path`` with the runtime of ``fmt`` (onnxruntime, torch.jit, torch.export, safetensors)."""
-    path = Path(path)
+def load_artifact(fmt: str, data: bytes, provider: str = "cpu", *, trusted: bool = False) -> Loaded:
+    """Load artifact bytes ``data`` (read and hashed by the caller) with the runtime of ``fmt``.
+
+    TorchScript and torch.export can run code hidden in the file: they are refused unless ``trusted``
+    (a file this process wrote, or ``--trust-pickle``). ONNX must be self-contained (no external data).
+    """
+    name = FORMATS.get(fmt, fmt)
+    if fmt in CODE_FORMATS and not trusted:
+        raise TinyDeployError(f"{name} is not loaded: {fmt} files can run code when loaded; pass --trust-pickle to load it")
     torch_runtime = {"runtime": f"torch {torch.__version__}", "device": "cpu"}
     if fmt == "safetensors":
-        metadata = read_metadata(path)
-        model, spec = load_model(path)
+        metadata = metadata_from_bytes(data, name)
+        model, spec = load_model_bytes(data, name)
         frozen = freeze(model, spec, preprocessing=metadata.get(INPUTS_KEY, "raw") == "raw")
         return Loaded(_torch_predictor(frozen), {**torch_runtime, "loader": "safetensors + spec"}, metadata)
     if fmt == "onnx":
-        session = open_session(path, provider)
+        check_self_contained(data, name)
+        session = open_session(data, provider)
         metadata = dict(session.get_modelmeta().custom_metadata_map)
 
         def predict(x: np.ndarray) -> np.ndarray:
@@ -128,9 +112,9 @@ def load_artifact(fmt: str, path: str | os.PathLike[str], provider: str = "cpu")
         runtime = {"runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers()}
         return Loaded(predict, runtime, metadata)
     if fmt == "torchscript":
-        module, metadata = load_torchscript(path, METADATA_KEYS)
+        module, metadata = load_torchscript(data, METADATA_KEYS)
         return Loaded(_torch_predictor(module), {**torch_runtime, "loader": "torch.jit.load"}, metadata)
     if fmt == "pt2":
-        module, metadata = load_pt2(path, METADATA_KEYS)
+        module, metadata = load_pt2(data, METADATA_KEYS)
         return Loaded(_torch_predictor(module), {**torch_runtime, "loader": "torch.export.load"}, metadata)
     raise TinyDeployError(f"unknown format '{fmt}': use one of {', '.join(FORMATS)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,20 +64,23 @@ def gate_inputs(
 
 def gate_file(
     fmt: str,
-    path: str | os.PathLike[str],
+    data: bytes,
     spec: ArchSpec,
-    data: GateInputs,
+    gate: GateInputs,
     atol: float,
     rtol: float,
     provider: str = "cpu",
+    *,
+    trusted: bool = False,
 ) -> FormatParity:
-    """Reload ``path`` as ``fmt`` and run the gate; a file that fails to load or run fails the gate."""
+    """Load artifact bytes ``data`` as ``fmt`` and run the gate; a file that fails to load or run fails
+    the gate. ``trusted`` allows the formats whose loaders can run code (see ``load_artifact``)."""
     try:
-        loaded = load_artifact(fmt, path, provider)
+        loaded = load_artifact(fmt, data, provider, trusted=trusted)
         spec_matches = loaded.metadata.get(SPEC_KEY) == spec.to_json()
         return run_gate(
-            fmt, FORMATS[fmt], loaded.predict, loaded.runtime, data.inputs, data.reference,
-            data.y_test, data.task, atol, rtol, spec_matches,
+            fmt, FORMATS[fmt], loaded.predict, loaded.runtime, gate.inputs, gate.reference,
+            gate.y_test, gate.task, atol, rtol, spec_matches,
         )
     except Exception as exc:  # any failure to load or run an artifact is a failed gate, reported by name
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]

@@ -1,15 +1,19 @@
 """Freeze a run, export it, gate every artifact on parity, then publish the export directory.
 
-Every file is first written into a hidden staging directory inside the output directory. Only when
-every artifact has passed the parity gate and the width report agrees with the exported weights
-are the files renamed to their final names (same filesystem, so each rename is atomic), followed by
-manifest.json. A failure publishes nothing.
+The whole export directory, manifest.json last, is built in a hidden staging directory beside the
+target (``.tinydeploy-staging-<name>-<pid>-<token>``, same filesystem). Only when every artifact has
+passed the parity gate and the width report agrees with the exported weights is it swapped in with
+``tinydeploy.atomic.replace_directory``: an atomic exchange with the old directory, which is then
+deleted. A reader therefore sees the whole old or the whole new export at every instant, and a
+failure or a kill at any point publishes nothing; staging directories of dead exports are removed by
+the next export to the same target.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +21,9 @@ from typing import Any, Callable, Iterable
 
 from safetensors import safe_open
 
-from tinydeploy.atomic import write_json
-from tinydeploy.errors import TinyDeployError
+from tinydeploy.atomic import replace_directory, write_json
+from tinydeploy.errors import IntegrityError, TinyDeployError
+from tinydeploy.export.artifacts import PARITY_FILE
 from tinydeploy.export.formats import FORMATS, artifact_metadata, parse_formats, write_artifact
 from tinydeploy.export.gate import gate_file, gate_inputs
 from tinydeploy.export.onnx_format import check_opset, initializer_shapes
@@ -32,11 +37,10 @@ from tinydeploy.export.parity import (
 )
 from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
 from tinydeploy.model.freeze import freeze
-from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, write_manifest
+from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, directory_entries, read_manifest, write_manifest
 from tinydeploy.serving.providers import choose_providers
 from tinydeploy.training.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
 
-PARITY_FILE = "parity.json"
 ARTIFACTS_DIR = "artifacts"
 
 Progress = Callable[[str], None]
@@ -56,47 +60,84 @@ class ExportResult:
 
 
 def check_output_dir(out_dir: Path, run_dir: Path) -> None:
-    """Fail up front, in one line, if ``out_dir`` cannot hold an export."""
+    """Fail up front, in one line, if ``out_dir`` cannot hold an export (nothing is touched)."""
     if out_dir.resolve() == run_dir.resolve():
         raise TinyDeployError(f"--out {out_dir} is the run directory itself: choose another directory")
+    if out_dir.is_symlink():
+        raise TinyDeployError(f"--out {out_dir} is a symbolic link: pass the directory it points to")
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyDeployError(f"cannot write to {out_dir}: it is a file, not a directory")
-    existing = out_dir
+    existing = out_dir.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise TinyDeployError(f"cannot create output directory {out_dir}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TinyDeployError(f"cannot write to output directory {out_dir}: {existing} is not writable")
-    if out_dir.is_dir() and not (out_dir / MANIFEST_FILE).is_file():
-        if any(not p.name.startswith(STAGING_PREFIX) for p in out_dir.iterdir()):
+    if not out_dir.is_dir():
+        return
+    files, odd = directory_entries(out_dir)
+    if not (out_dir / MANIFEST_FILE).is_file():
+        if files or odd:
             raise TinyDeployError(
                 f"{out_dir} is not empty and not a tinydeploy export directory: choose a new or empty --out"
             )
+        return
+    try:
+        listed = read_manifest(out_dir)["files"]
+    except IntegrityError as exc:
+        raise TinyDeployError(f"{out_dir} holds a damaged export ({exc}): remove it or choose another --out") from None
+    foreign = [name for name in [*files, *odd] if name not in listed]
+    if foreign:
+        raise TinyDeployError(
+            f"{out_dir} holds {', '.join(foreign[:5])}, which no export wrote; an export replaces the whole "
+            "directory: move them out or choose another --out"
+        )
 
 
-def _previous_files(out_dir: Path) -> list[str]:
-    """Files listed by an earlier export's manifest in ``out_dir`` (replaced or removed on publish)."""
-    if not (out_dir / MANIFEST_FILE).is_file():
-        return []
-    return list(read_manifest(out_dir)["files"])
+def staging_name(out_dir: Path) -> str:
+    """The prefix of the staging directories of exports to ``out_dir`` (they live beside it)."""
+    return f"{STAGING_PREFIX}{out_dir.name}-"
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Delete staging directories beside ``out_dir`` left by exports whose process is gone."""
+    removed = []
+    prefix = staging_name(out_dir)
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_staging(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f"{staging_name(out_dir)}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o777)  # the usual mode under the umask: the published directory keeps it
+    return staging
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Name -> shape of every tensor in a safetensors file."""
     with safe_open(str(path), framework="numpy") as handle:
         return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
-
-
-def _publish(stage: Path, out_dir: Path, stale: list[str]) -> None:
-    """Move every staged file to its final name and drop files of an earlier export not written now."""
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    staged = {p.name for p in stage.iterdir()}
-    for name in stale:
-        if name not in staged:
-            (out_dir / name).unlink(missing_ok=True)
-    for name in sorted(staged):
-        os.replace(stage / name, out_dir / name)
 
 
 def _stage(
@@ -124,7 +165,8 @@ def _stage(
         path = stage / FORMATS[fmt]
         write_artifact(fmt, path, run.model, frozen, run.spec, metadata, opset)
         say(f"checking {fmt} parity")
-        results.append(gate_file(fmt, path, run.spec, data, atol, rtol, provider))
+        # this process wrote the file a moment ago: loading it (TorchScript and torch.export too) is trusted
+        results.append(gate_file(fmt, path.read_bytes(), run.spec, data, atol, rtol, provider, trusted=True))
     if not all(r.passed for r in results):
         raise ParityError(f"{failure_message(results, atol, rtol)}; nothing was published", results)
     if "onnx" in chosen:
@@ -166,19 +208,15 @@ def export_run(
     if "data_source" not in run.metrics:
         raise TinyDeployError(f"{run.path / METRICS_FILE} has no 'data_source': re-run 'tinydeploy grow'")
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stale = _previous_files(out)
+    remove_stale_staging(out)
+    staging = _make_staging(out)
     try:
-        with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=out) as staging:
-            results, report = _stage(
-                Path(staging), run, chosen, opset, preprocessing, atol, rtol, provider, progress or (lambda _: None)
-            )
-            _publish(Path(staging), out, stale)
+        results, report = _stage(staging, run, chosen, opset, preprocessing, atol, rtol, provider, progress or (lambda _: None))
+        write_manifest(staging, command, str(run.path.resolve()))
+        replace_directory(staging, out, staging.with_name(staging.name + "-old"))
     finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-    write_manifest(out, command, str(run.path.resolve()))
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     files = {fmt: out / FORMATS[fmt] for fmt in chosen}
     sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
     return ExportResult(out, files, results, report, opset, time.perf_counter() - start, sizes)

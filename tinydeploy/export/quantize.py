@@ -33,11 +33,10 @@ import numpy as np
 
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.export.artifacts import INT8_FILE, PARITY_FILE
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
 from tinydeploy.serving.runtime import MODEL_FILE, OnnxModel, resolve_model_path
 
-INT8_FILE = "model.int8.onnx"
-PARITY_FILE = "parity.json"
 METHODS = ("dynamic", "static")
 DEFAULT_TOLERANCE_PP = 1.0
 DEFAULT_MSE_TOLERANCE = 0.05

@@ -1,5 +1,9 @@
 """TorchScript (``model.ts``) and torch.export (``model.pt2``) files with the metadata embedded.
 
+Loading either format can run code hidden in the file (see ``tinydeploy.export.artifacts``), so the
+loaders here take bytes the caller has already hashed and are only called for files this process
+just wrote or for a directory the user trusts explicitly (``--trust-pickle``).
+
 ``torch.jit`` warns on every call that it is deprecated in favour of ``torch.export``; TorchScript is
 still a requested format, so exactly that ``FutureWarning`` is silenced around the calls made here.
 """
@@ -7,6 +11,7 @@ still a requested format, so exactly that ``FutureWarning`` is silenced around t
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from typing import Iterator
@@ -26,6 +31,10 @@ def _jit_deprecation_silenced() -> Iterator[None]:
         yield
 
 
+def _decoded(extra: dict[str, str | bytes]) -> dict[str, str]:
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in extra.items()}
+
+
 def save_torchscript(frozen: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
     """Script ``frozen`` (batch size stays dynamic) and save it with ``metadata`` as extra files."""
     with _jit_deprecation_silenced():
@@ -33,12 +42,13 @@ def save_torchscript(frozen: nn.Module, path: str | os.PathLike[str], metadata: 
         torch.jit.save(scripted, str(path), _extra_files=metadata)
 
 
-def load_torchscript(path: str | os.PathLike[str], keys: list[str]) -> tuple[nn.Module, dict[str, str]]:
-    """The scripted module and the extra files named ``keys`` (missing ones come back empty)."""
-    extra = {key: "" for key in keys}
+def load_torchscript(data: bytes, keys: list[str]) -> tuple[nn.Module, dict[str, str]]:
+    """The scripted module in ``data`` and the extra files named ``keys`` (missing ones come back empty).
+    Runs TorchScript code of the file: trusted bytes only."""
+    extra: dict[str, str | bytes] = {key: "" for key in keys}
     with _jit_deprecation_silenced():
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in extra.items()}
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+    return module.eval(), _decoded(extra)
 
 
 def save_pt2(frozen: nn.Module, spec: ArchSpec, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
@@ -48,8 +58,9 @@ def save_pt2(frozen: nn.Module, spec: ArchSpec, path: str | os.PathLike[str], me
     torch.export.save(program, str(path), extra_files=metadata)
 
 
-def load_pt2(path: str | os.PathLike[str], keys: list[str]) -> tuple[nn.Module, dict[str, str]]:
-    """The exported program as a callable module and the extra files named ``keys``."""
-    extra = {key: "" for key in keys}
-    program = torch.export.load(str(path), extra_files=extra)
-    return program.module(), {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in extra.items()}
+def load_pt2(data: bytes, keys: list[str]) -> tuple[nn.Module, dict[str, str]]:
+    """The exported program in ``data`` as a callable module and the extra files named ``keys``.
+    Unpickles parts of the file: trusted bytes only."""
+    extra: dict[str, str | bytes] = {key: "" for key in keys}
+    program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    return program.module(), _decoded(extra)

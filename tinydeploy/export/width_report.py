@@ -17,7 +17,7 @@ from typing import Any
 from tinydeploy.atomic import write_json, write_text
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.model.spec import ArchSpec
-from tinydeploy.training.rundir import METRICS_FILE, MODEL_FILE, read_run
+from tinydeploy.serving.manifest import read_file
 
 REPORT_JSON = "width_report.json"
 REPORT_MD = "width_report.md"
@@ -276,8 +276,13 @@ def report_table(directory: str | os.PathLike[str]) -> str:
     """The width report of an export directory (its width_report.json) or of a run directory, as text."""
     directory = Path(directory)
     if (directory / REPORT_JSON).is_file():
-        report = json.loads((directory / REPORT_JSON).read_text(encoding="utf-8"))
-    elif (directory / METRICS_FILE).is_file() and (directory / MODEL_FILE).is_file():
+        try:  # untrusted like the rest of the directory: no links followed, anything malformed is one line
+            return render_text(json.loads(read_file(directory, REPORT_JSON, 1 << 26).decode("utf-8")))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
+            raise TinyDeployError(f"{directory / REPORT_JSON} is malformed: re-run 'tinydeploy export'") from None
+    elif (directory / "metrics.json").is_file() and (directory / "model.safetensors").is_file():
+        from tinydeploy.training.rundir import read_run  # torch: only for a run directory
+
         run = read_run(directory)
         report = build_width_report(run.spec, run.growth_log, run.metrics)
     elif not directory.is_dir():

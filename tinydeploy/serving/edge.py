@@ -1,9 +1,9 @@
 """Torch-free edge entry point: ``python -m tinydeploy.serving.edge DIR [options]``.
 
-``tinydeploy serve`` goes through the full CLI, whose other commands (grow, export) import torch at
-import time. This entry point imports only the standard library, numpy, onnxruntime, FastAPI and
-uvicorn (via ``tinydeploy.serving.server``), so it runs on an image with ``requirements-edge.txt`` and no
-torch. Options are the same as ``tinydeploy serve``. Errors are one line on stderr, exit code 2.
+It imports only the standard library, numpy, onnxruntime and uvicorn (via
+``tinydeploy.serving.server``), so it runs on an image with ``requirements-edge.txt`` and no torch.
+Options are the same as ``tinydeploy serve``. Errors are one line on stderr; the exit code is 1 for a
+refused model directory (integrity) and 2 for other bad input, as in the CLI.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinydeploy.errors import TinyDeployError
+from tinydeploy.errors import TinyDeployError, exit_code
+from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S
 from tinydeploy.serving.providers import PROVIDER_CHOICES
 
 
@@ -26,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch per request (default 1024)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help=f"seconds a client gets to send a request body (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="serve without checking manifest.json (unsafe: tampered files go undetected)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -36,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(args.export_dir, host=args.host, port=args.port, provider=args.provider, workers=args.workers,
-              max_batch=args.max_batch, log_level=args.log_level)
+              max_batch=args.max_batch, log_level=args.log_level, verify=not args.no_verify,
+              body_timeout_s=args.body_timeout)
     except TinyDeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -3,16 +3,19 @@
 onnxruntime-gpu lists ``TensorrtExecutionProvider`` and ``CUDAExecutionProvider`` as available even
 on machines where their libraries cannot load, so passing every available provider fails or silently
 falls back. CUDA is therefore only used when a probe session really reports it as running.
+onnxruntime is imported on first use, so that reading ``PROVIDER_CHOICES`` (the CLI's help) is free.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from tinydeploy.errors import TinyDeployError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
@@ -28,6 +31,8 @@ _PROBE_MODEL = (
 
 def quiet_session_options() -> ort.SessionOptions:
     """Session options that log errors only (no provider-fallback warnings on stderr)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return options
@@ -36,6 +41,8 @@ def quiet_session_options() -> ort.SessionOptions:
 @functools.lru_cache(maxsize=None)
 def cuda_usable() -> bool:
     """Whether a session asked for CUDA really runs on ``CUDAExecutionProvider``."""
+    import onnxruntime as ort
+
     if CUDA not in ort.get_available_providers():
         return False
     options = quiet_session_options()
@@ -57,6 +64,8 @@ def choose_providers(requested: str) -> list[str]:
         return [CUDA, CPU]
     if requested == "auto":
         return [CPU]
+    import onnxruntime as ort
+
     raise TinyDeployError(
         f"provider 'cuda' requested but onnxruntime {ort.__version__} cannot run CUDAExecutionProvider here "
         f"(available: {', '.join(ort.get_available_providers())}): install onnxruntime-gpu matching the "
@@ -66,5 +75,7 @@ def choose_providers(requested: str) -> list[str]:
 
 def open_session(model: str | Path | bytes, requested: str = "cpu") -> ort.InferenceSession:
     """An ``InferenceSession`` on the providers ``choose_providers(requested)`` picks."""
+    import onnxruntime as ort
+
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=quiet_session_options(), providers=choose_providers(requested))

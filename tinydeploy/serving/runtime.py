@@ -5,9 +5,12 @@ This module imports only numpy, onnxruntime, the standard library and torch-free
 
 An :class:`OnnxModel` is opened from an export directory (or a bare ``model.onnx`` path):
 
-* when a ``manifest.json`` is present every file it lists is checked against its sha256, and the
-  model bytes actually handed to onnxruntime are hashed again, so a tampered file is refused and
-  named;
+* the directory's ``manifest.json`` is required (``verify=False`` skips it, for ``--no-verify``):
+  every file it lists is checked against its sha256, and the model bytes actually handed to
+  onnxruntime come from ``read_verified``, which hashes exactly those bytes, so a tampered,
+  unlisted or swapped file is refused and named;
+* files are opened without following symbolic links, and a model that keeps tensors in external
+  files is refused (onnxruntime would read them from outside the checked directory);
 * execution providers are chosen deliberately (``auto`` | ``cpu`` | ``cuda``, see
   ``tinydeploy.serving.providers``) and the session's real providers are checked after it is created;
 * inputs are validated against the model's declared input (shape, numeric dtype, finite values,
@@ -19,7 +22,6 @@ An :class:`OnnxModel` is opened from an export directory (or a bare ``model.onnx
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,8 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from tinydeploy.errors import TinyDeployError
-from tinydeploy.serving.manifest import MANIFEST_FILE, IntegrityError, verify_manifest
+from tinydeploy.errors import IntegrityError, TinyDeployError
+from tinydeploy.serving.manifest import read_file, read_verified, sha256_bytes, verify_manifest
+from tinydeploy.serving.onnx_scan import MalformedModel, external_tensors
 from tinydeploy.serving.providers import CUDA, choose_providers, quiet_session_options
 
 MODEL_FILE = "model.onnx"
@@ -40,6 +43,11 @@ SPEC_KEY = "tinydeploy.spec"
 CLASSES_KEY = "tinydeploy.classes"
 TASK_KEY = "tinydeploy.task"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Printed by ``serve`` and ``predict`` when the manifest check is skipped.
+NO_VERIFY_WARNING = (
+    "WARNING: --no-verify: {path} is loaded WITHOUT checking manifest.json; tampered or truncated files "
+    "will not be detected. Use it only for a directory you wrote yourself."
+)
 
 
 class InputError(TinyDeployError):
@@ -85,10 +93,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def resolve_model_path(path: str | os.PathLike[str], model_file: str = MODEL_FILE) -> tuple[Path, Path]:
     """(export directory, model file) for an export directory or a bare ``.onnx`` path."""
     path = Path(path)
@@ -107,16 +111,28 @@ def resolve_model_path(path: str | os.PathLike[str], model_file: str = MODEL_FIL
     raise TinyDeployError(f"{path} does not exist: pass an export directory or a model.onnx path")
 
 
-def verify_export_dir(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Check every file listed in ``directory``'s manifest.json; return the manifest (None if absent).
+def check_self_contained(data: bytes, where: str | os.PathLike[str]) -> None:
+    """Refuse an ONNX model that keeps any tensor in an external file (see ``onnx_scan``)."""
+    try:
+        external = external_tensors(data)
+    except MalformedModel as exc:
+        raise TinyDeployError(f"onnxruntime cannot load {where}: it is not a valid ONNX file ({exc})") from None
+    if external:
+        name, location = external[0]
+        raise IntegrityError(
+            f"{where} keeps tensor {name!r} in the external file {location!r}"
+            f"{f' (and {len(external) - 1} more)' if len(external) > 1 else ''}: tinydeploy loads only self-contained "
+            "ONNX files, since external data is read from outside the checked directory; re-export the model"
+        )
 
-    The rule is ``tinydeploy.serving.manifest.verify_manifest``'s (size and sha256 of every listed file);
-    it raises ``IntegrityError`` naming each tampered, truncated or missing file.
-    """
-    directory = Path(directory)
-    if not (directory / MANIFEST_FILE).is_file():
-        return None
-    return verify_manifest(directory)
+
+def load_model_bytes(directory: Path, name: str, verify: bool) -> tuple[bytes, dict[str, Any] | None]:
+    """(the bytes of ``directory/name``, the verified manifest or None): links never followed, the
+    manifest required and the returned bytes hashed unless ``verify`` is False."""
+    if not verify:
+        return read_file(directory, name), None
+    manifest = verify_manifest(directory, hint=" (or pass --no-verify to skip the integrity check, at your own risk)")
+    return read_verified(directory, manifest, name), manifest
 
 
 def _dim(value: Any) -> int | None:
@@ -137,19 +153,10 @@ class OnnxModel:
         inter_op_num_threads: int | None = None,
     ) -> None:
         self.directory, self.model_path = resolve_model_path(path, model_file)
-        self.manifest = verify_export_dir(self.directory) if verify else None
-        data = self.model_path.read_bytes()
+        data, self.manifest = load_model_bytes(self.directory, self.model_path.name, verify)
+        check_self_contained(data, self.model_path)
         self.sha256 = sha256_bytes(data)
         self.size_bytes = len(data)
-        if self.manifest is not None:
-            entry = self.manifest["files"].get(self.model_path.name)
-            if entry is not None and entry.get("sha256") != self.sha256:
-                # Hash the exact bytes given to onnxruntime: a file swapped after the manifest check
-                # is refused as well.
-                raise IntegrityError(
-                    f"{self.model_path} does not match the sha256 in {self.directory / MANIFEST_FILE}: "
-                    "the file was modified after export; re-export the run"
-                )
         self.requested_provider = provider
         providers = choose_providers(provider)
         options = quiet_session_options()
@@ -199,18 +206,32 @@ class OnnxModel:
         self.n_outputs: int | None = _dim(out_shape[-1]) if len(out_shape) >= 2 else None
 
     def _read_metadata(self) -> None:
-        props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        """Task, classes, spec and widths from the model's metadata (or the verified arch.json).
+
+        The metadata is as untrusted as the file: anything malformed is a one-line error at start-up,
+        never an exception on a later request."""
+        try:
+            self._interpret_metadata(dict(self.session.get_modelmeta().custom_metadata_map or {}))
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:
+            if isinstance(exc, TinyDeployError):
+                raise
+            raise TinyDeployError(
+                f"{self.model_path}: its tinydeploy metadata is malformed ({type(exc).__name__}: "
+                f"{_first_line(exc)[:120]}): re-export the run"
+            ) from None
+
+    def _interpret_metadata(self, props: dict[str, str]) -> None:
         self.metadata_props = props
-        spec: dict[str, Any] | None = None
+        spec: Any = None
         if SPEC_KEY in props:
             try:
                 spec = json.loads(props[SPEC_KEY])
             except json.JSONDecodeError as exc:
-                raise TinyDeployError(f"{self.model_path}: metadata '{SPEC_KEY}' is not JSON ({exc})") from exc
-        elif (self.directory / ARCH_FILE).is_file():
+                raise TinyDeployError(f"{self.model_path}: metadata '{SPEC_KEY}' is not JSON ({exc})") from None
+        elif self.manifest is not None and ARCH_FILE in self.manifest["files"]:
             try:
-                spec = json.loads((self.directory / ARCH_FILE).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
+                spec = json.loads(read_verified(self.directory, self.manifest, ARCH_FILE).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 spec = None
         self.spec: dict[str, Any] | None = spec if isinstance(spec, dict) else None
         task = props.get(TASK_KEY) or (self.spec or {}).get("task")
@@ -219,7 +240,7 @@ class OnnxModel:
             try:
                 classes = [str(c) for c in json.loads(props[CLASSES_KEY])]
             except (json.JSONDecodeError, TypeError) as exc:
-                raise TinyDeployError(f"{self.model_path}: metadata '{CLASSES_KEY}' is not a JSON list ({exc})") from exc
+                raise TinyDeployError(f"{self.model_path}: metadata '{CLASSES_KEY}' is not a JSON list ({exc})") from None
         elif self.spec:
             classes = [str(c) for c in self.spec.get("classes", [])]
         if task is None:
@@ -231,6 +252,10 @@ class OnnxModel:
         if self.task == "classification" and not classes and self.n_outputs:
             classes = [str(i) for i in range(self.n_outputs)]
         self.classes: list[str] = classes
+        layers = [layer for layer in (self.spec or {}).get("layers", []) if layer.get("kind") == "linear"]
+        #: Output widths of every linear layer, and of the growable hidden ones, according to the spec.
+        self.layer_widths: list[int] = [int(layer["out_features"]) for layer in layers]
+        self.hidden_widths: list[int] = [int(layer["out_features"]) for layer in layers if layer.get("growable")]
         if self.spec and "input_shape" in self.spec:
             declared = tuple(int(s) for s in self.spec["input_shape"])
             if math.prod(declared) != self.n_features:
@@ -242,18 +267,6 @@ class OnnxModel:
     @property
     def n_features(self) -> int:
         return math.prod(self.input_shape)
-
-    @property
-    def hidden_widths(self) -> list[int]:
-        """Widths of the growable hidden layers according to the spec (empty without a spec)."""
-        layers = (self.spec or {}).get("layers", [])
-        return [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear" and layer.get("growable")]
-
-    @property
-    def layer_widths(self) -> list[int]:
-        """Output widths of every linear layer according to the spec."""
-        layers = (self.spec or {}).get("layers", [])
-        return [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear"]
 
     def describe(self) -> dict[str, Any]:
         """Everything a client needs to call the model (JSON-serialisable)."""
@@ -540,5 +553,4 @@ __all__: Sequence[str] = (
     "load",
     "predict",
     "softmax",
-    "verify_export_dir",
 )

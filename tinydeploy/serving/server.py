@@ -1,76 +1,74 @@
-"""HTTP serving of an exported model with onnxruntime (FastAPI + uvicorn, no torch).
+"""HTTP serving of an exported model with onnxruntime: a plain ASGI application run by uvicorn.
 
 Endpoints (every error answer is JSON ``{"error": {"status", "code", "message"}}``):
 
 * ``POST /v1/predict`` with ``Content-Type: application/json`` and ``{"inputs": [...]}`` (one row
   or a batch of rows of RAW features). Answers ``outputs`` (``[batch, n_outputs]``), and for
   classifiers ``labels``, ``indices`` and ``probabilities`` (softmax), always batched.
-  Client mistakes get a 4xx, never a 5xx: 400 malformed JSON or body, 413 body or batch too large,
-  415 wrong content type, 422 wrong shape / non-numeric / NaN or infinite / empty batch.
 * ``GET /v1/metadata``: spec, classes, widths, sha256 of the model, providers in use, limits.
-* ``GET /healthz``: liveness and readiness (the model is loaded and ran once at startup).
-* ``GET /metrics``: Prometheus text format (requests by path and status, errors by status, a
-  latency histogram, rows predicted, requests in flight), written here without prometheus_client.
+* ``GET /healthz``: liveness and readiness (the model is loaded and ran once at startup), and the
+  pid of the worker process that answered.
+* ``GET /metrics``: Prometheus text format (requests by route, method and status, errors by
+  status, client disconnects, a latency histogram, rows predicted, requests in flight).
 
+Clients are untrusted. A predict request is bounded before its body is parsed (``limits.py``):
+Content-Type, declared and streamed body size, a deadline for the whole body (a client that
+announces more bytes than it sends gets 408 instead of holding the request open), JSON depth,
+count and length of numbers, numbers beyond float32, then batch size, shape, dtype and finiteness.
+Every rejection is a 4xx naming the limit; a 5xx means a bug. Label values of /metrics come from
+fixed sets (routes, methods, statuses the server writes), and a client that disconnects before its
+answer is counted apart from errors.
+
+No web framework: the application is a few dozen lines of ASGI over uvicorn, which keeps start-up
+short (no FastAPI/pydantic import) and leaves body reading, timeouts and disconnects in our hands.
 Inference runs in a worker thread (onnxruntime sessions are thread-safe), so the event loop keeps
 accepting requests while a batch runs. ``serve(..., workers=N)`` starts N uvicorn worker processes,
-each with its own model and its own metrics.
+each with its own model and its own metrics; a worker imports only this stage.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.serving.runtime import InputError, OnnxModel
+from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S, Limits, RequestError, parse_predict_body
+from tinydeploy.serving.runtime import NO_VERIFY_WARNING, InputError, OnnxModel
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH = 1024
-#: Upper bound of the request body: generous room per value of a full batch (JSON text).
-_BYTES_PER_VALUE = 32
-_MIN_BODY_LIMIT = 1 << 20
 #: Latency histogram buckets in seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROUTES = ("/v1/predict", "/v1/metadata", "/healthz", "/metrics")
-_ENV_DIR = "TINYDEPLOY_SERVE_DIR"
-_ENV_PROVIDER = "TINYDEPLOY_SERVE_PROVIDER"
-_ENV_MAX_BATCH = "TINYDEPLOY_SERVE_MAX_BATCH"
+#: Methods reported as themselves in /metrics; any other is reported as "other".
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_ALLOWED = {"/v1/predict": ("POST",), "/v1/metadata": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",)}
+_ENV_OPTIONS = "TINYDEPLOY_SERVE_OPTIONS"
+logger = logging.getLogger("tinydeploy.serve")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class RequestError(Exception):
-    """A client mistake detected before the model runs; answered with ``status`` and JSON."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status)
+class ClientDisconnected(Exception):
+    """The client went away before its request was answered."""
 
 
 # ----- metrics -------------------------------------------------------------------------------------
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _number(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
@@ -78,13 +76,18 @@ def _number(value: float) -> str:
 
 
 class Metrics:
-    """Thread-safe counters and a latency histogram, rendered in Prometheus text format 0.0.4."""
+    """Thread-safe counters and a latency histogram, rendered in Prometheus text format 0.0.4.
+
+    Every label value comes from a fixed set: ``route`` is one of ``ROUTES`` or "other", ``method``
+    one of ``METHODS`` or "other", ``status`` a status this server writes.
+    """
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.buckets = tuple(sorted(buckets))
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str, int], int] = {}
         self.errors: dict[int, int] = {}
+        self.disconnects: dict[str, int] = {}
         self.latency: dict[str, list[int]] = {}
         self.latency_sum: dict[str, float] = {}
         self.latency_count: dict[str, int] = {}
@@ -96,19 +99,23 @@ class Metrics:
         with self._lock:
             self.in_flight += 1
 
-    def observe(self, path: str, method: str, status: int, seconds: float) -> None:
+    def observe(self, route: str, method: str, status: int | None, seconds: float) -> None:
+        """Record one finished request; ``status`` None means the client disconnected first."""
         with self._lock:
             self.in_flight -= 1
-            key = (path, method, status)
+            if status is None:
+                self.disconnects[route] = self.disconnects.get(route, 0) + 1
+                return
+            key = (route, method, status)
             self.requests[key] = self.requests.get(key, 0) + 1
             if status >= 400:
                 self.errors[status] = self.errors.get(status, 0) + 1
-            counts = self.latency.setdefault(path, [0] * len(self.buckets))
+            counts = self.latency.setdefault(route, [0] * len(self.buckets))
             for i, bound in enumerate(self.buckets):
                 if seconds <= bound:
                     counts[i] += 1
-            self.latency_sum[path] = self.latency_sum.get(path, 0.0) + seconds
-            self.latency_count[path] = self.latency_count.get(path, 0) + 1
+            self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
+            self.latency_count[route] = self.latency_count.get(route, 0) + 1
 
     def add_rows(self, n: int) -> None:
         with self._lock:
@@ -117,29 +124,33 @@ class Metrics:
     def render(self, model: OnnxModel) -> str:
         with self._lock:
             lines = [
-                "# HELP tinydeploy_requests_total HTTP requests answered, by path, method and status.",
+                "# HELP tinydeploy_requests_total HTTP requests answered, by route, method and status.",
                 "# TYPE tinydeploy_requests_total counter",
             ]
-            for (path, method, status), n in sorted(self.requests.items()):
-                lines.append(f'tinydeploy_requests_total{{path="{_label(path)}",method="{method}",status="{status}"}} {n}')
+            for (route, method, status), n in sorted(self.requests.items()):
+                lines.append(f'tinydeploy_requests_total{{path="{route}",method="{method}",status="{status}"}} {n}')
             lines += [
                 "# HELP tinydeploy_errors_total HTTP answers with status >= 400, by status.",
                 "# TYPE tinydeploy_errors_total counter",
             ]
-            for status, n in sorted(self.errors.items()):
-                lines.append(f'tinydeploy_errors_total{{status="{status}"}} {n}')
+            lines += [f'tinydeploy_errors_total{{status="{status}"}} {n}' for status, n in sorted(self.errors.items())]
+            lines += [
+                "# HELP tinydeploy_client_disconnects_total Requests whose client went away before the answer "
+                "(not errors).",
+                "# TYPE tinydeploy_client_disconnects_total counter",
+            ]
+            lines += [f'tinydeploy_client_disconnects_total{{path="{route}"}} {n}' for route, n in sorted(self.disconnects.items())]
             lines += [
                 "# HELP tinydeploy_request_duration_seconds Time from request start to the end of the answer.",
                 "# TYPE tinydeploy_request_duration_seconds histogram",
             ]
-            for path in sorted(self.latency):
-                label = _label(path)
-                for bound, n in zip(self.buckets, self.latency[path]):
-                    lines.append(f'tinydeploy_request_duration_seconds_bucket{{path="{label}",le="{_number(bound)}"}} {n}')
-                count = self.latency_count[path]
-                lines.append(f'tinydeploy_request_duration_seconds_bucket{{path="{label}",le="+Inf"}} {count}')
-                lines.append(f'tinydeploy_request_duration_seconds_sum{{path="{label}"}} {self.latency_sum[path]!r}')
-                lines.append(f'tinydeploy_request_duration_seconds_count{{path="{label}"}} {count}')
+            for route in sorted(self.latency):
+                for bound, n in zip(self.buckets, self.latency[route]):
+                    lines.append(f'tinydeploy_request_duration_seconds_bucket{{path="{route}",le="{_number(bound)}"}} {n}')
+                count = self.latency_count[route]
+                lines.append(f'tinydeploy_request_duration_seconds_bucket{{path="{route}",le="+Inf"}} {count}')
+                lines.append(f'tinydeploy_request_duration_seconds_sum{{path="{route}"}} {self.latency_sum[route]!r}')
+                lines.append(f'tinydeploy_request_duration_seconds_count{{path="{route}"}} {count}')
             lines += [
                 "# HELP tinydeploy_predicted_rows_total Rows answered by /v1/predict.",
                 "# TYPE tinydeploy_predicted_rows_total counter",
@@ -150,7 +161,8 @@ class Metrics:
                 "# HELP tinydeploy_model_info The served model (value is always 1).",
                 "# TYPE tinydeploy_model_info gauge",
                 f'tinydeploy_model_info{{sha256="{model.sha256}",task="{_label(model.task)}",'
-                f'providers="{_label(",".join(model.providers))}",version="{__version__}"}} 1',
+                f'providers="{_label(",".join(model.providers))}",verified="{str(model.manifest is not None).lower()}",'
+                f'version="{__version__}"}} 1',
                 "# HELP tinydeploy_start_time_seconds Unix time the server started.",
                 "# TYPE tinydeploy_start_time_seconds gauge",
                 f"tinydeploy_start_time_seconds {self.started!r}",
@@ -158,75 +170,168 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class MetricsMiddleware:
-    """Pure ASGI middleware timing every HTTP request and recording its status."""
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]], send: Callable[..., Awaitable[Any]]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+# ----- the application -----------------------------------------------------------------------------
+def _json(payload: Any) -> bytes:
+    return json.dumps(payload, allow_nan=False).encode("utf-8")
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+                   close: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> int:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+def _error(status: int, code: str, message: str) -> bytes:
+    return _json({"error": {"status": status, "code": code, "message": message}})
+
+
+class ModelServer:
+    """The ASGI application serving one ``OnnxModel`` under ``limits``."""
+
+    def __init__(self, model: OnnxModel, limits: Limits) -> None:
+        self.model = model
+        self.limits = limits
+        self.metrics = Metrics()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
             return
-        path = scope.get("path", "")
-        label = path if path in ROUTES else "other"
-        status = 500
+        if scope["type"] != "http":
+            return
+        path, method = scope.get("path", ""), scope.get("method", "")
+        route = path if path in ROUTES else "other"
+        method_label = method if method in METHODS else "other"
         start = time.perf_counter()
         self.metrics.begin()
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        status: int | None = None
         try:
-            await self.app(scope, receive, send_wrapper)
+            status = await self._dispatch(scope, path, method, receive, send)
+        except ClientDisconnected:
+            status = None
+        except Exception:  # a bug: log it, answer 500 (if no answer started yet), keep serving
+            logger.exception("internal error on %s %s", method_label, route)
+            status = 500
+            with contextlib.suppress(Exception):
+                await _respond(send, 500, _error(500, "internal_error", "internal error; the server keeps running"),
+                               close=True)
         finally:
-            self.metrics.observe(label, scope.get("method", "GET"), status, time.perf_counter() - start)
+            self.metrics.observe(route, method_label, status, time.perf_counter() - start)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _dispatch(self, scope: dict[str, Any], path: str, method: str, receive: Receive, send: Send) -> int:
+        if path not in _ALLOWED:
+            shown = path if len(path) <= 80 else path[:77] + "..."
+            return await _respond(send, 404, _error(
+                404, "not_found", f"no endpoint {shown}: use POST /v1/predict, GET /v1/metadata, /healthz or /metrics"))
+        if method not in _ALLOWED[path]:
+            allowed = ", ".join(_ALLOWED[path])
+            shown = method if method in METHODS else "this method"
+            return await _respond(send, 405, _error(405, "method_not_allowed", f"{shown} is not allowed on {path}: use {allowed}"),
+                                  extra=[(b"allow", allowed.encode())])
+        if path == "/v1/predict":
+            return await self._predict(scope, receive, send)
+        if path == "/metrics":
+            return await _respond(send, 200, self.metrics.render(self.model).encode(),
+                                  b"text/plain; version=0.0.4; charset=utf-8")
+        if path == "/healthz":
+            return await _respond(send, 200, _json({
+                "status": "ok", "model_sha256": self.model.sha256, "providers": self.model.providers, "pid": os.getpid()}))
+        return await _respond(send, 200, _json({
+            **self.model.describe(), **self.limits.describe(), "tinydeploy": __version__}))
+
+    async def _predict(self, scope: dict[str, Any], receive: Receive, send: Send) -> int:
+        headers = dict(scope.get("headers") or [])
+        try:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if content_type.split(";")[0].strip().lower() != "application/json":
+                raise RequestError(415, "unsupported_media_type",
+                                   f"Content-Type must be application/json, got {content_type[:60] or 'none'!r}")
+            body = await self._read_body(headers.get(b"content-length"), receive)
+        except RequestError as exc:
+            # A stalled body (408): drop the connection. Otherwise uvicorn reads and discards the rest of
+            # the body after the answer (closing now would reset the connection under the client's answer).
+            return await _respond(send, exc.status, _error(exc.status, exc.code, exc.message), close=exc.status == 408)
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._answer, body)
+        except RequestError as exc:
+            return await _respond(send, exc.status, _error(exc.status, exc.code, exc.message))
+        return await _respond(send, 200, answer)
+
+    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, "bad_content_length", f"Content-Length {declared[:40].decode('latin-1')!r} is not an integer")
+            if int(declared) > limit:
+                raise RequestError(413, "body_too_large", f"the body has {int(declared)} bytes, over the limit of "
+                                   f"{limit} bytes: send at most {self.limits.max_batch} rows per request")
+        timeout = self.limits.body_timeout_s
+        deadline = time.monotonic() + timeout
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(408, "body_timeout", f"the body did not arrive within the limit of {timeout:g} s "
+                                   f"(got {size} bytes): send the whole body at once") from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "body_too_large", f"the body is over the limit of {limit} bytes: "
+                                   f"send at most {self.limits.max_batch} rows per request")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _answer(self, body: bytes) -> bytes:
+        """Parse, validate and run one predict body (in a worker thread); the JSON answer."""
+        inputs = parse_predict_body(body, self.limits)
+        try:
+            prediction = self.model.predict(inputs, max_batch=self.limits.max_batch)
+        except InputError as exc:
+            raise RequestError(413 if exc.code == "too_large" else 422, exc.code, str(exc)) from None
+        if not np.isfinite(prediction.outputs).all():
+            rows = np.unique(np.nonzero(~np.isfinite(prediction.outputs))[0])[:5].tolist()
+            raise RequestError(
+                422, "non_finite_output",
+                f"the model produced non-finite outputs for rows {rows}: the inputs are far outside the training range",
+            )
+        self.metrics.add_rows(len(prediction))
+        answer = prediction.to_dict()
+        answer["batch_size"] = len(prediction)
+        answer["model_sha256"] = self.model.sha256
+        return _json(answer)
 
 
-# ----- request handling ----------------------------------------------------------------------------
-def _reject_constant(name: str) -> Any:
-    raise RequestError(
-        422, "non_finite", f"the body contains the literal {name}, which is not valid JSON and not a finite number"
-    )
+# ----- building and running ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeOptions:
+    """What a server process needs to build its application (passed to uvicorn workers as JSON)."""
 
-
-def parse_predict_body(body: bytes) -> Any:
-    """The ``inputs`` of a predict request body, or a RequestError naming the problem."""
-    if not body.strip():
-        raise RequestError(400, "empty_body", 'the request body is empty: send {"inputs": [...]}')
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(400, "malformed_json", f"the request body is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    try:
-        payload = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise RequestError(400, "malformed_json", f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise RequestError(400, "malformed_json", "the request body is nested too deeply") from exc
-    if not isinstance(payload, dict):
-        raise RequestError(422, "invalid_body", f'the body must be a JSON object {{"inputs": [...]}}, got a JSON {_json_kind(payload)}')
-    if "inputs" not in payload:
-        keys = ", ".join(repr(k) for k in list(payload)[:5]) or "none"
-        raise RequestError(422, "missing_inputs", f'the body has no "inputs" field (found keys: {keys}): send {{"inputs": [...]}}')
-    unknown = sorted(set(payload) - {"inputs"})
-    if unknown:
-        raise RequestError(422, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}: the body takes only \"inputs\"")
-    return payload["inputs"]
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _input_status(exc: InputError) -> int:
-    return 413 if exc.code == "too_large" else 422
+    export_dir: str
+    provider: str = "auto"
+    max_batch: int = DEFAULT_MAX_BATCH
+    verify: bool = True
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def create_app(
@@ -235,123 +340,29 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     *,
     model: OnnxModel | None = None,
-) -> FastAPI:
-    """The FastAPI application serving ``export_dir`` (loaded and checked now, before any request)."""
+    verify: bool = True,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> ModelServer:
+    """The ASGI application serving ``export_dir`` (loaded and checked now, before any request)."""
     if int(max_batch) < 1:
         raise TinyDeployError(f"--max-batch must be at least 1, got {max_batch}")
-    max_batch = int(max_batch)
-    model = model or OnnxModel(export_dir, provider)
+    if not 0 < body_timeout_s <= 3600:
+        raise TinyDeployError(f"--body-timeout must be between 0 and 3600 seconds, got {body_timeout_s}")
+    model = model or OnnxModel(export_dir, provider, verify=verify)
     # One run at startup: a model that cannot execute fails here, not on the first request.
     model.run(np.zeros((1, *model.input_shape), dtype=np.float32))
-    body_limit = max(_MIN_BODY_LIMIT, max_batch * model.n_features * _BYTES_PER_VALUE + 4096)
-    metrics = Metrics()
-
-    app = FastAPI(
-        title="tinydeploy model server",
-        version=__version__,
-        description=f"onnxruntime serving of {model.model_path}",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.state.model = model
-    app.state.metrics = metrics
-    app.state.max_batch = max_batch
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = f"no endpoint {request.url.path}: use POST /v1/predict, GET /v1/metadata, /healthz or /metrics"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        response = error_response(exc.status_code, code, message)
-        if exc.headers:
-            response.headers.update(exc.headers)
-        return response
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); the server keeps running")
-
-    def handle_predict(body: bytes) -> dict[str, Any]:
-        inputs = parse_predict_body(body)
-        try:
-            prediction = model.predict(inputs, max_batch=max_batch)
-        except InputError as exc:
-            raise RequestError(_input_status(exc), exc.code, str(exc)) from exc
-        if not np.isfinite(prediction.outputs).all():
-            rows = np.unique(np.nonzero(~np.isfinite(prediction.outputs))[0])[:5].tolist()
-            raise RequestError(
-                422, "non_finite_output",
-                f"the model produced non-finite outputs for rows {rows}: the inputs are far outside the training range",
-            )
-        metrics.add_rows(len(prediction))
-        answer = prediction.to_dict()
-        answer["batch_size"] = len(prediction)
-        answer["model_sha256"] = model.sha256
-        return answer
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                if int(declared) > body_limit:
-                    raise RequestError(413, "body_too_large", f"the body has {int(declared)} bytes, over the limit of {body_limit}: send at most {max_batch} rows per request")
-            except ValueError:
-                raise RequestError(400, "bad_content_length", f"Content-Length {declared!r} is not an integer") from None
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > body_limit:
-                raise RequestError(413, "body_too_large", f"the body is over the limit of {body_limit} bytes: send at most {max_batch} rows per request")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> Response:
-        try:
-            content_type = request.headers.get("content-type", "")
-            media = content_type.split(";")[0].strip().lower()
-            if media != "application/json":
-                raise RequestError(
-                    415, "unsupported_media_type",
-                    f"Content-Type must be application/json, got {content_type or 'none'!r}",
-                )
-            body = await read_body(request)
-            answer = await run_in_threadpool(handle_predict, body)
-        except RequestError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-        return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
-
-    @app.get("/v1/metadata")
-    async def metadata() -> dict[str, Any]:
-        return {**model.describe(), "max_batch": max_batch, "max_body_bytes": body_limit, "tinydeploy": __version__}
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model_sha256": model.sha256, "providers": model.providers}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(model), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return app
+    limits = Limits.for_model(len(model.input_shape), model.n_features, int(max_batch), float(body_timeout_s))
+    return ModelServer(model, limits)
 
 
-def app_from_env() -> FastAPI:
-    """Factory used by uvicorn worker processes (``serve(workers>1)``): arguments come from env vars."""
-    directory = os.environ.get(_ENV_DIR)
-    if not directory:
-        raise TinyDeployError(f"{_ENV_DIR} is not set: start the server with 'tinydeploy serve DIR'")
-    return create_app(
-        directory,
-        os.environ.get(_ENV_PROVIDER, "auto"),
-        int(os.environ.get(_ENV_MAX_BATCH, str(DEFAULT_MAX_BATCH))),
-    )
+def app_from_env() -> ModelServer:
+    """Factory used by uvicorn worker processes (``serve(workers>1)``): the options come as JSON."""
+    text = os.environ.get(_ENV_OPTIONS)
+    if not text:
+        raise TinyDeployError(f"{_ENV_OPTIONS} is not set: start the server with 'tinydeploy serve DIR'")
+    options = ServeOptions(**json.loads(text))
+    return create_app(options.export_dir, options.provider, options.max_batch, verify=options.verify,
+                      body_timeout_s=options.body_timeout_s)
 
 
 def serve(
@@ -362,6 +373,9 @@ def serve(
     workers: int = 1,
     max_batch: int = DEFAULT_MAX_BATCH,
     log_level: str = "info",
+    *,
+    verify: bool = True,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
     """Serve ``export_dir`` with uvicorn until interrupted (loopback by default)."""
     import uvicorn
@@ -371,21 +385,22 @@ def serve(
     if not 0 <= port <= 65535:
         raise TinyDeployError(f"--port must be between 0 and 65535, got {port}")
     # Load and check the model in this process first, so a bad directory fails with one line.
-    app = create_app(export_dir, provider, max_batch)
-    model: OnnxModel = app.state.model
+    app = create_app(export_dir, provider, max_batch, verify=verify, body_timeout_s=body_timeout_s)
+    model = app.model
+    if not verify:
+        print(NO_VERIFY_WARNING.format(path=model.model_path), file=sys.stderr, flush=True)
     print(
         f"tinydeploy: serving {model.model_path} (sha256 {model.sha256[:12]}, {model.task}, "
-        f"providers {', '.join(model.providers)}, max batch {max_batch}) on http://{host}:{port} "
+        f"providers {', '.join(model.providers)}, max batch {max_batch}, "
+        f"{workers} worker{'s' if workers > 1 else ''}) on http://{host}:{port} "
         f"[POST /v1/predict, GET /v1/metadata, /healthz, /metrics]",
         file=sys.stderr, flush=True,
     )
+    settings = {"host": host, "port": port, "log_level": log_level, "access_log": False, "lifespan": "on"}
     if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, **settings)
         return
-    os.environ[_ENV_DIR] = str(Path(export_dir).resolve())
-    os.environ[_ENV_PROVIDER] = provider
-    os.environ[_ENV_MAX_BATCH] = str(max_batch)
-    uvicorn.run(
-        "tinydeploy.serving.server:app_from_env", factory=True, host=host, port=port,
-        workers=workers, log_level=log_level, access_log=False,
-    )
+    del app, model  # each worker loads its own
+    options = ServeOptions(str(Path(export_dir).resolve()), provider, int(max_batch), verify, float(body_timeout_s))
+    os.environ[_ENV_OPTIONS] = json.dumps(asdict(options))
+    uvicorn.run("tinydeploy.serving.server:app_from_env", factory=True, workers=workers, **settings)
