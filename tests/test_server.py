@@ -231,8 +231,13 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch's shared library mapped (Linux)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def test_cli_serve_with_two_workers(export_dir: Path, x_test: np.ndarray, model: OnnxModel) -> None:
-    """The full-install path: ``tinydeploy serve`` (python -m cli) with --workers 2 (uvicorn worker processes)."""
+    """``tinydeploy serve --workers 2``: two worker processes both answer, and none of them loads torch."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "serve", str(export_dir), "--port", str(port), "--provider", "cpu",
@@ -242,12 +247,26 @@ def test_cli_serve_with_two_workers(export_dir: Path, x_test: np.ndarray, model:
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(process, base)
+        pids: set[int] = set()
+
+        def health(_: int) -> int:
+            with httpx.Client(base_url=base, timeout=5.0) as c:  # a new connection each time
+                return c.get("/healthz").json()["pid"]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in range(40):
+                pids |= set(pool.map(health, range(16)))
+                if len(pids) == 2:
+                    break
+        assert len(pids) == 2 and process.pid not in pids
         with httpx.Client(base_url=base, timeout=5.0) as c:
             for i in range(8):
                 body = post(c, x_test[i : i + 2].tolist()).json()
                 assert body["labels"] == model.predict(x_test[i : i + 2]).labels
             assert c.get("/v1/metadata").json()["max_batch"] == 4
             assert post(c, x_test[:5].tolist()).status_code == 413
+        if sys.platform.startswith("linux"):
+            assert not any(_maps_torch(pid) for pid in [*pids, process.pid])
     finally:
         _stop(process)
 
