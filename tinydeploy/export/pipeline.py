@@ -42,6 +42,8 @@ from tinydeploy.serving.providers import choose_providers
 from tinydeploy.training.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
 
 ARTIFACTS_DIR = "artifacts"
+#: Suffix of the name the previous export is moved to where no atomic exchange exists.
+OLD_SUFFIX = "-old"
 
 Progress = Callable[[str], None]
 
@@ -101,17 +103,26 @@ def staging_name(out_dir: Path) -> str:
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
-    """Delete staging directories beside ``out_dir`` left by exports whose process is gone."""
-    removed = []
+    """Delete staging directories beside ``out_dir`` left by exports whose process is gone.
+
+    Where no atomic exchange exists, an export killed between its two renames leaves no ``out_dir``
+    and the previous export under ``<staging>-old``: that one is put back first."""
+    removed: list[Path] = []
     prefix = staging_name(out_dir)
     if not out_dir.parent.is_dir():
         return removed
-    for entry in out_dir.parent.iterdir():
+    stale = []
+    for entry in sorted(out_dir.parent.iterdir()):
         if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
             continue
         pid = entry.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
+        if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            stale.append(entry)
+    previous = [e for e in stale if e.name.endswith(OLD_SUFFIX) and (e / MANIFEST_FILE).is_file()]
+    if previous and not out_dir.exists():
+        os.rename(previous[0], out_dir)
+        stale.remove(previous[0])
+    for entry in stale:
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
@@ -213,7 +224,7 @@ def export_run(
     try:
         results, report = _stage(staging, run, chosen, opset, preprocessing, atol, rtol, provider, progress or (lambda _: None))
         write_manifest(staging, command, str(run.path.resolve()))
-        replace_directory(staging, out, staging.with_name(staging.name + "-old"))
+        replace_directory(staging, out, staging.with_name(staging.name + OLD_SUFFIX))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
