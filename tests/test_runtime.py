@@ -129,7 +129,7 @@ def test_a_bare_onnx_file_needs_its_manifest_or_no_verify(export_dir: Path, tmp_
     bare = tmp_path / "elsewhere" / "model.onnx"
     bare.parent.mkdir()
     bare.write_bytes((export_dir / "model.onnx").read_bytes())
-    with pytest.raises(IntegrityError, match=r"has no manifest.json: .* \(or --no-verify"):
+    with pytest.raises(IntegrityError, match=r"has no manifest.json: .* \(or pass --no-verify"):
         OnnxModel(bare, "cpu")
     model = OnnxModel(bare, "cpu", verify=False)
     assert model.manifest is None and model.classes == [str(i) for i in range(10)]
