@@ -139,7 +139,13 @@ def _torch_engines(directory: Path, manifest: dict[str, Any], threads: int, skip
         elif not trust_pickle:
             skipped[name] = f"{file} not loaded: {fmt} files can run code when loaded (pass --trust-pickle to measure it)"
         else:
-            module, _ = load(read_verified(directory, manifest, file), METADATA_KEYS)
+            data = read_verified(directory, manifest, file)
+            try:
+                module, _ = load(data, METADATA_KEYS)
+            except Exception as exc:  # torch raises many types for a corrupt file: report it, bench the rest
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                skipped[name] = f"{file} cannot be loaded ({type(exc).__name__}: {first})"
+                continue
             engines.append(Engine(name, file, wrap(module), to_tensor, to_numpy, {**base, "loader": loader}))
     return engines
 
