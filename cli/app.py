@@ -26,12 +26,15 @@ __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "app", "fail", "re
 #: ``tests/test_cli_startup.py`` checks that this table matches the commands the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
     "grow": ("cli.grow", "Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."),
-    "export": ("cli.export", "Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."),
-    "verify": ("cli.export", "Check the manifest hashes, reload every safe artifact from the hashed bytes and re-run the parity gate."),
+    "export": ("cli.export",
+               "Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."),
+    "verify": ("cli.export",
+               "Check the manifest hashes, reload every safe artifact from the hashed bytes and re-run the parity gate."),
     "report": ("cli.export", "Print the per-layer width report."),
     "serve": ("cli.serve", "Serve an exported model over HTTP with onnxruntime (no torch needed)."),
     "predict": ("cli.serve", "Batch inference on a file of raw inputs, in chunks, with a progress bar on large inputs."),
-    "bench": ("cli.serve", "Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side."),
+    "bench": ("cli.serve", "Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript "
+                           "(vs int8), side by side."),
 }
 
 

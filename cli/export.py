@@ -151,7 +151,9 @@ def verify_command(
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: the one the export used)."),
     provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
-    hashes_only: bool = typer.Option(False, "--hashes-only", help="Check the manifest hashes only (no artifact is loaded; no torch needed)."),
+    hashes_only: bool = typer.Option(
+        False, "--hashes-only", help="Check the manifest hashes only (no artifact is loaded; no torch needed)."
+    ),
 ) -> None:
     """Check the manifest hashes, reload every safe artifact from the hashed bytes and re-run the parity gate.
 

@@ -35,7 +35,9 @@ def serve_command(
     provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes (each loads the model; metrics are per worker)."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Largest batch accepted per request (larger gets 413)."),
-    body_timeout: float = typer.Option(DEFAULT_BODY_TIMEOUT_S, "--body-timeout", help="Seconds a client gets to send a request body (slower gets 408)."),
+    body_timeout: float = typer.Option(
+        DEFAULT_BODY_TIMEOUT_S, "--body-timeout", help="Seconds a client gets to send a request body (slower gets 408)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY_HELP),
 ) -> None:
     """Serve an exported model over HTTP with onnxruntime (no torch needed).

@@ -31,15 +31,17 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 sys.argv = ["tinydeploy", *sys.argv[1:]]
 import atexit
-atexit.register(lambda: print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "onnxruntime", "numpy"})), file=sys.stderr))
+heavy = {"torch", "onnxruntime", "numpy"}
+atexit.register(lambda: print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & heavy)), file=sys.stderr))
 from cli.main import main
 main()
 """
 
 
 def blocked(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _BLOCKED_CLI, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKED_CLI, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def heavy_modules(done: subprocess.CompletedProcess[str]) -> list[str]:
@@ -95,9 +97,25 @@ def _free_port() -> int:
 
 def test_serve_starts_and_answers_without_torch(export_dir: Path) -> None:
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLI, "serve", str(export_dir), "--port", str(port),
-                                "--provider", "cpu", "--max-batch", "8"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _BLOCKED_CLI,
+            "serve",
+            str(export_dir),
+            "--port",
+            str(port),
+            "--provider",
+            "cpu",
+            "--max-batch",
+            "8",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

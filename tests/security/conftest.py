@@ -9,3 +9,5 @@ HERE = Path(__file__).resolve().parent
 for path in (HERE.parent, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+from serving_fixtures import export_dir, exported, trained_run  # noqa: E402,F401  (fixtures of every module here)

@@ -30,12 +30,16 @@ import torch
 import tinydeploy.atomic
 from tinydeploy.errors import IntegrityError
 from tinydeploy.export.artifacts import INPUTS_KEY
-from tinydeploy.model.serialization import metadata_from_bytes
 from tinydeploy.export.pipeline import export_run, remove_stale_staging
+from tinydeploy.model.serialization import metadata_from_bytes
 from tinydeploy.serving.manifest import STAGING_PREFIX, verify_manifest
 
-HOOKED = (("os.replace", os, "replace"), ("os.rename", os, "rename"), ("exchange", tinydeploy.atomic, "exchange"),
-          ("shutil.rmtree", shutil, "rmtree"))
+HOOKED = (
+    ("os.replace", os, "replace"),
+    ("os.rename", os, "rename"),
+    ("exchange", tinydeploy.atomic, "exchange"),
+    ("shutil.rmtree", shutil, "rmtree"),
+)
 
 
 def _hook(kill_at: int, after: bool, log: list[str], renames: bool = False) -> None:
@@ -125,18 +129,18 @@ def main(run_dir: Path, work: Path) -> None:
 
     def kill(kill_at: int, after: bool, renames: bool) -> int:
         reset()
-        status, _ = _in_child(lambda: (_hook(kill_at, after, [], renames), _export(run_dir, out)))
+        status, _ = _in_child(lambda: (_hook(kill_at, after, [], renames), _export(run_dir, out)))  # called at once
         return status
 
-    for renames in (False, True):
-        def dry_run() -> list[str]:
-            log: list[str] = []
-            _hook(0, False, log, renames)
-            _export(run_dir, out)
-            return log
+    def dry_run(renames: bool) -> list[str]:
+        log: list[str] = []
+        _hook(0, False, log, renames)
+        _export(run_dir, out)
+        return log
 
+    for renames in (False, True):
         reset()
-        status, text = _in_child(dry_run)
+        status, text = _in_child(lambda: dry_run(renames))  # noqa: B023  (called at once)
         events = json.loads(text)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text
         # the first write into staging, then every step from the manifest on, and right after the last
@@ -161,8 +165,16 @@ def main(run_dir: Path, work: Path) -> None:
             kill(next(i for i, e in enumerate(events) if e.startswith("exchange")) + 1, False, False)
             stale = leftovers()
             _export(run_dir, out)
-            print(json.dumps({"next_run": state(out, references["old"], references["new"]), "stale_before": stale,
-                              "leftovers": leftovers()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "next_run": state(out, references["old"], references["new"]),
+                        "stale_before": stale,
+                        "leftovers": leftovers(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

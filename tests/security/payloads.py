@@ -73,6 +73,7 @@ def _torch_saved(obj: Any) -> bytes:
 
 def pt2_sample_inputs(directory: Path, marker: Path) -> None:
     """Sample inputs that the safe loader refuses, so torch retries with weights_only=False."""
+
     def edit(members: dict[str, bytes]) -> None:
         members["model/data/sample_inputs/model.pt"] = _torch_saved(CreatesFile(marker))
 
@@ -82,6 +83,7 @@ def pt2_sample_inputs(directory: Path, marker: Path) -> None:
 
 def pt2_pickled_weight(directory: Path, marker: Path) -> None:
     """A weight entry marked use_pickle: loaded with torch.load(weights_only=False)."""
+
     def edit(members: dict[str, bytes]) -> None:
         config_name = "model/data/weights/model_weights_config.json"
         config = json.loads(members[config_name])
@@ -96,10 +98,16 @@ def pt2_pickled_weight(directory: Path, marker: Path) -> None:
 
 def pt2_opaque_constant(directory: Path, marker: Path) -> None:
     """An opaque_obj_* constant: loaded with plain pickle.loads."""
+
     def edit(members: dict[str, bytes]) -> None:
         config_name = "model/data/constants/model_constants_config.json"
         config = json.loads(members[config_name])
-        config["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+        config["config"]["evil"] = {
+            "path_name": "opaque_obj_0",
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
         members[config_name] = json.dumps(config).encode()
         members["model/data/constants/opaque_obj_0"] = pickle.dumps(CreatesFile(marker))
 

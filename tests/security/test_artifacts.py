@@ -19,7 +19,6 @@ import onnx
 import onnxruntime as ort
 import payloads
 import pytest
-from serving_fixtures import export_dir, exported, trained_run  # noqa: F401
 from typer.testing import CliRunner
 
 from cli.app import EXIT_CHECK_FAILED, app
@@ -56,7 +55,9 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ----- code execution ------------------------------------------------------------------------------
 @pytest.mark.parametrize("payload", sorted(CODE_PAYLOADS))
-def test_code_in_torchscript_and_pt2_never_runs_by_default(payload: str, copy: Path, tmp_path: Path, rows: Path) -> None:
+def test_code_in_torchscript_and_pt2_never_runs_by_default(
+    payload: str, copy: Path, tmp_path: Path, rows: Path
+) -> None:
     fmt, file = CODE_PAYLOADS[payload]
     marker = tmp_path / "pwned"
     getattr(payloads, payload)(copy, marker)
@@ -66,7 +67,9 @@ def test_code_in_torchscript_and_pt2_never_runs_by_default(payload: str, copy: P
     row = next(line.split() for line in verify.stdout.splitlines() if line.startswith(fmt + " "))
     assert row[-1] == "HASH" and "PASS" not in row  # checked by hash, never reported as a passed reload
     summary = verify.stdout.splitlines()[-1]
-    assert file in summary.split("; ")[-1] and summary.endswith("checked by hash only (pass --trust-pickle to load them)")
+    assert file in summary.split("; ")[-1] and summary.endswith(
+        "checked by hash only (pass --trust-pickle to load them)"
+    )
     bench = invoke("bench", copy, "--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--out", tmp_path / "b.json")
     assert bench.exit_code == 0, bench.output
     skipped = json.loads((tmp_path / "b.json").read_text())["skipped"]
@@ -95,8 +98,13 @@ def test_trust_pickle_reloads_and_gates_genuine_torch_files(export_dir: Path, tm
 def test_cifar_test_data_named_by_parity_json_is_not_unpickled(copy: Path, tmp_path: Path) -> None:
     """torchvision's CIFAR batches are pickles: a parity.json pointing at planted ones is refused."""
     parity = json.loads((copy / "parity.json").read_text())
-    parity["inputs"]["data_source"] = {"name": "cifar10", "data_dir": str(copy), "target": None, "split_seed": 0,
-                                       "val_fraction": 0.2}
+    parity["inputs"]["data_source"] = {
+        "name": "cifar10",
+        "data_dir": str(copy),
+        "target": None,
+        "split_seed": 0,
+        "val_fraction": 0.2,
+    }
     (copy / "parity.json").write_text(json.dumps(parity))
     payloads.rewrite_manifest(copy)
     result = invoke("verify", copy)
@@ -105,8 +113,9 @@ def test_cifar_test_data_named_by_parity_json_is_not_unpickled(copy: Path, tmp_p
 
 
 # ----- reading files outside the directory ---------------------------------------------------------
-def test_onnx_external_data_is_refused_and_the_secret_never_read(copy: Path, export_dir: Path, tmp_path: Path,  # noqa: F811
-                                                                  rows: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_external_data_is_refused_and_the_secret_never_read(
+    copy: Path, export_dir: Path, tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     size = payloads.onnx_external_secret(copy, "secret.txt")
     assert size == len(SECRET)
     cwd = tmp_path / "cwd"
@@ -170,6 +179,7 @@ def test_symlinked_directory_inside_and_manifest_link_are_refused(copy: Path, tm
 # ----- manifests -----------------------------------------------------------------------------------
 def _manifest_cases(outside: Path) -> list[tuple[str, object, str]]:
     """(name, manifest.json content (dict, or bytes as written), words of the one-line error)."""
+
     def files(entries: dict) -> dict:
         return {"format": "tinydeploy.manifest/1", "files": entries}
 
@@ -178,8 +188,16 @@ def _manifest_cases(outside: Path) -> list[tuple[str, object, str]]:
         ("files is a list", files(["model.onnx"]), '"files" is a JSON array, not an object'),
         ("files missing", {"format": "tinydeploy.manifest/1"}, '"files" is missing'),
         ("entry is a string", files({"model.onnx": "abc"}), "files['model.onnx'] is a JSON string"),
-        ("numeric sha256", files({"model.onnx": {"sha256": 123, "size": 1}}), "sha256 must be 64 lowercase hex digits, got 123"),
-        ("size is a string", files({"model.onnx": {"sha256": "0" * 64, "size": "9"}}), 'size must be a non-negative integer, got "9"'),
+        (
+            "numeric sha256",
+            files({"model.onnx": {"sha256": 123, "size": 1}}),
+            "sha256 must be 64 lowercase hex digits, got 123",
+        ),
+        (
+            "size is a string",
+            files({"model.onnx": {"sha256": "0" * 64, "size": "9"}}),
+            'size must be a non-negative integer, got "9"',
+        ),
         ("not a manifest", [1, 2], "is not a tinydeploy manifest"),
         ("truncated", b'{"format": "tinydeploy.manifest/1", "files": {"model.onnx": {"sha2', "is not valid JSON"),
         ("not utf-8", b"\xff\xfe{}", "is not UTF-8 text"),
@@ -201,8 +219,12 @@ def test_malformed_manifests_are_one_line_errors_with_the_same_exit_code_everywh
         data = content if isinstance(content, bytes) else json.dumps(content).encode()
         (copy / "manifest.json").write_bytes(data)
         errors = []
-        for args in (("verify", copy), ("verify", copy, "--hashes-only"), ("predict", copy, "-i", rows),
-                     ("serve", copy, "--port", "0")):
+        for args in (
+            ("verify", copy),
+            ("verify", copy, "--hashes-only"),
+            ("predict", copy, "-i", rows),
+            ("serve", copy, "--port", "0"),
+        ):
             result = invoke(*args)
             assert result.exit_code == EXIT_CHECK_FAILED, (name, args, result.output)
             assert result.stdout == "" and len(result.stderr.splitlines()) == 1, (name, args, result.output)
@@ -219,13 +241,15 @@ def test_missing_manifest_is_refused_unless_no_verify(copy: Path, rows: Path, tm
     for args in (("predict", copy, "-i", rows), ("serve", copy, "--port", "0"), ("verify", copy)):
         result = invoke(*args)
         assert result.exit_code == EXIT_CHECK_FAILED
-        assert result.stderr.startswith(f"error: {copy} has no manifest.json: pass a directory written by 'tinydeploy export'")
+        assert result.stderr.startswith(
+            f"error: {copy} has no manifest.json: pass a directory written by 'tinydeploy export'"
+        )
     unverified = invoke("predict", copy, "-i", rows, "--no-verify")
     assert unverified.exit_code == 0
     assert "WARNING: --no-verify" in unverified.stderr and "WITHOUT checking manifest.json" in unverified.stderr
 
 
-def test_a_model_left_out_of_the_manifest_is_never_loaded(copy: Path, rows: Path, exported) -> None:  # noqa: F811
+def test_a_model_left_out_of_the_manifest_is_never_loaded(copy: Path, rows: Path) -> None:
     data = bytearray((copy / "model.onnx").read_bytes())
     payloads.rewrite_manifest(copy, drop=("model.onnx",))
     data[len(data) // 2] ^= 0x01
@@ -265,8 +289,12 @@ def test_tampered_bytes_are_refused_by_every_command(copy: Path, rows: Path) -> 
     data[len(data) // 2] ^= 0x01
     (copy / "model.onnx").write_bytes(bytes(data))
     message = f"error: integrity check failed in {copy}: model.onnx changed (sha256 differs from the manifest)\n"
-    for args in (("predict", copy, "-i", rows), ("verify", copy), ("serve", copy, "--port", "0"),
-                 ("bench", copy, "--iters", "1")):
+    for args in (
+        ("predict", copy, "-i", rows),
+        ("verify", copy),
+        ("serve", copy, "--port", "0"),
+        ("bench", copy, "--iters", "1"),
+    ):
         result = invoke(*args)
         assert (result.exit_code, result.stderr) == (EXIT_CHECK_FAILED, message), args
 

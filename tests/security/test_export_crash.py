@@ -8,17 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export_fixtures import trained_run  # noqa: F401
-
 from tinydeploy.serving.manifest import STAGING_PREFIX
 
 HARNESS = Path(__file__).with_name("crash_export.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_export_killed_at_each_step_leaves_old_or_new(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    done = subprocess.run([sys.executable, str(HARNESS), str(trained_run), str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+def test_export_killed_at_each_step_leaves_old_or_new(trained_run: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(HARNESS), str(trained_run), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     points = [r for r in records if "event" in r]

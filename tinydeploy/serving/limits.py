@@ -62,8 +62,9 @@ class Limits:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     @classmethod
-    def for_model(cls, input_ndim: int, n_features: int, max_batch: int,
-                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> "Limits":
+    def for_model(
+        cls, input_ndim: int, n_features: int, max_batch: int, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    ) -> "Limits":
         """Limits that every valid request for a model with this input fits exactly."""
         return cls(
             max_batch=max_batch,
@@ -75,9 +76,14 @@ class Limits:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"max_batch": self.max_batch, "max_body_bytes": self.max_body_bytes, "max_json_depth": self.max_depth,
-                "max_numbers": self.max_numbers, "max_number_chars": self.max_number_chars,
-                "body_timeout_s": self.body_timeout_s}
+        return {
+            "max_batch": self.max_batch,
+            "max_body_bytes": self.max_body_bytes,
+            "max_json_depth": self.max_depth,
+            "max_numbers": self.max_numbers,
+            "max_number_chars": self.max_number_chars,
+            "body_timeout_s": self.body_timeout_s,
+        }
 
 
 def check_json(body: bytes, limits: Limits) -> None:
@@ -89,21 +95,24 @@ def check_json(body: bytes, limits: Limits) -> None:
     depth = int(np.cumsum(steps, dtype=np.int64).max(initial=0))
     if depth > limits.max_depth:
         raise RequestError(
-            400, "too_deep",
+            400,
+            "too_deep",
             f"the body nests {depth} levels deep, over the limit of {limits.max_depth}: "
             'send {"inputs": [row, ...]} with plain rows of numbers',
         )
     numbers = _NUMBER.findall(skeleton)
     if len(numbers) > limits.max_numbers:
         raise RequestError(
-            413, "too_many_numbers",
+            413,
+            "too_many_numbers",
             f"the body holds {len(numbers)} numbers, over the limit of {limits.max_numbers} "
             f"({limits.max_batch} rows of {limits.max_numbers // max(1, limits.max_batch)} values): split the batch",
         )
     longest = max(map(len, numbers), default=0)
     if longest > limits.max_number_chars:
         raise RequestError(
-            422, "number_too_long",
+            422,
+            "number_too_long",
             f"a number in the body has {longest} characters, over the limit of {limits.max_number_chars}: "
             "send float32 values (about 9 significant digits)",
         )
@@ -114,7 +123,8 @@ def _number(text: str) -> float:
     if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
         shown = text if len(text) <= 24 else text[:21] + "..."
         raise RequestError(
-            422, "out_of_range",
+            422,
+            "out_of_range",
             f"the number {shown} is outside float32's range (|x| <= 3.4e38), the limit of what the model takes",
         )
     return value
@@ -139,19 +149,27 @@ def parse_predict_body(body: bytes, limits: Limits) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(400, "malformed_json", f"the request body is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise RequestError(
+            400, "malformed_json", f"the request body is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     check_json(body, limits)
     try:
         payload = json.loads(text, parse_int=_number, parse_float=_number, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise RequestError(
-            400, "malformed_json", f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            400,
+            "malformed_json",
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
     if not isinstance(payload, dict):
-        raise RequestError(422, "invalid_body", f'the body must be a JSON object {{"inputs": [...]}}, got a JSON {_json_kind(payload)}')
+        raise RequestError(
+            422, "invalid_body", f'the body must be a JSON object {{"inputs": [...]}}, got a JSON {_json_kind(payload)}'
+        )
     if "inputs" not in payload:
         keys = ", ".join(repr(k[:40]) for k in list(payload)[:5]) or "none"
-        raise RequestError(422, "missing_inputs", f'the body has no "inputs" field (found keys: {keys}): send {{"inputs": [...]}}')
+        raise RequestError(
+            422, "missing_inputs", f'the body has no "inputs" field (found keys: {keys}): send {{"inputs": [...]}}'
+        )
     unknown = sorted(set(payload) - {"inputs"})
     if unknown:
         shown = ", ".join(repr(k[:40]) for k in unknown[:5])
