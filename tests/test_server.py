@@ -115,7 +115,7 @@ def _bad_requests(x_test: np.ndarray) -> list[tuple[str, dict, bytes, int, str]]
         ("booleans", JSON, json.dumps({"inputs": [True] * 64}).encode(), 422, "booleans"),
         ("NaN literal", JSON, f'{{"inputs": [NaN{", 0" * 63}]}}'.encode(), 422, "NaN"),
         ("Infinity literal", JSON, f'{{"inputs": [[-Infinity{", 0" * 63}]]}}'.encode(), 422, "Infinity"),
-        ("overflowing number", JSON, f'{{"inputs": [1e999{", 0" * 63}]}}'.encode(), 422, "outside float32's range"),
+        ("overflowing number", JSON, f'{{"inputs": [1e999{", 0" * 63}]}}'.encode(), 422, "NaN or infinite"),
         ("empty batch", JSON, b'{"inputs": []}', 422, "empty"),
         ("scalar", JSON, b'{"inputs": 5}', 422, "single number"),
         ("oversized batch", JSON, json.dumps({"inputs": [[0.0] * 64] * (MAX_BATCH + 1)}).encode(), 413, f"({MAX_BATCH} rows of 64 values)"),

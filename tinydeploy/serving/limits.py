@@ -1,17 +1,19 @@
 """Bounds on a predict request, checked on the raw bytes before any JSON is parsed.
 
 Every request is untrusted. Before ``json.loads`` sees a body, ``check_json`` measures it in linear
-time with regular expressions and numpy (strings blanked out first, so their contents never count):
+time with C-speed bytes operations (strings blanked out first, so their contents never count):
 
 * its nesting depth (``[`` and ``{``) against ``max_depth``, which a valid request reaches exactly
   (object, batch, then one level per input dimension): no recursion limit is ever approached;
-* the number of numeric tokens against ``max_numbers`` (``max_batch`` rows of ``n_features``);
-* the length of every numeric token against ``max_number_chars``: no integer with thousands of
-  digits reaches Python's int conversion (which raises past 4,300 digits).
+* the number of values against ``max_numbers`` (``max_batch`` rows of ``n_features``);
+* the length of every value against ``max_number_chars``: no integer with thousands of digits
+  reaches Python's int conversion (which raises past 4,300 digits);
+* integers with more digits than any float32 (|x| <= 3.4e38, 39 digits): refused before conversion.
 
-``parse_predict_body`` then parses with every number converted by ``float`` straight from its text
-and refused when it is beyond float32's range (|x| > 3.4e38), so no big integer is ever built. Each
-violation is a ``RequestError`` with a 4xx status, a stable ``code`` and a message naming the limit.
+The body is then parsed by ``json.loads`` (numbers by its C scanner, all of them short by now); NaN
+and Infinity literals are refused, and values beyond float32 are refused by the model's input
+validation. Each violation is a ``RequestError`` with a 4xx status, a stable ``code`` and a message
+naming the limit.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-#: float32's largest finite value: inputs beyond it cannot be represented by the model.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Digits of the largest integer float32 holds (3.4e38): an integer token with more is out of range.
+FLOAT32_DIGITS = 39
 #: Longest numeric token accepted: far more than any float32 needs (about 9 significant digits).
 MAX_NUMBER_CHARS = 64
 #: Bytes of request body allowed per input value (JSON text of a float plus separator), and a floor.
@@ -34,10 +36,11 @@ MIN_BODY_BYTES = 1 << 20
 DEFAULT_BODY_TIMEOUT_S = 10.0
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NUMBER = re.compile(rb"-?[0-9][0-9.eE+\-]*")
-_OPEN = np.zeros(256, dtype=np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
+_TO_SPACE = bytes.maketrans(b"[]{}:,\t\r\n", b" " * 9)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
 
 
 class RequestError(Exception):
@@ -86,48 +89,52 @@ class Limits:
         }
 
 
+def _depth(brackets: bytes) -> int:
+    """The deepest nesting reached by a string of brackets."""
+    if len(brackets) > 256:
+        return int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max(initial=0))
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def check_json(body: bytes, limits: Limits) -> None:
-    """Raise RequestError if ``body`` nests deeper, holds more numbers or longer numbers than ``limits``."""
+    """Raise RequestError if ``body`` nests deeper, holds more values or longer numbers than ``limits``."""
     skeleton = _STRING.sub(b'""', body)
-    codes = np.frombuffer(skeleton, dtype=np.uint8)
-    steps = _OPEN[codes]
-    steps = steps[steps != 0]
-    depth = int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+    depth = _depth(skeleton.translate(None, _NOT_BRACKETS))
     if depth > limits.max_depth:
         raise RequestError(
-            400,
-            "too_deep",
+            400, "too_deep",
             f"the body nests {depth} levels deep, over the limit of {limits.max_depth}: "
             'send {"inputs": [row, ...]} with plain rows of numbers',
         )
-    numbers = _NUMBER.findall(skeleton)
-    if len(numbers) > limits.max_numbers:
+    # values are the runs of bytes between structure and whitespace: numbers, literals, blanked strings
+    spaced = b" " + skeleton.translate(_TO_SPACE) + b" "
+    gaps = np.diff(np.flatnonzero(np.frombuffer(spaced, dtype=np.uint8) == ord(" ")))
+    values = int(np.count_nonzero(gaps > 1)) - skeleton.count(b'""')
+    if values > limits.max_numbers:
         raise RequestError(
-            413,
-            "too_many_numbers",
-            f"the body holds {len(numbers)} numbers, over the limit of {limits.max_numbers} "
+            413, "too_many_numbers",
+            f"the body holds {values} numbers, over the limit of {limits.max_numbers} "
             f"({limits.max_batch} rows of {limits.max_numbers // max(1, limits.max_batch)} values): split the batch",
         )
-    longest = max(map(len, numbers), default=0)
+    longest = int(gaps.max(initial=1)) - 1
     if longest > limits.max_number_chars:
         raise RequestError(
-            422,
-            "number_too_long",
+            422, "number_too_long",
             f"a number in the body has {longest} characters, over the limit of {limits.max_number_chars}: "
             "send float32 values (about 9 significant digits)",
         )
-
-
-def _number(text: str) -> float:
-    value = float(text)  # never int(text): no big integer is built, whatever the digits
-    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-        shown = text if len(text) <= 24 else text[:21] + "..."
-        raise RequestError(
-            422,
-            "out_of_range",
-            f"the number {shown} is outside float32's range (|x| <= 3.4e38), the limit of what the model takes",
-        )
-    return value
+    if longest > FLOAT32_DIGITS:
+        big = next((t for t in spaced.split() if len(t.lstrip(b"-")) > FLOAT32_DIGITS and t.lstrip(b"-").isdigit()), None)
+        if big is not None:
+            raise RequestError(
+                422, "out_of_range",
+                f"the integer {big[:12].decode()}... has {len(big.lstrip(b'-'))} digits: outside float32's range "
+                "(|x| <= 3.4e38), the limit of what the model takes",
+            )
 
 
 def _reject_constant(name: str) -> Any:
@@ -154,7 +161,7 @@ def parse_predict_body(body: bytes, limits: Limits) -> Any:
         ) from None
     check_json(body, limits)
     try:
-        payload = json.loads(text, parse_int=_number, parse_float=_number, parse_constant=_reject_constant)
+        payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise RequestError(
             400,

@@ -283,14 +283,17 @@ class ModelServer:
                 raise RequestError(413, "body_too_large", f"the body has {int(declared)} bytes, over the limit of "
                                    f"{limit} bytes: send at most {self.limits.max_batch} rows per request")
         timeout = self.limits.body_timeout_s
-        deadline = time.monotonic() + timeout
-        chunks, size = [], 0
+        received: list[bytes] = []
+        try:  # one deadline for the whole body: a client trickling bytes cannot extend it
+            return await asyncio.wait_for(self._receive_body(receive, limit, received), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, "body_timeout", f"the body did not arrive within the limit of {timeout:g} s "
+                               f"(got {sum(map(len, received))} bytes): send the whole body at once") from None
+
+    async def _receive_body(self, receive: Receive, limit: int, chunks: list[bytes]) -> bytes:
+        size = 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise RequestError(408, "body_timeout", f"the body did not arrive within the limit of {timeout:g} s "
-                                   f"(got {size} bytes): send the whole body at once") from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
