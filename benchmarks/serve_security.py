@@ -181,12 +181,15 @@ class Server:
         self.startup_s: float | None = None
         while wait and healthz(self.port) is None:
             if self.process.poll() is not None or time.perf_counter() - self.start > 120:
+                self.stop()
                 raise RuntimeError(f"the {side} server did not start")
             time.sleep(0.01)
         if wait:
             self.startup_s = time.perf_counter() - self.start
 
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
         os.killpg(self.process.pid, signal.SIGINT)
         try:
             self.process.wait(timeout=20)
