@@ -188,11 +188,12 @@ class Server:
             self.startup_s = time.perf_counter() - self.start
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGINT)
+        """Interrupt the server's process group (supervisor and workers); kill it if it lingers."""
         try:
+            os.killpg(self.process.pid, signal.SIGINT)
             self.process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
