@@ -94,6 +94,11 @@ class ProcessGroup:
                 "run every process on the same kind of device and library versions"
             )
 
+    def is_collective_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says a peer process is gone (gloo/NCCL), rather than a fault of this process."""
+        text = str(exc)
+        return isinstance(exc, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "Connection reset"))
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -38,8 +38,15 @@ from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state
 from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.distributed import ProcessGroup
-from tinydeploy.training.rundir import (COMMIT_LOG, GROWTH_LOG_FILE, HISTORY_FILE, Checkpoint, RunWriter,
-                                        read_checkpoint, read_commits)
+from tinydeploy.training.rundir import (
+    COMMIT_LOG,
+    GROWTH_LOG_FILE,
+    HISTORY_FILE,
+    Checkpoint,
+    RunWriter,
+    read_checkpoint,
+    read_commits,
+)
 from tinydeploy.training.trainer import Trainer, evaluate
 
 #: Optimizer steps between two looks at the clock and at stop requests (a possible checkpoint).
@@ -345,7 +352,14 @@ class GrowJob:
                                                 self.task)[0]
                 self.checkpoint()  # generation 1: the initial state, so that every later kill can resume
             with _stop_requests(self):
-                self._loop()
+                try:
+                    self._loop()
+                except RuntimeError as exc:
+                    if self.parallel is None or not self.parallel.is_collective_error(exc):
+                        raise
+                    raise TinyDeployError(
+                        f"rank {self.parallel.rank}: another process of the job stopped ({str(exc).splitlines()[0]}); "
+                        f"the last checkpoint is kept: resume with 'tinydeploy grow --resume {self.run_dir}'") from None
             status = "complete" if self.loop.phase == "done" else "interrupted"
             metrics = self.checkpoint(status)
             if self.is_main:

@@ -107,6 +107,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
@@ -146,10 +151,15 @@ class RunWriter:
             _truncate(self.run_dir / name, int(entry["bytes"]))
             self._lengths[name] = [int(entry["bytes"]), int(entry["lines"])]
         _truncate(self.run_dir / COMMIT_LOG, int(commit["_end"]))
+        current = self.run_dir / generation_file(self.generation)
         for child in (self.run_dir / CHECKPOINTS_DIR).glob("*.safetensors"):
-            if not child.stem.isdigit() or int(child.stem) > self.generation:
+            if child != current:
                 child.unlink()
         self._open()
+        for path in (current, *(self.run_dir / name for name in (*LOGS, COMMIT_LOG))):
+            _fsync_file(path)  # the generation resumed from becomes the durable one
+        _fsync_dir(current.parent)
+        self._last_sync = time.monotonic()
 
     def _open(self) -> None:
         for name in (*LOGS, COMMIT_LOG):
@@ -215,14 +225,16 @@ class RunWriter:
             commits.write(data[: len(data) // 2])
             crashpoints.kill()
         commits.write(data)
+        stale = [generation - KEEP_GENERATIONS]
         if durable:
             os.fsync(commits.fileno())
+            stale.append(self.durable)
             self.durable, self._last_sync = generation, time.monotonic()
         self.generation = generation
         crashpoints.point("committed")
-        stale = generation - KEEP_GENERATIONS
-        if stale > 0 and stale != self.durable:
-            (self.run_dir / generation_file(stale)).unlink(missing_ok=True)
+        for old in stale:
+            if 0 < old <= generation - KEEP_GENERATIONS and old != self.durable:
+                (self.run_dir / generation_file(old)).unlink(missing_ok=True)
         return generation
 
     def publish(self, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
