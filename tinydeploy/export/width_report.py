@@ -17,7 +17,7 @@ from typing import Any
 from tinydeploy.atomic import write_json, write_text
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.model.spec import ArchSpec
-from tinydeploy.training.rundir import METRICS_FILE, MODEL_FILE, read_run
+from tinydeploy.training.rundir import is_run_dir, read_run
 
 REPORT_JSON = "width_report.json"
 REPORT_MD = "width_report.md"
@@ -277,7 +277,7 @@ def report_table(directory: str | os.PathLike[str]) -> str:
     directory = Path(directory)
     if (directory / REPORT_JSON).is_file():
         report = json.loads((directory / REPORT_JSON).read_text(encoding="utf-8"))
-    elif (directory / METRICS_FILE).is_file() and (directory / MODEL_FILE).is_file():
+    elif directory.is_dir() and is_run_dir(directory):
         run = read_run(directory)
         report = build_width_report(run.spec, run.growth_log, run.metrics)
     elif not directory.is_dir():

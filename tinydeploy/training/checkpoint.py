@@ -46,7 +46,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Tensors, sta
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> tuple[Tensors, dict[str, Any]]:
-    """Torch's global CPU (and current CUDA device's) state, the given generators, numpy's and Python's."""
+    """Torch's global CPU (and current CUDA device's) state, the given generators, numpy's and Python's
+    (the Mersenne-twister key arrays as int64 tensors, the rest as JSON)."""
     tensors: Tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -54,11 +55,10 @@ def rng_state(generators: dict[str, torch.Generator]) -> tuple[Tensors, dict[str
         tensors[f"rng.{name}"] = generator.get_state()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {
-        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
+    tensors["rng.numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    tensors["rng.python_internal"] = torch.tensor(internal, dtype=torch.int64)
+    state = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "gauss_next": gauss_next}}
     return tensors, state
 
 
@@ -70,6 +70,7 @@ def restore_rng(generators: dict[str, torch.Generator], tensors: Tensors, state:
     for name, generator in generators.items():
         generator.set_state(tensors[f"rng.{name}"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = tensors["rng.numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    random.setstate((p["version"], tuple(int(v) for v in tensors["rng.python_internal"].tolist()), p["gauss_next"]))

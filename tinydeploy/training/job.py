@@ -149,6 +149,8 @@ class GrowJob:
         self._signalled = False  # a SIGINT/SIGTERM arrived (set by the handler)
         self._stop_requested = False  # the loop stops at this boundary (agreed by every process)
         self._data_sha256 = data_fingerprint(self.data)
+        self._evaluations: dict[str, Any] = {}
+        self._config = asdict(cfg)
 
     @property
     def is_main(self) -> bool:
@@ -193,15 +195,24 @@ class GrowJob:
     def _record(self, phase: str, train_loss: float, total_epochs: float) -> None:
         if not self.is_main:
             return
-        val_loss, val_metric = evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)
+        val_loss, val_metric = self._evaluate("val")
         spec = spec_from_model(self.model, self.spec)
         entry = {"epoch": round(self.trainer.epoch, 4), "phase": phase, "params": spec.n_params(),
                  "widths": spec.hidden_widths, "train_loss": train_loss, "val_loss": val_loss,
                  self._metric_key("val"): val_metric}
         self.history.append(entry)
-        self.writer.append(HISTORY_FILE, entry)
+        self._append(HISTORY_FILE, entry)
         self.on_progress(Progress(phase, self.trainer.epoch, total_epochs, train_loss, val_loss, val_metric,
                                   self._metric_key("val").replace("_", " "), spec.hidden_widths, spec.n_params()))
+
+    def _evaluate(self, split: str) -> tuple[float, float]:
+        """(loss, metric) of the current model on a split, computed once per model and step."""
+        key = (self.model, self.trainer.steps_done)
+        cached = self._evaluations.get(split)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
+            batch = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+            cached = self._evaluations[split] = (key, evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task))
+        return cached[1]
 
     def _metric_key(self, split: str) -> str:
         return f"{split}_accuracy" if self.task == "classification" else f"{split}_mse"
@@ -225,9 +236,13 @@ class GrowJob:
         for g in growths:
             event = self._event(step, g)
             self.log.append(event)
-            if self.is_main:
-                self.writer.append(GROWTH_LOG_FILE, event)
+            self._append(GROWTH_LOG_FILE, event)
         return growths
+
+    def _append(self, log: str, record: dict[str, Any]) -> None:
+        """Append to a log of the run directory (rank 0, while ``run`` has the directory open)."""
+        if self.writer is not None:
+            self.writer.append(log, record)
 
     def _event(self, step: int, g: Growth) -> dict[str, Any]:
         c = g.candidate
@@ -307,7 +322,7 @@ class GrowJob:
             if loop.phase == "final":
                 self._record("final", loop.train_loss, loop.final_start_epoch + self.cfg.final_epochs)
         if self._poll():
-            self.checkpoint()
+            self.checkpoint(full=True)
 
     def _poll(self) -> bool:
         """Whether a timed checkpoint is due; turns a signal into a stop request. When several processes
@@ -350,7 +365,7 @@ class GrowJob:
             if self.resumed is None:
                 self.loop.train_loss = evaluate(self.model, self.train_set.X, self.train_set.y, self.loss_fn,
                                                 self.task)[0]
-                self.checkpoint()  # generation 1: the initial state, so that every later kill can resume
+                self.checkpoint(full=True)  # generation 1: the initial state, so that every kill can resume
             with _stop_requests(self):
                 try:
                     self._loop()
@@ -368,17 +383,17 @@ class GrowJob:
             torch.set_num_threads(threads)
             if self.writer is not None:
                 self.writer.close()
+                self.writer = None
         return GrowResult(self.run_dir, spec_from_model(self.model, self.spec),
                           {**metrics, "history": self.history}, self.log)
 
     # ----- outputs ------------------------------------------------------------------------------
-    def metrics(self, status: str) -> dict[str, Any]:
-        """The summary of the run as it stands (the history is in history.jsonl)."""
+    def metrics(self, status: str, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+        """The summary of the run as it stands (the history is in history.jsonl), evaluated on ``splits``."""
         spec = spec_from_model(self.model, self.spec)
-        splits = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
         results = {}
-        for name, batch in splits.items():
-            loss, metric = evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task)
+        for name in splits:
+            loss, metric = self._evaluate(name)
             results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
         wall = self.wall_before + time.perf_counter() - self.started
         return {
@@ -393,16 +408,20 @@ class GrowJob:
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth,
                             "checkpoint": self.time_checkpoint},
             "processes": self._processes(),
-            "config": asdict(self.cfg), "command": self.command,
+            "config": self._config, "command": self.command,
             "versions": {"tinydeploy": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
 
-    def checkpoint(self, status: str = "running") -> dict[str, Any]:
-        """Commit one generation of the run directory (rank 0 only); returns the metrics written."""
+    def checkpoint(self, status: str = "running", full: bool = False) -> dict[str, Any]:
+        """Commit one generation of the run directory (rank 0 only); returns the metrics written.
+
+        After a growth step the metrics hold the validation scores the step recorded; the training and
+        test splits are evaluated at ``full`` checkpoints (the timed ones, the first and the last)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
-        if self.is_main:
-            metrics = self.metrics(status)
+        if self.writer is not None:
+            full = full or status != "running"
+            metrics = self.metrics(status, ("train", "val", "test") if full else ("val",))
             self.writer.commit(self.model, spec_from_model(self.model, self.spec), metrics, status, self.resume_state())
         self._last_checkpoint = time.perf_counter()
         self.time_checkpoint += self._last_checkpoint - start
@@ -418,7 +437,7 @@ class GrowJob:
         rng_tensors, rngs = rng_state(self._generators())
         trainer_tensors, trainer_state = self.trainer.state()
         state = {
-            "config": asdict(self.cfg), "loop": asdict(self.loop), "optimizer": opt_state, "rng": rngs,
+            "config": self._config, "loop": asdict(self.loop), "optimizer": opt_state, "rng": rngs,
             "trainer": trainer_state, "psi": {str(k): v for k, v in self.psi.items()},
             "time": {"wall": self.wall_before + time.perf_counter() - self.started, "training": self.time_train,
                      "growth": self.time_growth, "checkpoint": self.time_checkpoint},

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,7 @@ class RunWriter:
         if resume is not None:
             tensors.update({f"resume.{k}": v for k, v in resume[0].items()})
             metadata[_RESUME_KEY] = _compact(resume[1])
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        write_safetensors(path, tensors, metadata)
         if durable:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -244,6 +245,33 @@ class RunWriter:
         save_model(self.run_dir / MODEL_FILE, ckpt.model, ckpt.spec, {"tinydeploy.kind": "run"})
         write_json(self.run_dir / ARCH_FILE, ckpt.spec.to_dict())
         write_json(self.run_dir / METRICS_FILE, {**metrics, "history": history})
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` in the safetensors format (8-byte header size, JSON header, raw little-endian data).
+
+    ``safetensors.torch.save_file`` spends more time on per-tensor checks than on writing the few small
+    tensors of a checkpoint; the files are read back with the safetensors library, which validates them.
+    """
+    if sys.byteorder != "little":
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name, tensor in sorted(tensors.items()):
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
 
 
 def _truncate(path: Path, length: int) -> None:
