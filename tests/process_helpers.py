@@ -68,8 +68,6 @@ def grow(config: dict[str, Any], out: str, crash: str | None, resume: bool, rank
     crashpoints.arm(crash)
     job = prepare_resume(out) if resume else prepare_grow(GrowConfig(**config), out, force=True)
     job.run()
-    if job.parallel is not None:
-        job.parallel.close()
 
 
 def moments(rank: int, world: int, port: int, out: str) -> None:

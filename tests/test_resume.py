@@ -6,9 +6,12 @@ one whole generation; ``--resume``'s one-line errors."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 from pathlib import Path
+
+import numpy as np
 
 import process_helpers
 import pytest
@@ -17,10 +20,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from tinydeploy.data import apply_standardizer, load_dataset
+from tinydeploy.export.width_report import report_table
 from tinydeploy.model.losses import per_sample_loss
+from tinydeploy.training.checkpoint import restore_rng, rng_state
 from tinydeploy.training.config import GrowConfig
-from tinydeploy.training.job import run_grow
-from tinydeploy.training.rundir import COMMIT_LOG, Run, read_commits, read_run
+from tinydeploy.training.job import prepare_resume, run_grow
+from tinydeploy.training.rundir import COMMIT_LOG, Run, read_checkpoint, read_commits, read_run
 from tinydeploy.training.trainer import evaluate
 
 #: checkpoint_every 0: a timed checkpoint after every slice of training, the final phase included.
@@ -88,6 +93,7 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_run(tmp_path, reference
         else:
             assert code == -signal.SIGKILL and run.status == "running", (crash, code)
         assert_one_generation(run)
+        assert str(run.spec.hidden_widths[0]) in report_table(out)  # `tinydeploy report` reads a killed run
         generations.append(run.generation)
     assert generations == sorted(generations) and len(set(generations)) > 4
     assert read_run(out).metrics["phase"] == "final"  # the final phase was killed and checkpointed too
@@ -129,3 +135,33 @@ def test_bad_resumes_fail_with_one_line(tmp_path, reference):
         assert lines[0].startswith("error: ") and message in lines[0], (args, lines[0])
     assert (reference / COMMIT_LOG).read_bytes() == before
     assert len(read_commits(tmp_path / "stopped")) == len(before.splitlines()) - 1  # refused resumes wrote nothing
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, reference):
+    """As after a power loss that kept a commit line but not its file's data: readers and --resume use
+    the generation before (with its own log lengths), and the resumed run still ends identical."""
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    commits = read_commits(out)
+    last = out / commits[-1]["file"]
+    last.write_bytes(last.read_bytes()[:100])
+    ckpt = read_checkpoint(out, resume=True)
+    assert ckpt.commit["generation"] == commits[-2]["generation"] and "cannot be read" in ckpt.notices[0]
+    assert read_run(out).generation == commits[-2]["generation"]
+    job = prepare_resume(out)
+    assert any("resumed from generation" in n for n in job.notices)
+    job.run()
+    assert_same_run(reference, out)
+
+
+def test_every_random_generator_round_trips():
+    generator = torch.Generator().manual_seed(5)
+    random.seed(3), np.random.seed(4), torch.manual_seed(6)
+    tensors, state = rng_state({"g": generator})
+    json.dumps(state)  # the non-tensor part is JSON
+    draw = lambda: (random.random(), float(np.random.randn()), torch.randn(2, generator=generator).tolist(),  # noqa: E731
+                    torch.rand(1).item())
+    first = draw()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9), generator.manual_seed(9)
+    restore_rng({"g": generator}, tensors, state)
+    assert draw() == first

@@ -379,6 +379,8 @@ class GrowJob:
             metrics = self.checkpoint(status)
             if self.is_main:
                 self.writer.publish(metrics, self.history)
+            if self.parallel is not None:
+                self.parallel.close()
         finally:
             torch.set_num_threads(threads)
             if self.writer is not None:
@@ -558,13 +560,12 @@ def prepare_resume(run_dir: Path, given: dict[str, Any] | None = None, *, comman
             raise TinyDeployError(f"--resume {run_dir}: no such directory; pass the --out directory of a 'tinydeploy grow'")
         raise TinyDeployError(f"--resume {run_dir}: not a resumable tinydeploy run (no {COMMIT_LOG}): pass the --out "
                               "directory of a 'tinydeploy grow', or start a new run")
-    commits = read_commits(run_dir)
-    if commits and commits[-1]["status"] == "complete":
+    ckpt = read_checkpoint(run_dir, resume=True)
+    if ckpt.commit["status"] == "complete":
         raise TinyDeployError(f"--resume {run_dir}: the run is already complete; export it with "
                               f"'tinydeploy export {run_dir}' or start a new run")
-    if commits and not commits[-1]["resumable"]:
+    if not ckpt.commit["resumable"]:
         raise TinyDeployError(f"--resume {run_dir}: the run holds no resumable state; start a new run")
-    ckpt = read_checkpoint(run_dir, resume=True)
     saved = ckpt.state["config"]
     known = {f.name for f in fields(GrowConfig)}
     if set(saved) - known:
