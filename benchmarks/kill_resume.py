@@ -75,7 +75,7 @@ def one_dataset(dataset: str, kills: int, rng: random.Random, tmp: Path) -> dict
     landed = []
     process = tinydeploy([*flags, "--out", str(killed)])
     for _ in range(kills):
-        time.sleep(startup + rng.uniform(0.05, 0.9) * duration)  # a moment within the grow, after the imports
+        time.sleep(startup + rng.uniform(0.05, 0.6) * duration)  # a moment within the grow, after the imports
         if process.poll() is not None:
             break  # it finished before the kill
         process.send_signal(signal.SIGKILL)
