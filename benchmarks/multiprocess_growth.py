@@ -23,7 +23,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import Report, machine_info  # noqa: E402
+from common import Report, fmt_pm, machine_info  # noqa: E402
 
 from tinydeploy.training.rundir import read_run  # noqa: E402
 
@@ -47,27 +47,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist1d")
     parser.add_argument("--nprocs", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more grow options")
     args = parser.parse_args()
     flags = ["--dataset", args.dataset, "--device", "cpu", *args.extra]
     report = Report(NAME, f"Multi-process growth on {args.dataset} (gloo, CPU)")
     records, rows = [], []
+    runs = [("1 process", [])] + [(f"--nproc {n}", ["--nproc", str(n)]) for n in args.nprocs]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("1 process", [])] + [(f"--nproc {n}", ["--nproc", str(n)]) for n in args.nprocs]
-        for label, extra in runs:
-            r = {"label": label, **grow([*flags, *extra], Path(tmp) / label.replace(" ", "_"))}
-            records.append(r)
-            rows.append([label, f"{r['job_s']:.1f}", f"{r['training_s']:.1f}", f"{r['growth_s']:.1f}",
-                         f"{r['command_s']:.1f}", str(r["widths"]), f"{r['params']:,}", r["growth_events"],
-                         f"{100 * r['test_accuracy']:.2f}"])
-            print(rows[-1], flush=True)
+        for seed in args.seeds:
+            for label, extra in runs:
+                out = Path(tmp) / f"{label.replace(' ', '_')}-{seed}"
+                r = {"label": label, "seed": seed, **grow([*flags, "--seed", str(seed), *extra], out)}
+                records.append(r)
+                rows.append([seed, label, f"{r['job_s']:.1f}", f"{r['training_s']:.1f}", f"{r['growth_s']:.1f}",
+                             f"{r['command_s']:.1f}", str(r["widths"]), f"{r['params']:,}", r["growth_events"],
+                             f"{100 * r['test_accuracy']:.2f}"])
+                print(rows[-1], flush=True)
     report.table("One process vs N processes (same global batch)",
-                 ["run", "job s", "training s", "growth s", "command s", "widths", "params", "growth events",
+                 ["seed", "run", "job s", "training s", "growth s", "command s", "widths", "params", "growth events",
                   "test %"], rows,
-                 note=(f"Options: {' '.join(flags)}. 'job s' is the grow's own wall time (metrics.json); 'command s' "
-                       "adds interpreter start, imports and torchrun. Every process uses one CPU thread here "
+                 note=(f"Options: {' '.join(flags)} --seed S. 'job s' is the grow's own wall time (metrics.json); "
+                       "'command s' adds interpreter start, imports and torchrun. Every process uses one CPU thread "
                        "(compact budget)."))
-    report.write({"flags": flags, "records": records}, machine_info())
+    summary = []
+    for label, _ in runs:
+        mine = [r for r in records if r["label"] == label]
+        summary.append([label, fmt_pm([r["job_s"] for r in mine]), fmt_pm([r["params"] for r in mine], digits=0),
+                        fmt_pm([r["test_accuracy"] for r in mine], 100, 2)])
+    report.table(f"Mean ± std over seeds {args.seeds}", ["run", "job s", "params", "test %"], summary)
+    report.write({"flags": flags, "seeds": args.seeds, "records": records}, machine_info())
 
 
 if __name__ == "__main__":

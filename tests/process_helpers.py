@@ -63,7 +63,7 @@ def grow(config: dict[str, Any], out: str, crash: str | None, resume: bool, rank
     from tinydeploy.training.config import GrowConfig
     from tinydeploy.training.job import prepare_grow, prepare_resume
 
-    if world > 1:
+    if port:
         _as_rank(rank, world, port)
     crashpoints.arm(crash)
     job = prepare_resume(out) if resume else prepare_grow(GrowConfig(**config), out, force=True)

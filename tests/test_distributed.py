@@ -85,3 +85,16 @@ def test_failed_rank_stops_the_job_and_the_resumed_two_process_run_grows_like_on
     assert two.spec.hidden_widths == single.metrics["final_widths"]
     one_acc, two_acc = (m["metrics"]["test"]["accuracy"] for m in (single.metrics, two.metrics))
     assert abs(one_acc - two_acc) <= ACCURACY_TOLERANCE
+
+
+def test_one_process_under_ddp_is_bit_identical_to_a_plain_run(tmp_path):
+    """torchrun --nproc-per-node 1: the DDP wrapper and the process group change nothing."""
+    single = run_grow(GrowConfig(**GROW), tmp_path / "plain")
+    process = process_helpers.start(process_helpers.grow, GROW, str(tmp_path / "ddp"), None, False, 0, 1,
+                                    process_helpers.free_port())
+    assert process_helpers.join_all([process]) == [0]
+    ddp = read_run(tmp_path / "ddp")
+    plain = read_run(single.run_dir)
+    assert ddp.metrics["processes"] == 1 and ddp.growth_log == plain.growth_log
+    state_a, state_b = ddp.model.state_dict(), plain.model.state_dict()
+    assert max(float((state_a[k] - state_b[k]).abs().max()) for k in state_a) == 0.0

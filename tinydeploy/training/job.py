@@ -222,8 +222,9 @@ class GrowJob:
         old_model = self.model
         held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
         metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
+        sharded = self.parallel if self.parallel is not None and self.parallel.world > 1 else None
         model, growths, moments = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
-                                              self.loss_fn, metric, self.settings, self.generator, self.parallel)
+                                              self.loss_fn, metric, self.settings, self.generator, sharded)
         crashpoints.point("grow")
         self.psi = bottlenecks(moments)
         if self.parallel is not None:

@@ -82,7 +82,7 @@ class Trainer:
             xb, yb = self._next_batch()
             if self.input_noise > 0:
                 xb = xb + self.input_noise * torch.randn(xb.shape, generator=self.generator).to(xb.device)
-            if self.parallel is None:
+            if self.parallel is None or self.parallel.world == 1:
                 loss = self.loss_fn(self._forward(xb), yb).mean()
                 reported = loss.detach()
             else:  # this process's rows; DDP averages over processes, so scale to the global batch mean
