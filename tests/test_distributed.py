@@ -56,16 +56,23 @@ def test_all_reduced_moments_equal_one_process_moments_of_the_union_batch(tmp_pa
         assert _rel_err(reduced[0][f"{layer}.lambda_null"], single[f"{layer}.lambda_null"]) < 1e-8
 
 
-GROW = {"device": "cpu", "max_params": 600, "max_growth_epochs": 1.5, "final_epochs": 1.5}
-FLAGS = ["--device", "cpu", "--max-params", "600", "--max-growth-epochs", "1.5", "--final-epochs", "1.5"]
+GROW = {"device": "cpu", "max_params": 600, "max_growth_epochs": 1.5, "final_epochs": 1.5, "checkpoint_every": 0.0}
+FLAGS = ["--device", "cpu", "--max-params", "600", "--max-growth-epochs", "1.5", "--final-epochs", "1.5",
+         "--checkpoint-every", "0"]
 #: Stated tolerance of the 2-process run against 1 process: the same widths after every growth step,
 #: test accuracy within 1 percentage point (the runs differ only by float rounding of the gradient sums).
 ACCURACY_TOLERANCE = 0.01
 
 
+def _two_ranks(out: Path, resume: bool) -> None:
+    port = process_helpers.free_port()
+    ranks = [process_helpers.start(process_helpers.grow, GROW, str(out), None, resume, r, 2, port) for r in range(2)]
+    assert process_helpers.join_all(ranks) == [0, 0]
+
+
 def test_failed_rank_stops_the_job_and_the_resumed_two_process_run_grows_like_one_process(tmp_path):
     out = tmp_path / "two"
-    env = {**os.environ, "TINYDEPLOY_CRASH_AT": "slice:2@1", "COLUMNS": "200"}
+    env = {**os.environ, "TINYDEPLOY_CRASH_AT": "slice:9@1", "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "tinydeploy", "grow", "--nproc", "2", *FLAGS, "--out", str(out)],
                             capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -73,13 +80,15 @@ def test_failed_rank_stops_the_job_and_the_resumed_two_process_run_grows_like_on
     assert last.startswith("error: the 2-process grow stopped") and "'tinydeploy grow --resume " in last, last
     assert "rank 0: another process of the job stopped" in result.stderr
     commits = read_commits(out)
-    assert commits[-1]["status"] == "running" and commits[-1]["epoch"] > 0  # killed after the first interval
-    port = process_helpers.free_port()
-    ranks = [process_helpers.start(process_helpers.grow, GROW, str(out), None, True, r, 2, port) for r in range(2)]
-    assert process_helpers.join_all(ranks) == [0, 0]
+    assert commits[-1]["status"] == "running" and commits[-1]["epoch"] % 1 > 0  # a timed checkpoint mid-epoch
+    _two_ranks(out, resume=True)
+    _two_ranks(tmp_path / "uninterrupted", resume=False)
+    two, uninterrupted = read_run(out), read_run(tmp_path / "uninterrupted")
+    state, reference = two.model.state_dict(), uninterrupted.model.state_dict()
+    assert max(float((state[k] - reference[k]).abs().max()) for k in state) == 0.0  # exact multi-process resume
+    assert two.metrics["history"] == uninterrupted.metrics["history"] and two.growth_log == uninterrupted.growth_log
 
     single = run_grow(GrowConfig(**GROW), tmp_path / "one")
-    two = read_run(out)
     assert two.status == "complete" and two.metrics["processes"] == 2
     assert [e["widths"] for e in two.growth_log] == [e["widths"] for e in single.growth_log]
     assert two.spec.hidden_widths == single.metrics["final_widths"]

@@ -73,6 +73,12 @@ class ProcessGroup:
     def min(self, values: torch.Tensor) -> torch.Tensor:
         return self._reduce(values, dist.ReduceOp.MIN)
 
+    def gather_scalar(self, value: torch.Tensor) -> torch.Tensor:
+        """Every process's ``value`` (a 0-d tensor), in rank order, same dtype."""
+        slots = torch.zeros(self.world, dtype=value.dtype)
+        slots[self.rank] = value.detach().cpu()
+        return self.sum(slots)
+
     def sum_moments(self, moments: list[LayerMoments]) -> list[LayerMoments]:
         """See ``all_reduce_moments``."""
         return all_reduce_moments(moments, self.sum)

@@ -422,10 +422,11 @@ class GrowJob:
         test splits are evaluated at ``full`` checkpoints (the timed ones, the first and the last)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
+        resume = self.resume_state()  # every process: the trainer gathers their running loss sums
         if self.writer is not None:
             full = full or status != "running"
             metrics = self.metrics(status, ("train", "val", "test") if full else ("val",))
-            self.writer.commit(self.model, spec_from_model(self.model, self.spec), metrics, status, self.resume_state())
+            self.writer.commit(self.model, spec_from_model(self.model, self.spec), metrics, status, resume)
         self._last_checkpoint = time.perf_counter()
         self.time_checkpoint += self._last_checkpoint - start
         return metrics

@@ -106,13 +106,21 @@ class Trainer:
 
     # ----- resume -----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Where the trainer stands (epoch order, loss sum so far) as tensors and JSON."""
-        return ({"trainer.order": self._order, "trainer.loss_sum": self._loss_sum},
+        """Where the trainer stands (epoch order, loss sum so far) as tensors and JSON. With several
+        processes every one must call it (their running loss sums are gathered, one per process)."""
+        loss_sum = self._loss_sum if self.parallel is None else self.parallel.gather_scalar(self._loss_sum)
+        return ({"trainer.order": self._order, "trainer.loss_sum": loss_sum},
                 {"steps_done": self.steps_done, "loss_steps": self._loss_steps})
 
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self._order = tensors["trainer.order"].to(self.X.device)
-        self._loss_sum = tensors["trainer.loss_sum"].to(self.X.device)
+        sums = tensors["trainer.loss_sum"]
+        rank, world = (self.parallel.rank, self.parallel.world) if self.parallel is not None else (0, 1)
+        if sums.dim() == 1 and sums.numel() == world:
+            loss_sum = sums[rank]  # the same number of processes: each takes its own
+        else:
+            loss_sum = sums.sum() if rank == 0 else torch.zeros_like(sums.sum())
+        self._loss_sum = loss_sum.to(self.X.device)
         self.steps_done, self._loss_steps = int(state["steps_done"]), int(state["loss_steps"])
 
 
