@@ -15,8 +15,8 @@ from rich.table import Table
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.training.config import GrowConfig
-from tinydeploy.training.job import GrowResult, Progress as GrowProgress, check_run_dir, default_run_dir, prepare_grow, \
-    prepare_resume
+from tinydeploy.training.job import GrowResult, check_run_dir, default_run_dir, prepare_grow, prepare_resume
+from tinydeploy.training.job import Progress as GrowProgress
 
 _DEFAULTS = GrowConfig()
 

@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import numpy as np
-
 import process_helpers
 import pytest
 import torch

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
 from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
 from tinydeploy.training.devices import resolve_device, synchronize
-from tinydeploy.training.distributed import ProcessGroup
 from tinydeploy.training.rundir import (
     COMMIT_LOG,
     GROWTH_LOG_FILE,
@@ -45,9 +44,11 @@ from tinydeploy.training.rundir import (
     Checkpoint,
     RunWriter,
     read_checkpoint,
-    read_commits,
 )
 from tinydeploy.training.trainer import Trainer, evaluate
+
+if TYPE_CHECKING:
+    from tinydeploy.training.distributed import ProcessGroup
 
 #: Optimizer steps between two looks at the clock and at stop requests (a possible checkpoint).
 SLICE_STEPS = 32
@@ -587,6 +588,8 @@ def prepare_resume(run_dir: Path, given: dict[str, Any] | None = None, *, comman
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "the default"
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return str(value)
