@@ -140,7 +140,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, refere
     """As after a power loss that kept a commit line but not its file's data: readers and --resume use
     the generation before (with its own log lengths), and the resumed run still ends identical."""
     out = tmp_path / "damaged"
-    shutil.copytree(reference, out)
+    process = process_helpers.start(process_helpers.grow, CFG, str(out), "grow:4", False)
+    assert process_helpers.join_all([process]) == [-signal.SIGKILL]
     commits = read_commits(out)
     last = out / commits[-1]["file"]
     last.write_bytes(last.read_bytes()[:100])
