@@ -15,7 +15,8 @@ from rich.table import Table
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.training.config import GrowConfig
-from tinydeploy.training.job import GrowResult, Progress as GrowProgress, prepare_grow
+from tinydeploy.training.job import GrowResult, check_run_dir, default_run_dir, prepare_grow, prepare_resume
+from tinydeploy.training.job import Progress as GrowProgress
 
 _DEFAULTS = GrowConfig()
 
@@ -47,9 +48,52 @@ def _summary(result: GrowResult, console: Console) -> None:
                   f"next: tinydeploy export {result.run_dir} --onnx")
 
 
+def _given(ctx: typer.Context) -> dict[str, object]:
+    """The options the user typed (not defaults), by parameter name."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer's own click: compare by name
+    return {name: value for name, value in ctx.params.items()
+            if sources[name] is not None and sources[name].name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _as_arguments(ctx: typer.Context, given: dict[str, object]) -> list[str]:
+    """``given`` written back as command-line arguments (to hand them to torchrun's processes)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name not in given:
+            continue
+        value = given[param.name]
+        if getattr(param, "is_flag", False):
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch(ctx: typer.Context, cfg: GrowConfig, nproc: int, out: Optional[Path], resume: Optional[Path],
+            force: bool) -> None:
+    """--nproc N: check what can be checked here, then run the same command under torchrun."""
+    from tinydeploy.training import distributed
+
+    if distributed.in_torchrun():
+        raise TinyDeployError("--nproc starts torchrun itself: drop it when launching with torchrun")
+    given = {k: v for k, v in _given(ctx).items() if k != "nproc"}
+    if resume is None:
+        cfg.validate()
+        out = out if out is not None else default_run_dir(cfg.dataset)
+        check_run_dir(out, force)
+        given["out"] = out
+    code = distributed.launch(nproc, _as_arguments(ctx, given))
+    if code:
+        where = resume if resume is not None else out
+        raise TinyDeployError(f"the {nproc}-process grow stopped (exit code {code}; the failing process's error is "
+                              f"above); its last checkpoint is kept: resume with 'tinydeploy grow --resume {where} "
+                              f"--nproc {nproc}'")
+
+
 @app.command()
 @reports_errors
 def grow(
+    ctx: typer.Context,
     dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | moons | spirals | sine | mnist | "
                                 "fashion-mnist | cifar10 | cifar100, or a path to a .npz / .csv file."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
@@ -77,6 +121,12 @@ def grow(
     seed: int = typer.Option(_DEFAULTS.seed, help="Seed of initialisation, batching and growth."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for budgets <= 100k params)."),
     device: str = typer.Option(_DEFAULTS.device, help="auto | cpu | cuda (auto picks CUDA when usable)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory (its saved "
+                                          "options apply; on CPU with the same threads the result is bit-identical)."),
+    checkpoint_every: float = typer.Option(_DEFAULTS.checkpoint_every, help="Minutes between checkpoints during long "
+                                           "training phases (one is also written after every growth step)."),
+    nproc: Optional[int] = typer.Option(None, help="Grow with N processes (torchrun; gloo on CPU, NCCL with one GPU "
+                                        "per process); --batch-size stays the global batch."),
 ) -> None:
     """Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."""
     cfg = GrowConfig(
@@ -86,9 +136,25 @@ def grow(
         layers_per_step=layers_per_step, max_params=max_params, max_width=max_width,
         target_accuracy=target_accuracy, patience=patience, lr=lr, batch_size=batch_size,
         weight_decay=weight_decay, input_noise=input_noise, device=device, threads=threads, seed=seed,
+        checkpoint_every=checkpoint_every,
     )
-    job = prepare_grow(cfg, out, force=force, command=shlex.join(["tinydeploy", *sys.argv[1:]]))
+    if nproc is not None:
+        return _launch(ctx, cfg, nproc, out, resume, force)
+    command = shlex.join(["tinydeploy", *sys.argv[1:]])
+    if resume is not None:
+        if out is not None or force:
+            raise TinyDeployError("--resume continues the run in its own directory: drop --out and --force")
+        fields = set(GrowConfig.__dataclass_fields__)
+        given = {k: (parse_widths(v) if k == "init_widths" else v) for k, v in _given(ctx).items() if k in fields}
+        job = prepare_resume(resume, given, command=command)
+    else:
+        job = prepare_grow(cfg, out, force=force, command=command)
+    if not job.is_main:
+        job.run()
+        return
     console = Console(stderr=True)
+    for notice in job.notices:
+        console.print(f"[yellow]note:[/yellow] {notice}")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed:.2f}/{task.total:.0f}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
@@ -100,4 +166,8 @@ def grow(
                               f"widths {p.widths} params {p.params}")
 
         result = job.run(show)
+    if result.metrics["status"] == "interrupted":
+        console.print(f"interrupted at epoch {result.metrics['epochs']:.2f}; resume with: "
+                      f"tinydeploy grow --resume {result.run_dir}")
+        raise typer.Exit(130)
     _summary(result, Console())

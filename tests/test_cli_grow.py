@@ -33,11 +33,12 @@ def test_grow_end_to_end_on_digits(tmp_path):
     out = tmp_path / "run"
     result = tinydeploy("grow", "--dataset", "digits", "--out", str(out), "--max-params", "600", *FAST)
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "arch.json", "growth_log.jsonl", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "arch.json", "growth_log.jsonl", "metrics.json",
+                                               "history.jsonl", "checkpoints.jsonl", "checkpoints"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["initial_widths"] == [1, 1]
     assert metrics["params"] <= 600 and metrics["params"] > metrics["initial_params"]
-    assert set(metrics["wall_time_s"]) == {"total", "training", "growth"}
+    assert set(metrics["wall_time_s"]) == {"total", "training", "growth", "checkpoint"}
     assert 0.0 <= metrics["metrics"]["test"]["accuracy"] <= 1.0
     events = [json.loads(line) for line in (out / "growth_log.jsonl").read_text().splitlines()]
     assert events and events[-1]["widths"] == metrics["final_widths"]
@@ -51,6 +52,8 @@ def test_grow_end_to_end_on_digits(tmp_path):
         assert json.loads(handle.metadata()["tinydeploy.spec"])["layers"][0]["out_features"] == metrics["final_widths"][0]
     assert "final" in result.stdout and str(metrics["final_widths"]) in result.stdout
     assert not list(out.glob(".*tmp"))
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history == metrics["history"] and history[-1]["phase"] == "final"
 
 
 def test_grow_is_reproducible_on_cpu(tmp_path):

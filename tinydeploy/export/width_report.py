@@ -280,7 +280,9 @@ def report_table(directory: str | os.PathLike[str]) -> str:
             return render_text(json.loads(read_file(directory, REPORT_JSON, 1 << 26).decode("utf-8")))
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
             raise TinyDeployError(f"{directory / REPORT_JSON} is malformed: re-run 'tinydeploy export'") from None
-    elif (directory / "metrics.json").is_file() and (directory / "model.safetensors").is_file():
+    elif (directory / "checkpoints.jsonl").is_file() or (
+        (directory / "metrics.json").is_file() and (directory / "model.safetensors").is_file()
+    ):
         from tinydeploy.training.rundir import read_run  # torch: only for a run directory
 
         run = read_run(directory)

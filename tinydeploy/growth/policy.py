@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from tinydeploy.growth import linalg
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.candidates import Candidate, propose
-from tinydeploy.growth.statistics import LayerMoments, gather_moments
+from tinydeploy.growth.statistics import LayerMoments, gather_moments, shard_rows
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.losses import LossFn
 
@@ -62,6 +62,24 @@ class Growth:
     psi_after: float | None = None
 
 
+class DataParallel(Protocol):
+    """This process's part in a growth step run by several processes on shards of the same batches.
+
+    Every process holds the same model, data and generator state; each gathers statistics on its
+    rows of the estimation batch and scores its rows of the held-out batch, and the sums over the
+    processes make every process take the same decisions (``tinydeploy.training.distributed``).
+    """
+
+    rank: int
+    world: int
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` (float64) over the processes."""
+
+    def sum_moments(self, moments: list[LayerMoments]) -> list[LayerMoments]:
+        """The moments of the union of the processes' rows."""
+
+
 def estimation_batch_size(fan_in: int, available: int, s: GrowthSettings) -> int:
     """App. E.1: n proportional to (fan-in + 1)^2 (factor ``estimation_scale``), floored at ``estimation_floor`` x (fan-in + 1) and
     ``min_estimation_batch``, capped by the data available and ``max_estimation_batch``."""
@@ -86,13 +104,27 @@ def neuron_budget(model: nn.Sequential, in_index: int, out_index: int, s: Growth
     return max(room, 0)
 
 
-def _evaluator(batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float]):
-    """(mean loss, metric) of a model's outputs on ``batch``."""
+def _evaluator(batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float],
+               parallel: DataParallel | None = None):
+    """(mean loss, metric) of a model's outputs on ``batch`` (this process's rows of it, summed over processes)."""
 
     def scores(out: torch.Tensor) -> tuple[float, float]:
-        return float(loss_fn(out, batch.y).mean()), metric(out, batch.y)
+        if parallel is None:
+            return float(loss_fn(out, batch.y).mean()), metric(out, batch.y)
+        n = batch.y.shape[0]
+        local = [float(loss_fn(out, batch.y).sum()), metric(out, batch.y) * n if n else 0.0, float(n)]
+        loss_sum, metric_sum, count = parallel.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        return loss_sum / count, metric_sum / count
 
     return scores
+
+
+def _rows(batch: Batch, parallel: DataParallel | None) -> Batch:
+    """This process's rows of ``batch``."""
+    if parallel is None:
+        return batch
+    lo, hi = shard_rows(batch.X.shape[0], parallel.rank, parallel.world)
+    return Batch(batch.X[lo:hi], batch.y[lo:hi])
 
 
 def _amplitude(model: nn.Sequential, cand: Candidate, batch: Batch, scores) -> tuple[float, float]:
@@ -112,13 +144,17 @@ def growth_step(
     metric: Callable[[torch.Tensor, torch.Tensor], float],
     s: GrowthSettings,
     generator: torch.Generator | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[nn.Sequential, list[Growth], list[LayerMoments]]:
     """Evaluate every growable layer, add neurons to the one with the largest loss decrease on
     ``held_out``; repeat on fresh statistics for up to ``layers_per_step`` layers.
 
     Returns the grown model, the growths applied and the final statistics of every layer (for Psi).
+    With ``parallel``, this process works on its shard of each batch and takes the same decisions as
+    the others (the sums over processes are the ones one process would compute on the whole batch).
     """
-    scores = _evaluator(held_out, loss_fn, metric)
+    held_out = _rows(held_out, parallel)
+    scores = _evaluator(held_out, loss_fn, metric, parallel)
 
     def evaluate(net: nn.Sequential) -> tuple[float, float]:
         with torch.no_grad():
@@ -127,7 +163,7 @@ def growth_step(
     remaining, applied = list(growable), []
     loss_0, metric_0 = evaluate(model)
     for _ in range(s.layers_per_step or len(growable)):
-        moments = _moments(model, remaining, train, loss_fn, s, generator)
+        moments = _moments(model, remaining, train, loss_fn, s, generator, parallel)
         best: tuple[float, Candidate, float, float] | None = None
         for m in moments:
             budget = neuron_budget(model, m.in_index, m.out_index, s)
@@ -149,17 +185,22 @@ def growth_step(
         remaining.remove(cand.in_index)
         if not remaining:
             break
-    final = _moments(model, growable, train, loss_fn, s, generator)
+    final = _moments(model, growable, train, loss_fn, s, generator, parallel)
     psi = bottlenecks(final)
     for growth in applied:
         growth.psi_after = psi[growth.candidate.in_index]
     return model, applied, final
 
 
-def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator) -> list[LayerMoments]:
+def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,
+             parallel: DataParallel | None = None) -> list[LayerMoments]:
     fan_in = max(model[i].in_features for i in indices)
     batch = train.take(estimation_batch_size(fan_in, train.X.shape[0], s), generator)
-    return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator)
+    if parallel is None:
+        return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator)
+    local = gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
+                           shard=(parallel.rank, parallel.world))
+    return parallel.sum_moments(local)
 
 
 def bottlenecks(moments: list[LayerMoments]) -> dict[int, float]:

@@ -82,28 +82,41 @@ def gather_moments(
     *,
     chunk_size: int = 1024,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[LayerMoments]:
     """Accumulate the moments of every growable layer over (X, y), ``chunk_size`` samples at a time.
 
     V_goal = -d(sum_i l_i)/dA_out is not divided by n (design note), the moments are.
+    ``shard = (rank, world)``: this process takes its rows ``shard_rows`` of each chunk (the moments are
+    then over those rows, n counting them) while the Gaussian Z is drawn for the whole chunk, so that
+    summing n x moments over the processes gives exactly the moments of the whole batch.
     """
     pairs = layer_pairs(model, growable)
     recorder = _Recorder(model, {i for pair in pairs for i in pair})
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     was_training = model.training
     model.eval()
+    n = 0
     try:
         for start in range(0, X.shape[0], chunk_size):
+            rows = min(chunk_size, X.shape[0] - start)
+            lo, hi = (start + r for r in shard_rows(rows, *shard))
+            n += hi - lo
             model.zero_grad(set_to_none=True)
-            loss_fn(model(X[start : start + chunk_size]), y[start : start + chunk_size]).sum().backward()
+            loss_fn(model(X[lo:hi]), y[lo:hi]).sum().backward()
             for acc, (i_in, i_out) in zip(sums, pairs):
-                _accumulate(acc, recorder.inputs[i_in], recorder.inputs[i_out], recorder.output_grads[i_out], generator)
+                _accumulate(acc, recorder.inputs[i_in], recorder.inputs[i_out], recorder.output_grads[i_out], generator,
+                            (rows, lo - start))
     finally:
         recorder.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    n = X.shape[0]
-    return [LayerMoments(i_in, i_out, n, **{k: v / n for k, v in acc.items()}) for acc, (i_in, i_out) in zip(sums, pairs)]
+    return [LayerMoments(i_in, i_out, n, **{k: v / max(n, 1) for k, v in acc.items()}) for acc, (i_in, i_out) in zip(sums, pairs)]
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that process ``rank`` of ``world`` takes (contiguous, sizes differ by at most 1)."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 def _accumulate(
@@ -112,12 +125,16 @@ def _accumulate(
     b_h: torch.Tensor,
     grad_out: torch.Tensor,
     generator: torch.Generator | None,
+    chunk: tuple[int, int] | None = None,
 ) -> None:
-    """Add one chunk's products to the running sums (row-per-sample tensors, float64)."""
+    """Add one chunk's products to the running sums (row-per-sample tensors, float64).
+
+    ``chunk = (rows, offset)``: these are rows offset.. of a chunk of ``rows`` samples (see ``shard``)."""
     Bp = with_ones(b_prev.double())
     Bh = with_ones(b_h.double())
     V = -grad_out.double()
-    Z = torch.randn(V.shape, dtype=V.dtype, device=V.device, generator=generator)
+    rows, offset = chunk or (V.shape[0], 0)
+    Z = torch.randn((rows, *V.shape[1:]), dtype=V.dtype, device=V.device, generator=generator)[offset : offset + V.shape[0]]
     products = {
         "S": Bp.T @ Bp,
         "N_v": Bp.T @ V,

@@ -57,6 +57,7 @@ class GrowConfig:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
+    checkpoint_every: float = 2.0
 
     def validate(self) -> None:
         """Raise a one-line ``TinyDeployError`` for option values that cannot work."""
@@ -78,5 +79,7 @@ class GrowConfig:
             raise TinyDeployError(f"--input-noise must be >= 0, got {self.input_noise}")
         if self.threads is not None and self.threads < 1:
             raise TinyDeployError(f"--threads must be >= 1, got {self.threads}")
+        if not self.checkpoint_every >= 0:
+            raise TinyDeployError(f"--checkpoint-every is in minutes and must be >= 0, got {self.checkpoint_every}")
         if not 0 < self.val_fraction < 1:
             raise TinyDeployError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")

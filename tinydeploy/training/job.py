@@ -1,13 +1,26 @@
-"""The ``grow`` job: start at width 1, train, grow with TINY (or a baseline), write a run directory."""
+"""The ``grow`` job: start at width 1, train, grow with TINY (or a baseline), write a run directory.
+
+The job is a loop over an explicit, JSON-serialisable ``LoopState`` (phase, growth step, patience
+counter, optimizer steps left in the current training interval, ...). Every point where the loop
+can checkpoint is a boundary between slices of optimizer steps, so a checkpoint taken there (weights,
+optimizer, every RNG, trainer position, loop state: ``resume_state``) lets ``--resume`` continue with
+bit-identical results. Checkpoints are written after every growth step and, during training phases,
+at most every ``checkpoint_every`` minutes; SIGINT/SIGTERM stop the loop at the next boundary with a
+checkpoint (``status: interrupted``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import platform
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,10 +33,25 @@ from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
 from tinydeploy.model.spec import ArchSpec
+from tinydeploy.training import crashpoints
+from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
 from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
 from tinydeploy.training.devices import resolve_device, synchronize
-from tinydeploy.training.rundir import write_run
+from tinydeploy.training.rundir import (
+    COMMIT_LOG,
+    GROWTH_LOG_FILE,
+    HISTORY_FILE,
+    Checkpoint,
+    RunWriter,
+    read_checkpoint,
+)
 from tinydeploy.training.trainer import Trainer, evaluate
+
+if TYPE_CHECKING:
+    from tinydeploy.training.distributed import ProcessGroup
+
+#: Optimizer steps between two looks at the clock and at stop requests (a possible checkpoint).
+SLICE_STEPS = 32
 
 
 @dataclass
@@ -49,13 +77,39 @@ class GrowResult:
     growth_log: list[dict[str, Any]]
 
 
+@dataclass
+class LoopState:
+    """Where the grow loop stands, besides tensors: everything a resume needs to take the same path."""
+
+    phase: str = "grow"  # grow | final | done
+    step: int = 0  # growth steps taken
+    idle: int = 0  # growth steps in a row without a significant neuron
+    train_left: int = 0  # optimizer steps left in the current training interval (or final-phase epoch)
+    train_loss: float = 0.0  # mean training loss of the last finished interval
+    stop_reason: str = ""
+    final_total: int = 0  # optimizer steps of the final phase
+    final_done: int = 0
+    final_start_epoch: float = 0.0
+
+
+def data_fingerprint(data: Any) -> str:
+    """sha256 of every split's arrays: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for name in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
+        array = np.ascontiguousarray(getattr(data, name))
+        digest.update(f"{name}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 class GrowJob:
     """State of one grow run: data on device, trainer, log, timers, run-directory writes."""
 
-    def __init__(self, cfg: GrowConfig, run_dir: Path, command: str):
+    def __init__(self, cfg: GrowConfig, run_dir: Path, command: str, parallel: ProcessGroup | None = None):
         self.cfg, self.run_dir, self.command = cfg, run_dir, command
+        self.parallel = parallel
         self.on_progress: Callable[[Progress], None] = lambda _p: None
-        self.device = resolve_device(cfg.device)
+        self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
                                  split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
         prep = fit_standardizer(self.data.X_train)
@@ -78,16 +132,31 @@ class GrowJob:
         model = build_model(self.spec).to(self.device)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               input_noise=self.input_noise, generator=self.cpu_generator)
+                               input_noise=self.input_noise, generator=self.cpu_generator, parallel=parallel)
         self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
                                        layers_per_step=cfg.layers_per_step, max_params=self.max_params,
                                        max_width=cfg.max_width)
+        self.loop = LoopState()
         self.log: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self.psi: dict[int, float] = {}
-        self.time_train = self.time_growth = 0.0
+        self.time_train = self.time_growth = self.time_checkpoint = 0.0
+        self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
         self.started = time.perf_counter()
-        self.stop_reason = ""
+        self.resumed: Checkpoint | None = None
+        self.notices: list[str] = []
+        self.writer: RunWriter | None = None
+        self._last_checkpoint = time.perf_counter()
+        self._signalled = False  # a SIGINT/SIGTERM arrived (set by the handler)
+        self._stop_requested = False  # the loop stops at this boundary (agreed by every process)
+        self._data_sha256 = data_fingerprint(self.data)
+        self._evaluations: dict[str, Any] = {}
+        self._config = asdict(cfg)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run directory and reports progress (rank 0, or the only one)."""
+        return self.parallel is None or self.parallel.is_main
 
     @property
     def input_noise(self) -> float:
@@ -118,22 +187,33 @@ class GrowJob:
         return self.trainer.model
 
     # ----- phases -------------------------------------------------------------------------------
-    def _train(self, n_steps: int) -> float:
+    def _train(self, n_steps: int) -> None:
         start = time.perf_counter()
-        loss = self.trainer.train_steps(n_steps)
+        self.trainer.train_steps(n_steps)
         synchronize(self.device)
         self.time_train += time.perf_counter() - start
-        return loss
 
     def _record(self, phase: str, train_loss: float, total_epochs: float) -> None:
-        val_loss, val_metric = evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)
+        if not self.is_main:
+            return
+        val_loss, val_metric = self._evaluate("val")
         spec = spec_from_model(self.model, self.spec)
         entry = {"epoch": round(self.trainer.epoch, 4), "phase": phase, "params": spec.n_params(),
                  "widths": spec.hidden_widths, "train_loss": train_loss, "val_loss": val_loss,
                  self._metric_key("val"): val_metric}
         self.history.append(entry)
+        self._append(HISTORY_FILE, entry)
         self.on_progress(Progress(phase, self.trainer.epoch, total_epochs, train_loss, val_loss, val_metric,
                                   self._metric_key("val").replace("_", " "), spec.hidden_widths, spec.n_params()))
+
+    def _evaluate(self, split: str) -> tuple[float, float]:
+        """(loss, metric) of the current model on a split, computed once per model and step."""
+        key = (self.model, self.trainer.steps_done)
+        cached = self._evaluations.get(split)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
+            batch = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+            cached = self._evaluations[split] = (key, evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task))
+        return cached[1]
 
     def _metric_key(self, split: str) -> str:
         return f"{split}_accuracy" if self.task == "classification" else f"{split}_mse"
@@ -143,16 +223,28 @@ class GrowJob:
         old_model = self.model
         held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
         metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
+        sharded = self.parallel if self.parallel is not None and self.parallel.world > 1 else None
         model, growths, moments = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
-                                              self.loss_fn, metric, self.settings, self.generator)
+                                              self.loss_fn, metric, self.settings, self.generator, sharded)
+        crashpoints.point("grow")
         self.psi = bottlenecks(moments)
+        if self.parallel is not None:
+            widths = spec_from_model(model, self.spec).hidden_widths
+            self.parallel.check_same("growth (widths, amplitudes)", [*widths, len(growths), sum(g.gamma for g in growths)])
         if growths:
             self.trainer.replace_model(model, carry_optimizer_state(self.trainer.optimizer, old_model, model))
         synchronize(self.device)
         self.time_growth += time.perf_counter() - start
         for g in growths:
-            self.log.append(self._event(step, g))
+            event = self._event(step, g)
+            self.log.append(event)
+            self._append(GROWTH_LOG_FILE, event)
         return growths
+
+    def _append(self, log: str, record: dict[str, Any]) -> None:
+        """Append to a log of the run directory (rank 0, while ``run`` has the directory open)."""
+        if self.writer is not None:
+            self.writer.append(log, record)
 
     def _event(self, step: int, g: Growth) -> dict[str, Any]:
         c = g.candidate
@@ -170,93 +262,252 @@ class GrowJob:
         pairs = zip(self.spec.growable_indices, self.spec.linear_indices[1:])
         return any(neuron_budget(self.model, i, o, self.settings) > 0 for i, o in pairs)
 
-    def growth_phase(self) -> None:
-        """Grow (first at initialisation, while width-1 ReLU units are still alive), then train
-        ``grow_every`` epochs, until a budget, the target accuracy or ``patience`` idle steps stop it."""
+    def _stop_growing(self) -> str:
+        """Why growth stops before this step ("" to grow): a budget, the epoch limit or the target accuracy."""
         cfg = self.cfg
-        steps_between = max(1, round(cfg.grow_every * self.trainer.steps_per_epoch))
-        total = cfg.max_growth_epochs + cfg.final_epochs
-        train_loss = evaluate(self.model, self.train_set.X, self.train_set.y, self.loss_fn, self.task)[0]
-        step, idle = 0, 0
-        while True:
-            if not self._budget_left():
-                self.stop_reason = "max_params" if self.max_params is not None else "max_width"
-                break
-            if self.trainer.epoch >= cfg.max_growth_epochs:
-                self.stop_reason = "max_growth_epochs"
-                break
-            if cfg.target_accuracy is not None and self.task == "classification":
-                if evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)[1] >= cfg.target_accuracy:
-                    self.stop_reason = "target_accuracy"
-                    break
-            step += 1
-            idle = 0 if self._grow(step) else idle + 1
-            self._record("grow", train_loss, total)
-            self.checkpoint("running")
-            if idle >= cfg.patience:
-                self.stop_reason = "no_significant_neuron"
-                break
-            train_loss = self._train(steps_between)
+        if not self._budget_left():
+            return "max_params" if self.max_params is not None else "max_width"
+        if self.trainer.epoch >= cfg.max_growth_epochs:
+            return "max_growth_epochs"
+        if cfg.target_accuracy is not None and self.task == "classification":
+            if evaluate(self.model, self.val_set.X, self.val_set.y, self.loss_fn, self.task)[1] >= cfg.target_accuracy:
+                return "target_accuracy"
+        return ""
 
-    def final_phase(self) -> None:
-        """Train the final architecture with a cosine learning-rate decay, one progress record per epoch."""
-        cfg = self.cfg
-        start_epoch = self.trainer.epoch
-        total_steps = round(cfg.final_epochs * self.trainer.steps_per_epoch)
-        done = 0
-        while done < total_steps:
-            chunk = min(self.trainer.steps_per_epoch, total_steps - done)
-            self.trainer.set_lr(cfg.lr * 0.5 * (1 + math.cos(math.pi * done / total_steps)))
-            train_loss = self._train(chunk)
-            done += chunk
-            self._record("final", train_loss, start_epoch + cfg.final_epochs)
+    def _growth_point(self) -> None:
+        """Grow (first at initialisation, while width-1 ReLU units are still alive), then train ``grow_every``
+        epochs, until a budget, the target accuracy or ``patience`` idle steps stop it; checkpoint."""
+        loop, cfg = self.loop, self.cfg
+        reason = self._stop_growing()
+        if reason:
+            loop.stop_reason = reason
+            self._enter_final()
+            return
+        loop.step += 1
+        loop.idle = 0 if self._grow(loop.step) else loop.idle + 1
+        self._record("grow", loop.train_loss, cfg.max_growth_epochs + cfg.final_epochs)
+        if loop.idle >= cfg.patience:
+            loop.stop_reason = "no_significant_neuron"
+            self._enter_final()
+        else:
+            loop.train_left = max(1, round(cfg.grow_every * self.trainer.steps_per_epoch))
+        self.checkpoint()
+        self._poll()
+
+    def _enter_final(self) -> None:
+        loop = self.loop
+        loop.phase = "final"
+        loop.final_start_epoch = self.trainer.epoch
+        loop.final_total = round(self.cfg.final_epochs * self.trainer.steps_per_epoch)
+        loop.final_done = 0
+
+    def _final_point(self) -> None:
+        """Start the next epoch of the final phase (cosine learning-rate decay), or end the run."""
+        loop = self.loop
+        if loop.final_done >= loop.final_total:
+            loop.phase = "done"
+            return
+        loop.train_left = min(self.trainer.steps_per_epoch, loop.final_total - loop.final_done)
+        self.trainer.set_lr(self.cfg.lr * 0.5 * (1 + math.cos(math.pi * loop.final_done / loop.final_total)))
+
+    def _train_slice(self) -> None:
+        """At most SLICE_STEPS optimizer steps of the current interval; a record at its end; a timed checkpoint."""
+        loop = self.loop
+        n = min(loop.train_left, SLICE_STEPS)
+        self._train(n)
+        loop.train_left -= n
+        if loop.phase == "final":
+            loop.final_done += n
+        crashpoints.point("slice")
+        if loop.train_left == 0:
+            loop.train_loss = self.trainer.mean_loss()
+            if loop.phase == "final":
+                self._record("final", loop.train_loss, loop.final_start_epoch + self.cfg.final_epochs)
+        if self._poll():
+            self.checkpoint(full=True)
+
+    def _poll(self) -> bool:
+        """Whether a timed checkpoint is due; turns a signal into a stop request. When several processes
+        run, rank 0's clock decides the checkpoint and a signal to any process stops all, at the same step."""
+        due = time.perf_counter() - self._last_checkpoint >= 60.0 * self.cfg.checkpoint_every
+        if self.parallel is None:
+            self._stop_requested = self._signalled
+            return due
+        flags = self.parallel.max(torch.tensor([float(due and self.is_main), float(self._signalled)]))
+        self._stop_requested = bool(flags[1])
+        return bool(flags[0])
+
+    def _loop(self) -> None:
+        while self.loop.phase != "done" and not self._stop_requested:
+            if self.loop.train_left > 0:
+                self._train_slice()
+            elif self.loop.phase == "grow":
+                self._growth_point()
+            else:
+                self._final_point()
 
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> GrowResult:
-        """Grow, then train the final architecture; the run directory is rewritten after each growth step
-        and once more (``status: interrupted``) if the user interrupts."""
+        """Grow, then train the final architecture; checkpoint as the module docstring says.
+
+        A SIGINT or SIGTERM stops at the next slice boundary with a resumable checkpoint
+        (``status: interrupted``); a second one interrupts at once (the last checkpoint stays).
+        """
         self.on_progress = on_progress or self.on_progress
-        make_run_dir(self.run_dir)
-        self.started = time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(self.cpu_threads())
+        self.started = self._last_checkpoint = time.perf_counter()
         try:
-            self.growth_phase()
-            self.final_phase()
-        except KeyboardInterrupt:
-            self.checkpoint("interrupted")
-            raise
+            if self.is_main:
+                self.writer = RunWriter(self.run_dir)
+                if self.resumed is not None:
+                    self.writer.reopen(self.resumed)
+                else:
+                    make_run_dir(self.run_dir)
+                    self.writer.start()
+            if self.resumed is None:
+                self.loop.train_loss = evaluate(self.model, self.train_set.X, self.train_set.y, self.loss_fn,
+                                                self.task)[0]
+                self.checkpoint(full=True)  # generation 1: the initial state, so that every kill can resume
+            with _stop_requests(self):
+                try:
+                    self._loop()
+                except RuntimeError as exc:
+                    if self.parallel is None or not self.parallel.is_collective_error(exc):
+                        raise
+                    raise TinyDeployError(
+                        f"rank {self.parallel.rank}: another process of the job stopped ({str(exc).splitlines()[0]}); "
+                        f"the last checkpoint is kept: resume with 'tinydeploy grow --resume {self.run_dir}'") from None
+            status = "complete" if self.loop.phase == "done" else "interrupted"
+            metrics = self.checkpoint(status)
+            if self.is_main:
+                self.writer.publish(metrics, self.history)
+            if self.parallel is not None:
+                self.parallel.close()
         finally:
             torch.set_num_threads(threads)
-        metrics = self.checkpoint("complete")
-        return GrowResult(self.run_dir, spec_from_model(self.model, self.spec), metrics, self.log)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        return GrowResult(self.run_dir, spec_from_model(self.model, self.spec),
+                          {**metrics, "history": self.history}, self.log)
 
     # ----- outputs ------------------------------------------------------------------------------
-    def metrics(self, status: str) -> dict[str, Any]:
+    def metrics(self, status: str, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+        """The summary of the run as it stands (the history is in history.jsonl), evaluated on ``splits``."""
         spec = spec_from_model(self.model, self.spec)
-        splits = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
         results = {}
-        for name, batch in splits.items():
-            loss, metric = evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task)
+        for name in splits:
+            loss, metric = self._evaluate(name)
             results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
-        wall = time.perf_counter() - self.started
+        wall = self.wall_before + time.perf_counter() - self.started
         return {
             "status": status, "dataset": self.data.name, "task": self.task, "method": self.cfg.method,
             "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
             "initial_widths": self.spec.hidden_widths, "final_widths": spec.hidden_widths,
             "initial_params": self.spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
-            "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results, "epochs": round(self.trainer.epoch, 4),
-            "growth_events": len(self.log), "stop_reason": self.stop_reason,
+            "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results,
+            "epochs": round(self.trainer.epoch, 4), "growth_events": len(self.log), "growth_steps": self.loop.step,
+            "phase": self.loop.phase, "stop_reason": self.loop.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
-            "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth},
-            "history": self.history, "config": asdict(self.cfg), "command": self.command,
+            "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth,
+                            "checkpoint": self.time_checkpoint},
+            "processes": self._processes(),
+            "config": self._config, "command": self.command,
             "versions": {"tinydeploy": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
 
-    def checkpoint(self, status: str) -> dict[str, Any]:
-        """Write the run directory as it stands; returns the metrics written."""
-        metrics = self.metrics(status)
-        write_run(self.run_dir, self.model, spec_from_model(self.model, self.spec), self.log, metrics)
+    def checkpoint(self, status: str = "running", full: bool = False) -> dict[str, Any]:
+        """Commit one generation of the run directory (rank 0 only); returns the metrics written.
+
+        After a growth step the metrics hold the validation scores the step recorded; the training and
+        test splits are evaluated at ``full`` checkpoints (the timed ones, the first and the last)."""
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        resume = self.resume_state()  # every process: the trainer gathers their running loss sums
+        if self.writer is not None:
+            full = full or status != "running"
+            metrics = self.metrics(status, ("train", "val", "test") if full else ("val",))
+            self.writer.commit(self.model, spec_from_model(self.model, self.spec), metrics, status, resume)
+        self._last_checkpoint = time.perf_counter()
+        self.time_checkpoint += self._last_checkpoint - start
         return metrics
+
+    # ----- resume -------------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"generator": self.generator, "cpu_generator": self.cpu_generator}
+
+    def resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything besides the weights that the next step depends on, as tensors and JSON."""
+        opt_tensors, opt_state = optimizer_state(self.trainer.optimizer)
+        rng_tensors, rngs = rng_state(self._generators())
+        trainer_tensors, trainer_state = self.trainer.state()
+        state = {
+            "config": self._config, "loop": asdict(self.loop), "optimizer": opt_state, "rng": rngs,
+            "trainer": trainer_state, "psi": {str(k): v for k, v in self.psi.items()},
+            "time": {"wall": self.wall_before + time.perf_counter() - self.started, "training": self.time_train,
+                     "growth": self.time_growth, "checkpoint": self.time_checkpoint},
+            "environment": {"threads": torch.get_num_threads(), "processes": self._processes(),
+                            "device": self.device.type, "torch": torch.__version__, "tinydeploy": __version__},
+            "data_sha256": self._data_sha256,
+        }
+        return {**opt_tensors, **rng_tensors, **trainer_tensors}, state
+
+    def _processes(self) -> int:
+        return self.parallel.world if self.parallel is not None else 1
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt`` (a generation written by ``checkpoint``): the inverse of ``resume_state``."""
+        state, tensors = ckpt.state, ckpt.tensors
+        if state["data_sha256"] != self._data_sha256:
+            raise TinyDeployError(f"the data of {self.cfg.dataset} differ from the data the run in {self.run_dir} "
+                                  "started with: resume with the same dataset files")
+        env = state["environment"]
+        if env["device"] != self.device.type:
+            raise TinyDeployError(f"--resume {self.run_dir}: the run trained on {env['device']}, this resume would run "
+                                  f"on {self.device.type}: pass --device {env['device']}")
+        if env["threads"] != self.cpu_threads() and self.device.type == "cpu":
+            self.notices.append(f"the run used {env['threads']} CPU thread(s), this resume {self.cpu_threads()}: "
+                                "results are not bit-identical to an uninterrupted run (pass --threads)")
+        if env["processes"] != self._processes():
+            self.notices.append(f"the run used {env['processes']} process(es), this resume {self._processes()}: "
+                                "results are not bit-identical to an uninterrupted run")
+        if env["torch"] != torch.__version__:
+            self.notices.append(f"the run used torch {env['torch']}, this resume {torch.__version__}: results may "
+                                "differ in the last bits")
+        model = ckpt.model.to(self.device)
+        optimizer = self.trainer.new_optimizer(model)
+        load_optimizer_state(optimizer, tensors, state["optimizer"])
+        self.trainer.replace_model(model, optimizer)
+        self.trainer.load_state(tensors, state["trainer"])
+        self.loop = LoopState(**state["loop"])
+        self.psi = {int(k): v for k, v in state["psi"].items()}
+        times = state["time"]
+        self.wall_before, self.time_train = times["wall"], times["training"]
+        self.time_growth, self.time_checkpoint = times["growth"], times["checkpoint"]
+        self.log, self.history = list(ckpt.growth_log), list(ckpt.history)
+        self.notices += [f"{n}: resumed from generation {ckpt.commit['generation']}" for n in ckpt.notices[:1]]
+        restore_rng(self._generators(), tensors, state["rng"])
+        self.resumed = ckpt
+
+
+@contextlib.contextmanager
+def _stop_requests(job: GrowJob) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the job to stop at its next slice boundary; a second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum: int, _frame: Any) -> None:
+        if job._signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        job._signalled = True
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def default_run_dir(dataset: str) -> Path:
@@ -280,12 +531,68 @@ def make_run_dir(run_dir: Path) -> None:
         raise TinyDeployError(f"cannot create --out {run_dir}: {exc.strerror}; pass a writable directory") from exc
 
 
+def _process_group(cfg: GrowConfig) -> ProcessGroup | None:
+    """This process's group when started by torchrun, else None (one process)."""
+    from tinydeploy.training import distributed
+
+    if not distributed.in_torchrun():
+        return None
+    return distributed.join(resolve_device(cfg.device))
+
+
 def prepare_grow(cfg: GrowConfig, run_dir: Path | None = None, *, force: bool = False, command: str = "") -> GrowJob:
     """Validate options, output directory and data; writes nothing, so bad input leaves no trace."""
     cfg.validate()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg.dataset)
-    check_run_dir(run_dir, force)
-    return GrowJob(cfg, run_dir, command)
+    parallel = _process_group(cfg)
+    if parallel is None or parallel.is_main:
+        check_run_dir(run_dir, force)
+    return GrowJob(cfg, run_dir, command, parallel)
+
+
+#: Options that may differ on --resume: they change how the run is executed or saved, not what it computes.
+RESUME_MAY_CHANGE = ("checkpoint_every", "threads", "device")
+
+
+def prepare_resume(run_dir: Path, given: dict[str, Any] | None = None, *, command: str = "") -> GrowJob:
+    """A job that continues the interrupted run in ``run_dir``; ``given`` are options passed explicitly
+    (GrowConfig field -> value), refused when they contradict the saved config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / COMMIT_LOG).is_file():
+        if not run_dir.is_dir():
+            raise TinyDeployError(f"--resume {run_dir}: no such directory; pass the --out directory of a 'tinydeploy grow'")
+        raise TinyDeployError(f"--resume {run_dir}: not a resumable tinydeploy run (no {COMMIT_LOG}): pass the --out "
+                              "directory of a 'tinydeploy grow', or start a new run")
+    ckpt = read_checkpoint(run_dir, resume=True)
+    if ckpt.commit["status"] == "complete":
+        raise TinyDeployError(f"--resume {run_dir}: the run is already complete; export it with "
+                              f"'tinydeploy export {run_dir}' or start a new run")
+    if not ckpt.commit["resumable"]:
+        raise TinyDeployError(f"--resume {run_dir}: the run holds no resumable state; start a new run")
+    saved = ckpt.state["config"]
+    known = {f.name for f in fields(GrowConfig)}
+    if set(saved) - known:
+        raise TinyDeployError(f"--resume {run_dir}: the run was written by tinydeploy "
+                              f"{ckpt.state['environment']['tinydeploy']} with options this version does not know "
+                              f"({', '.join(sorted(set(saved) - known))}): resume it with that version")
+    conflicts = [f"--{k.replace('_', '-')} {_show(v)} (the run has {_show(saved.get(k))})"
+                 for k, v in (given or {}).items() if k not in RESUME_MAY_CHANGE and k in known and v != saved.get(k)]
+    if conflicts:
+        raise TinyDeployError(f"--resume {run_dir}: {'; '.join(conflicts)} contradict(s) the saved run: drop the "
+                              "option(s) to resume, or start a new run")
+    cfg = GrowConfig(**{**saved, **{k: v for k, v in (given or {}).items() if k in RESUME_MAY_CHANGE}})
+    cfg.validate()
+    job = GrowJob(cfg, run_dir, command, _process_group(cfg))
+    job.restore(ckpt)
+    return job
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "the default"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def run_grow(

@@ -1,6 +1,8 @@
-"""Plain mini-batch training and evaluation of a (growing) model."""
+"""Plain mini-batch training and evaluation of a (growing) model, on one process or several (DDP)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +15,10 @@ class Trainer:
 
     ``input_noise`` adds Gaussian noise of that standard deviation to each (standardised) training
     batch: a cheap regulariser for small datasets. Growth statistics always use clean inputs.
+
+    The training loss is summed on the device (no host synchronisation per step) and read with
+    ``mean_loss``. With ``parallel`` (a ``training.distributed.ProcessGroup``) every process draws the
+    same global batch (and noise) and trains on its rows of it through DDP; ``batch_size`` is global.
     """
 
     def __init__(
@@ -27,15 +33,23 @@ class Trainer:
         weight_decay: float = 0.0,
         input_noise: float = 0.0,
         generator: torch.Generator | None = None,
+        parallel: Any = None,
     ):
-        self.model = model
         self.input_noise = input_noise
         self.X, self.y, self.loss_fn = X, y, loss_fn
         self.batch_size = min(batch_size, X.shape[0])
         self.generator = generator
-        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.parallel = parallel
         self.steps_done = 0
         self._order = torch.empty(0, dtype=torch.long)
+        self._loss_sum = torch.zeros((), device=X.device)
+        self._loss_steps = 0
+        self.replace_model(model, self.new_optimizer(model))
+
+    def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer this trainer uses, fresh over ``model``'s parameters."""
+        return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -46,8 +60,9 @@ class Trainer:
         return self.steps_done / self.steps_per_epoch
 
     def replace_model(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Continue training a grown model with its carried-over optimizer."""
+        """Continue training a grown model with its carried-over optimizer (DDP re-wrapped around it)."""
         self.model, self.optimizer = model, optimizer
+        self._forward = self.parallel.wrap(model) if self.parallel is not None else model
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -60,21 +75,53 @@ class Trainer:
         index = self._order[position : position + self.batch_size]
         return self.X[index], self.y[index]
 
-    def train_steps(self, n_steps: int) -> float:
-        """Run ``n_steps`` optimizer steps; returns the mean training loss over them."""
-        self.model.train()
-        total = torch.zeros((), device=self.X.device)
+    def train_steps(self, n_steps: int) -> None:
+        """Run ``n_steps`` optimizer steps, adding their losses to the running sum (see ``mean_loss``)."""
+        self._forward.train()
         for _ in range(n_steps):
             xb, yb = self._next_batch()
             if self.input_noise > 0:
                 xb = xb + self.input_noise * torch.randn(xb.shape, generator=self.generator).to(xb.device)
-            loss = self.loss_fn(self.model(xb), yb).mean()
+            if self.parallel is None or self.parallel.world == 1:
+                loss = self.loss_fn(self._forward(xb), yb).mean()
+                reported = loss.detach()
+            else:  # this process's rows; DDP averages over processes, so scale to the global batch mean
+                rows = self.parallel.rows(xb.shape[0])
+                local = self.loss_fn(self._forward(xb[rows]), yb[rows]).sum() / xb.shape[0]
+                loss, reported = local * self.parallel.world, local.detach()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.detach()
+            self._loss_sum += reported
+            self._loss_steps += 1
             self.steps_done += 1
-        return float(total) / max(n_steps, 1)
+
+    def mean_loss(self) -> float:
+        """Mean training loss over the steps since the last call (over all processes), and reset."""
+        total = self._loss_sum if self.parallel is None else self.parallel.sum(self._loss_sum.double())
+        mean = float(total) / max(self._loss_steps, 1)
+        self._loss_sum = torch.zeros((), device=self.X.device)
+        self._loss_steps = 0
+        return mean
+
+    # ----- resume -----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Where the trainer stands (epoch order, loss sum so far) as tensors and JSON. With several
+        processes every one must call it (their running loss sums are gathered, one per process)."""
+        loss_sum = self._loss_sum if self.parallel is None else self.parallel.gather_scalar(self._loss_sum)
+        return ({"trainer.order": self._order, "trainer.loss_sum": loss_sum},
+                {"steps_done": self.steps_done, "loss_steps": self._loss_steps})
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self._order = tensors["trainer.order"].to(self.X.device)
+        sums = tensors["trainer.loss_sum"]
+        rank, world = (self.parallel.rank, self.parallel.world) if self.parallel is not None else (0, 1)
+        if sums.dim() == 1 and sums.numel() == world:
+            loss_sum = sums[rank]  # the same number of processes: each takes its own
+        else:
+            loss_sum = sums.sum() if rank == 0 else torch.zeros_like(sums.sum())
+        self._loss_sum = loss_sum.to(self.X.device)
+        self.steps_done, self._loss_steps = int(state["steps_done"]), int(state["loss_steps"])
 
 
 @torch.no_grad()
