@@ -245,9 +245,10 @@ class OnnxModel:
 
     @property
     def hidden_widths(self) -> list[int]:
-        """Widths of the growable hidden layers according to the spec (empty without a spec)."""
+        """Widths of the growable layers (hidden linear features, conv channels) per the spec (empty without one)."""
         layers = (self.spec or {}).get("layers", [])
-        return [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear" and layer.get("growable")]
+        return [int(layer.get("out_features", layer.get("out_channels", 0))) for layer in layers
+                if layer.get("kind") in ("linear", "conv") and layer.get("growable")]
 
     @property
     def layer_widths(self) -> list[int]:

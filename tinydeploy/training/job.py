@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
 from tinydeploy.model.spec import ArchSpec
-from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
+from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig, conv_blocks
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.rundir import write_run
 from tinydeploy.training.trainer import Trainer, evaluate
@@ -57,13 +57,13 @@ class GrowJob:
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = resolve_device(cfg.device)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
-                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
-        prep = fit_standardizer(self.data.X_train)
+                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                                 as_images=cfg.arch == "cnn")
+        self.arch = cfg.arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
+        self.cfg = cfg = cfg.resolved(self.arch)
+        prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
         # The spec at the initial widths; current widths are read back with spec_from_model.
-        self.spec = ArchSpec.mlp(task=self.data.task, input_shape=self.data.input_shape,
-                                 hidden_widths=list(cfg.init_widths), n_outputs=self.data.n_outputs,
-                                 activation=cfg.activation, classes=self.data.classes, preprocessing=prep,
-                                 dataset=self.data.name)
+        self.spec = self._initial_spec(prep)
         self.task = self.data.task
         if cfg.target_accuracy is not None and self.task != "classification":
             raise TinyDeployError(f"--target-accuracy applies to classification, but '{cfg.dataset}' is a "
@@ -78,16 +78,45 @@ class GrowJob:
         model = build_model(self.spec).to(self.device)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               input_noise=self.input_noise, generator=self.cpu_generator)
+                               input_noise=self.input_noise, max_shift=self.max_shift,
+                               generator=self.cpu_generator)
         self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
                                        layers_per_step=cfg.layers_per_step, max_params=self.max_params,
-                                       max_width=cfg.max_width)
+                                       max_macs=self.max_macs, max_width=cfg.max_width, ridge=cfg.ridge,
+                                       balance=cfg.balance)
         self.log: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self.psi: dict[int, float] = {}
         self.time_train = self.time_growth = 0.0
         self.started = time.perf_counter()
         self.stop_reason = ""
+
+    def _initial_spec(self, prep: dict[str, Any]) -> ArchSpec:
+        """The spec at the initial widths: an MLP, or a CNN of ``conv_blocks`` + ``hidden_layers`` linear layers."""
+        cfg, data = self.cfg, self.data
+        common = {"task": data.task, "input_shape": data.input_shape, "n_outputs": data.n_outputs,
+                  "activation": cfg.activation, "classes": data.classes, "preprocessing": prep, "dataset": data.name}
+        if self.arch == "mlp":
+            spec = ArchSpec.mlp(hidden_widths=list(cfg.init_widths or [1, 1]), **common)
+        else:
+            blocks = conv_blocks(cfg, data.input_shape)
+            hidden = 1 if cfg.hidden_layers is None else cfg.hidden_layers
+            widths = list(cfg.init_widths or [1] * (len(blocks) + hidden))
+            if len(widths) != len(blocks) + hidden:
+                raise TinyDeployError(f"--init-widths lists {len(widths)} widths but the CNN has {len(blocks)} conv "
+                                      f"blocks and {hidden} hidden linear layer(s): give {len(blocks) + hidden}")
+            spec = ArchSpec.cnn(blocks=blocks, conv_widths=widths[: len(blocks)], hidden_widths=widths[len(blocks):],
+                                transition=cfg.transition, **common)
+        return replace(spec, extra={"image": data.image}) if data.image else spec
+
+    @property
+    def max_shift(self) -> int:
+        """--max-shift, else 2 pixels for CNNs on images at least 16 pixels wide, 1 below, 0 for signals."""
+        if self.cfg.max_shift is not None:
+            return self.cfg.max_shift
+        if self.arch != "cnn" or len(self.data.input_shape) != 3:
+            return 0
+        return 2 if min(self.data.input_shape[1:]) >= 16 else 1
 
     @property
     def input_noise(self) -> float:
@@ -104,9 +133,17 @@ class GrowJob:
 
     @property
     def max_params(self) -> int | None:
-        if self.cfg.max_params is not None:
-            return self.cfg.max_params
-        budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get("max_params")
+        return self._budget("max_params")
+
+    @property
+    def max_macs(self) -> int | None:
+        return self._budget("max_macs")
+
+    def _budget(self, name: str) -> int | None:
+        """--max-params / --max-macs, else the dataset's default budget (none for user files)."""
+        if getattr(self.cfg, name) is not None:
+            return getattr(self.cfg, name)
+        budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get(name)
         return int(budget) if budget is not None else None
 
     def _tensors(self, X: np.ndarray, y: np.ndarray, prep: dict[str, Any]) -> Batch:
@@ -167,8 +204,17 @@ class GrowJob:
                 "widths": spec.hidden_widths}
 
     def _budget_left(self) -> bool:
-        pairs = zip(self.spec.growable_indices, self.spec.linear_indices[1:])
-        return any(neuron_budget(self.model, i, o, self.settings) > 0 for i, o in pairs)
+        sample = self.train_set.X[:1]
+        return any(neuron_budget(self.model, i, o, self.settings, sample) > 0 for i, o in self.spec.pairs())
+
+    def _budget_reason(self) -> str:
+        spec = spec_from_model(self.model, self.spec)
+        if self.max_macs is not None and self.max_params is not None:
+            # whichever budget has the smaller share left
+            return "max_macs" if spec.macs() / self.max_macs > spec.n_params() / self.max_params else "max_params"
+        if self.max_macs is not None:
+            return "max_macs"
+        return "max_params" if self.max_params is not None else "max_width"
 
     def growth_phase(self) -> None:
         """Grow (first at initialisation, while width-1 ReLU units are still alive), then train
@@ -180,7 +226,7 @@ class GrowJob:
         step, idle = 0, 0
         while True:
             if not self._budget_left():
-                self.stop_reason = "max_params" if self.max_params is not None else "max_width"
+                self.stop_reason = self._budget_reason()
                 break
             if self.trainer.epoch >= cfg.max_growth_epochs:
                 self.stop_reason = "max_growth_epochs"
@@ -240,11 +286,13 @@ class GrowJob:
             results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
         wall = time.perf_counter() - self.started
         return {
-            "status": status, "dataset": self.data.name, "task": self.task, "method": self.cfg.method,
+            "status": status, "dataset": self.data.name, "task": self.task, "arch": self.arch,
+            "method": self.cfg.method,
             "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
             "initial_widths": self.spec.hidden_widths, "final_widths": spec.hidden_widths,
             "initial_params": self.spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
-            "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results, "epochs": round(self.trainer.epoch, 4),
+            "max_params": self.max_params, "max_macs": self.max_macs, "input_noise": self.input_noise,
+            "max_shift": self.max_shift, "metrics": results, "epochs": round(self.trainer.epoch, 4),
             "growth_events": len(self.log), "stop_reason": self.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth},
