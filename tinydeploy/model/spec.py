@@ -288,10 +288,10 @@ class ArchSpec:
             raise SpecError(f"unknown task '{self.task}': use one of {', '.join(TASKS)}")
         if not self.input_shape or any(s < 1 for s in self.input_shape):
             raise SpecError(f"input_shape must be positive integers, got {list(self.input_shape)}")
-        if not self.linear_indices:
-            raise SpecError("the spec has no linear layer")
         for i, layer in enumerate(self.layers):
             _check_layer(i, layer)
+        if not self.linear_indices:
+            raise SpecError("the spec has no linear layer")
         if self.weight_indices[-1] != self.linear_indices[-1]:
             raise SpecError("the last weight layer must be linear (the output layer)")
         for i in self.growable_indices:

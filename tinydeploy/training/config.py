@@ -43,6 +43,10 @@ RECIPES: dict[str, dict[str, float | int | bool]] = {
     "cnn": {"batch_size": 64, "grow_every": 1.0, "max_growth_epochs": 12.0, "final_epochs": 40.0,
             "ridge": 1e-3, "balance": True},
 }
+#: CNN batches hold n_train / CNN_STEPS_PER_EPOCH samples, within [16, RECIPES["cnn"]["batch_size"]]:
+#: small datasets (digits, 1,149 images) still get about 50 optimizer steps per epoch.
+CNN_STEPS_PER_EPOCH = 50
+MIN_CNN_BATCH = 16
 
 
 @dataclass
@@ -128,16 +132,20 @@ class GrowConfig:
         if not 0 < self.val_fraction < 1:
             raise TinyDeployError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
-    def resolved(self, arch: str) -> "GrowConfig":
-        """A copy with ``arch`` set and the options left None filled from ``RECIPES[arch]``."""
-        recipe = {k: v for k, v in RECIPES[arch].items() if getattr(self, k) is None}
-        return replace(self, arch=arch, **recipe)
+    def resolved(self, arch: str, n_train: int) -> "GrowConfig":
+        """A copy with ``arch`` set and the options left None filled from ``RECIPES[arch]`` (for a CNN
+        the batch size also follows the number of training samples, ``CNN_STEPS_PER_EPOCH``)."""
+        recipe = dict(RECIPES[arch])
+        if arch == "cnn":
+            recipe["batch_size"] = min(int(recipe["batch_size"]), max(MIN_CNN_BATCH, n_train // CNN_STEPS_PER_EPOCH))
+        return replace(self, arch=arch, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 
 
 def conv_blocks(cfg: GrowConfig, input_shape: tuple[int, ...]) -> list[ConvBlock]:
     """The CNN's conv blocks: ``--conv-kernels`` (default 3 for images, 5 for signals, two blocks),
-    ``--conv-strides`` (default 1) and ``--conv-pools`` (default: average pooling by 2 after a block
-    while the grid stays at least 4 wide, so 28 -> 14 -> 7, 8 -> 4 -> 4, 40 -> 20 -> 10)."""
+    ``--conv-strides`` (default 1) and ``--conv-pools`` (default: average pooling by 2 after a stride-1
+    block while the grid stays at least 4 wide, so 28 -> 14 -> 7, 8 -> 4 -> 4, 40 -> 20 -> 10; strided
+    blocks downsample on their own)."""
     dims = len(input_shape) - 1
     depth = len(next((v for v in (cfg.conv_kernels, cfg.conv_strides, cfg.conv_pools) if v), [0, 0]))
     kernels = cfg.conv_kernels or [3 if dims == 2 else 5] * depth
@@ -148,7 +156,7 @@ def conv_blocks(cfg: GrowConfig, input_shape: tuple[int, ...]) -> list[ConvBlock
     pools, size = [], min(input_shape[1:])
     for i, (kernel, stride) in enumerate(zip(kernels, strides)):
         size = (size - 1) // stride + 1
-        pool = cfg.conv_pools[i] if cfg.conv_pools else (2 if size // 2 >= 4 else 0)
+        pool = cfg.conv_pools[i] if cfg.conv_pools else (2 if stride == 1 and size // 2 >= 4 else 0)
         size = size // pool if pool > 1 else size
         pools.append(pool)
     return [ConvBlock(kernel=k, stride=s, pool=p) for k, s, p in zip(kernels, strides, pools)]

@@ -60,7 +60,7 @@ class GrowJob:
                                  split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                                  as_images=cfg.arch == "cnn")
         self.arch = cfg.arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
-        self.cfg = cfg = cfg.resolved(self.arch)
+        self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
         # The spec at the initial widths; current widths are read back with spec_from_model.
         self.spec = self._initial_spec(prep)
@@ -75,7 +75,8 @@ class GrowJob:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
-        model = build_model(self.spec).to(self.device)
+        model = live_initialisation(build_model(self.spec).to(self.device), self.spec.growable_indices,
+                                    self.train_set.X[:LIVENESS_SAMPLES])
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                input_noise=self.input_noise, max_shift=self.max_shift,
@@ -305,6 +306,33 @@ class GrowJob:
         metrics = self.metrics(status)
         write_run(self.run_dir, self.model, spec_from_model(self.model, self.spec), self.log, metrics)
         return metrics
+
+
+#: Training samples on which a fresh network's units must not all be zero, and re-draws allowed.
+LIVENESS_SAMPLES = 1024
+LIVENESS_ATTEMPTS = 20
+
+
+@torch.no_grad()
+def live_initialisation(model: torch.nn.Sequential, growable: list[int], X: torch.Tensor) -> torch.nn.Sequential:
+    """Re-draw the initial weights of a growable layer while one of its neurons/channels is 0 after its
+    activation on every sample of ``X`` (a dead ReLU). At width 1 a dead unit passes no gradient, so
+    every layer before it has V_goal = 0 and nothing can ever grow there. A network whose units are all
+    alive is returned unchanged (no random numbers drawn)."""
+    for _ in range(LIVENESS_ATTEMPTS):
+        outputs: dict[int, torch.Tensor] = {}
+        handles = [model[i + 1].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+                   for i in growable]
+        try:
+            model.eval()(X)
+        finally:
+            for handle in handles:
+                handle.remove()
+        dead = [i for i in growable if bool((outputs[i].transpose(0, 1).flatten(1) == 0).all(dim=1).any())]
+        if not dead:
+            break
+        model[dead[0]].reset_parameters()
+    return model.train()
 
 
 def default_run_dir(dataset: str) -> Path:
