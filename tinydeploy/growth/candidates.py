@@ -51,6 +51,8 @@ def _gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tens
     L output positions from N(0, covariance / L) (``covariance`` sums over the positions): N_z (from a
     standard Gaussian Z) mixed by a square root of that covariance."""
     L = linalg.psd_sqrt(covariance / m.out_positions)
+    if m.taps == 1:
+        return m.N_z @ L.T
     N_z = m.N_z.reshape(m.N_z.shape[0], m.n_outputs, m.taps)
     return torch.einsum("dcp,mc->dmp", N_z, L).reshape(m.N_z.shape[0], -1)
 

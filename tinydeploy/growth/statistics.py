@@ -42,6 +42,9 @@ CHUNK_VALUES = 1 << 23
 #: Largest number of recorded values (inputs and gradients, not unfolded) kept from the first pass for
 #: the second; above it the second pass runs the model again.
 KEEP_VALUES = 1 << 25
+#: Pairs whose views of one sample hold at most this many values (vectors: nothing is unfolded) read the
+#: whole estimation batch even where ``rows`` asks for fewer samples.
+CHEAP_VIEWS = 4096
 
 
 @dataclass
@@ -168,6 +171,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """sum_il B^t_il^T V_il as (D, o * taps), columns ordered (m, p)."""
+    if U.shape[2] == U.shape[3] == 1:  # vectors: a plain product B_prev^T V
+        return U[:, :, 0, 0].T @ V[:, :, 0]
     return torch.einsum("idpl,iml->dmp", U, V).reshape(U.shape[1], -1)
 
 
@@ -191,9 +196,8 @@ def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, 
     P = _rows((grid * weight).flatten(2))
     Z = torch.randn(V.shape, dtype=V.dtype, device=V.device, generator=generator)
     _add(acc, "S", min(taps, D) * (P.T @ P))
-    both = _cross(U, torch.cat([V, Z], dim=1)).reshape(D, 2, -1)  # one pass over U for N_v and N_z
-    _add(acc, "N_v", both[:, 0])
-    _add(acc, "N_z", both[:, 1])
+    _add(acc, "N_v", _cross(U, V))
+    _add(acc, "N_z", _cross(U, Z))
     _accumulate_consumer(acc, views)
     if taps == 1:
         _add(acc, "S_ph", _rows(U[:, :, 0]).T @ _rows(views.Bh))
@@ -251,8 +255,9 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
         model.zero_grad(set_to_none=True)
 
 
-def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None) -> dict[int, int]:
-    return {i: min(n, rows[i] if rows else n) for i in range(len(pairs))}
+def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None, probe: dict[int, _Probe]) -> dict[int, int]:
+    """Samples each pair reads: ``rows[k]`` (at most n) when its views are costly, else all n."""
+    return {i: min(n, rows[i]) if rows and probe[i].views > CHEAP_VIEWS else n for i in range(len(pairs))}
 
 
 def gather_moments(
@@ -269,8 +274,9 @@ def gather_moments(
 ) -> list[LayerMoments]:
     """Accumulate the moments of every growable layer over (X, y), at most ``chunk_size`` samples at a
     time (fewer when the unfolded tensors of a chunk would exceed ``CHUNK_VALUES`` values). ``rows``
-    (one per growable layer) limits a layer's statistics to the first rows[k] samples of X: pairs that
-    need fewer samples (App. E.1) stop early while the others go on. ``ridge`` is the one the candidates
+    (one per growable layer) limits a layer's statistics to the first rows[k] samples of X when its
+    unfolded views are costly (more than ``CHEAP_VIEWS`` values per sample): pairs that need fewer
+    samples (App. E.1) stop early while the others go on. ``ridge`` is the one the candidates
     will use for dW* (``linalg.best_update``): the second pass projects the goal with that dW*.
 
     V_goal = -d(sum_i l_i)/dA_out is not divided by n (design note), the moments are. The model runs in
@@ -280,11 +286,11 @@ def gather_moments(
     indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     meta: list[dict] = [{} for _ in pairs]
-    counts = _row_counts(X.shape[0], pairs, rows)
     was_training = model.training
     model.eval()
     try:
         probe = _probe(model, indexed, X, y, loss_fn, producer=True)
+        counts = _row_counts(X.shape[0], pairs, rows, probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
         keep = sum(probe[i].recorded * counts[i] for i in spatial) <= KEEP_VALUES
         kept: list[dict[int, tuple[torch.Tensor, ...]]] = []
@@ -333,11 +339,11 @@ def gather_bottlenecks(
     pairs = pairs_of(model, growable)
     indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
-    counts = _row_counts(X.shape[0], pairs, rows)
     was_training = model.training
     model.eval()
     try:
         probe = _probe(model, indexed, X, y, loss_fn, producer=False)
+        counts = _row_counts(X.shape[0], pairs, rows, probe)
         for recorded in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe):
             for index, tensors in recorded.items():
                 _accumulate_consumer(sums[index], _views(model, pairs[index], tensors, producer=False))
