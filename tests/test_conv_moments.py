@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conv_fixtures import Case, brute_force, build, cases, consumer_index, one_thread  # noqa: F401
-from tinydeploy.growth import linalg, statistics
+from tinydeploy.growth import candidates, linalg, statistics
 from tinydeploy.growth.statistics import gather_moments
 
 
@@ -54,3 +54,12 @@ def test_rows_limit_each_layer_to_the_first_samples() -> None:
     assert both.n == alone.n == 11
     for name in ("S", "N_v", "S_h", "N_h", "VV", "N"):
         torch.testing.assert_close(getattr(both, name), getattr(alone, name), rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("case", [Case(dims=2, kind="pool-conv", size=14), Case(dims=1, kind="flatten-linear"),
+                                  Case(dims=2, kind="gap-linear")], ids=str)
+def test_consumer_only_bottleneck_equals_psi_from_the_full_moments(case: Case) -> None:
+    model, X, y = build(case)
+    psi = statistics.gather_bottlenecks(model, [0], X, y, _loss, chunk_size=6)[0]
+    m = gather_moments(model, [0], X, y, _loss, chunk_size=6)[0]
+    assert psi == pytest.approx(candidates.bottleneck(m), rel=1e-10) and psi > 0

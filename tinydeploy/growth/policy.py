@@ -14,7 +14,7 @@ from tinydeploy.growth.candidates import Candidate, balance, propose
 from tinydeploy.growth.candidates import bottleneck as candidate_bottleneck
 from tinydeploy.growth.costs import count_macs, count_params, neuron_cost, output_shapes
 from tinydeploy.growth.pairs import CONV_TYPES, pairs_of
-from tinydeploy.growth.statistics import LayerMoments, gather_moments
+from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import module_width
 from tinydeploy.model.losses import LossFn
@@ -131,11 +131,12 @@ def growth_step(
     metric: Callable[[torch.Tensor, torch.Tensor], float],
     s: GrowthSettings,
     generator: torch.Generator | None = None,
-) -> tuple[nn.Sequential, list[Growth], list[LayerMoments]]:
+) -> tuple[nn.Sequential, list[Growth], dict[int, float]]:
     """Evaluate every growable layer, add neurons to the one with the largest loss decrease on
     ``held_out``; repeat on fresh statistics for up to ``layers_per_step`` layers.
 
-    Returns the grown model, the growths applied and the final statistics of every layer (for Psi).
+    Returns the grown model, the growths applied and the bottleneck Psi of every growable layer after them
+    (keyed by module index; from consumer-side statistics only, ``gather_bottlenecks``).
     """
     scores = _evaluator(held_out, loss_fn, metric)
 
@@ -170,20 +171,29 @@ def growth_step(
         remaining.remove(cand.in_index)
         if not remaining:
             break
-    final = _moments(model, growable, train, loss_fn, s, generator)
-    psi = bottlenecks(final)
+    psi = _bottlenecks(model, growable, train, loss_fn, s, generator)
     for growth in applied:
         growth.psi_after = psi[growth.candidate.in_index]
-    return model, applied, final
+    return model, applied, psi
+
+
+def _estimation_batch(model, indices, train: Batch, s: GrowthSettings, generator) -> tuple[Batch, list[int]]:
+    """One random estimation batch for the layers ``indices``, and the samples App. E.1 asks of each."""
+    rows = [_estimation_rows(model, pair.in_index, pair.out_index, train, s) for pair in pairs_of(model, indices)]
+    return train.take(max(rows), generator), rows
 
 
 def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator) -> list[LayerMoments]:
-    """Statistics of the layers ``indices`` on one random estimation batch, each layer reading the first
-    samples of it that App. E.1 asks for."""
-    rows = [_estimation_rows(model, pair.in_index, pair.out_index, train, s) for pair in pairs_of(model, indices)]
-    batch = train.take(max(rows), generator)
+    """Statistics of the layers ``indices``, each layer reading the first samples of the batch it needs."""
+    batch, rows = _estimation_batch(model, indices, train, s, generator)
     return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
                           rows=rows, ridge=s.ridge)
+
+
+def _bottlenecks(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator) -> dict[int, float]:
+    """Psi of the layers ``indices`` (the paper's dW*, no ridge) from consumer-side statistics."""
+    batch, rows = _estimation_batch(model, indices, train, s, generator)
+    return gather_bottlenecks(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, rows=rows)
 
 
 def _estimation_rows(model: nn.Sequential, in_index: int, out_index: int, train: Batch, s: GrowthSettings) -> int:

@@ -17,8 +17,10 @@ layers' recorded inputs and gradients kept from the first (raw, not unfolded) wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -255,6 +257,17 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
         model.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm uses its running statistics) for the statistics, the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None, probe: dict[int, _Probe]) -> dict[int, int]:
     """Samples each pair reads: ``rows[k]`` (at most n) when its views are costly, else all n."""
     return {i: min(n, rows[i]) if rows and probe[i].views > CHEAP_VIEWS else n for i in range(len(pairs))}
@@ -286,9 +299,7 @@ def gather_moments(
     indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     meta: list[dict] = [{} for _ in pairs]
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         probe = _probe(model, indexed, X, y, loss_fn, producer=True)
         counts = _row_counts(X.shape[0], pairs, rows, probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
@@ -304,17 +315,12 @@ def gather_moments(
                 kept.append({i: tuple(t.clone() for t in recorded[i]) for i in spatial if i in recorded})
         updates = {i: linalg.best_update(sums[i]["S_h"] / counts[i], sums[i]["N_h"] / counts[i], ridge=ridge)
                    for i in spatial}
-        second = kept if keep else (
-            {i: r for i, r in chunk.items() if i in spatial}
-            for chunk in _chunks(model, spatial, counts, X, y, loss_fn, chunk_size, probe)
-        )
+        second = kept if keep else _chunks(model, spatial, counts, X, y, loss_fn, chunk_size, probe)
         for recorded in second:
             for index, tensors in recorded.items():
                 views = _views(model, pairs[index], tensors)
                 projected = views.V - torch.einsum("oh,ihl->iol", updates[index], views.Bh)
                 _add(sums[index], "N", _cross(views.U, projected))
-    finally:
-        model.train(was_training)
     return [
         LayerMoments(p.in_index, p.out_index, counts[i], **{k: v / counts[i] for k, v in acc.items()},
                      tap_shape=m["tap_shape"], kind=p.kind(model), positions=m["positions"],
@@ -332,26 +338,21 @@ def gather_bottlenecks(
     *,
     chunk_size: int = 1024,
     rows: list[int] | None = None,
-    ridge: float = 0.0,
 ) -> dict[int, float]:
     """Psi (Eq. 4 with dW*, Prop. 3.1) of every growable layer, keyed by its module index, from the
     consumer-side moments only (S_h, N_h, VV): one pass, no unfolding of the producer's inputs."""
     pairs = pairs_of(model, growable)
     indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         probe = _probe(model, indexed, X, y, loss_fn, producer=False)
         counts = _row_counts(X.shape[0], pairs, rows, probe)
         for recorded in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe):
             for index, tensors in recorded.items():
                 _accumulate_consumer(sums[index], _views(model, pairs[index], tensors, producer=False))
-    finally:
-        model.train(was_training)
     psi = {}
     for i, (acc, pair) in enumerate(zip(sums, pairs)):
         S_h, N_h, VV = (acc[k] / counts[i] for k in ("S_h", "N_h", "VV"))
-        dW = linalg.best_update(S_h, N_h, ridge=ridge)
+        dW = linalg.best_update(S_h, N_h)
         psi[pair.in_index] = float(linalg.bottleneck(torch.trace(VV), S_h, N_h, dW))
     return psi

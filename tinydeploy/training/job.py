@@ -15,7 +15,7 @@ import torch
 from tinydeploy import __version__
 from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, bottlenecks, growth_step, neuron_budget
+from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
 from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
@@ -181,9 +181,9 @@ class GrowJob:
         old_model = self.model
         held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
         metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
-        model, growths, moments = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
+        model, growths, psi = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
                                               self.loss_fn, metric, self.settings, self.generator)
-        self.psi = bottlenecks(moments)
+        self.psi = psi
         if growths:
             self.trainer.replace_model(model, carry_optimizer_state(self.trainer.optimizer, old_model, model))
         synchronize(self.device)
