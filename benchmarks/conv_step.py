@@ -26,19 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, machine_info, pyplot, save_figure  # noqa: E402
+from common import Report, machine_info, pyplot, save_figure, timeit  # noqa: E402
 
 from tinydeploy.growth import candidates, linalg  # noqa: E402
 from tinydeploy.growth.statistics import gather_moments  # noqa: E402
@@ -114,16 +112,6 @@ def unfolded_reference(model, X, y, growable) -> None:
         _ = (P2.T @ P2, Ur.T @ Vr, Ur.T @ torch.randn_like(Vr), Vr.T @ Vr)
         dW = linalg.best_update(S_h, N_h)
         _ = Ur.T @ (Vr - Bhr @ dW.T)
-
-
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def one(width: int, n: int, repeats: int, which: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from growth_fixtures import recorded_activities
 from tinydeploy.model.build import GlobalAvgPool
 from tinydeploy.model.losses import per_sample_loss
 
@@ -71,17 +72,7 @@ def consumer_index(model: nn.Sequential) -> int:
 
 def explicit(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, out: int):
     """Producer input, consumer input, V_goal = -dL/dA at the consumer output (one autograd pass)."""
-    h, x_in, b_h, a_out = X, X, None, None
-    for index, module in enumerate(model):
-        if index == out:
-            b_h = h.detach()
-        h = module(h)
-        if index == out:
-            h.retain_grad()
-            a_out = h
-    model.zero_grad()
-    per_sample_loss("classification")(h, y).sum().backward()
-    return x_in.detach(), b_h, -a_out.grad.detach()
+    return recorded_activities(model, X, y, per_sample_loss("classification"), 0, out)
 
 
 def _grid(x: torch.Tensor) -> torch.Tensor:

@@ -100,10 +100,9 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     )
 
 
-def gradmax(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
+def gradmax(m: LayerMoments, max_neurons: int) -> Candidate:
     """GradMax (App. B.1, E.3.1): fan-in 0, fan-out = top eigenvectors of N~^T N~ (unprojected goal),
     scaled to a small norm. The function is unchanged at insertion, so no amplitude is searched."""
-    dW = linalg.best_update(m.S_h, m.N_h, ridge=ridge)
     psi = bottleneck(m)
     rank = min(m.N_v.shape)
     omega, eigenvalues = linalg.gradmax_fan_out(m.N_v, min(max_neurons, rank))
@@ -131,7 +130,7 @@ def gradmax(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     )
 
 
-def random(m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None, ridge: float = 0.0) -> Candidate:
+def random(m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None) -> Candidate:
     """Random baseline (Sec. 5.2, App. E.3.2): Gaussian fan-in and fan-out normalised to unit RMS,
     as many neurons as TINY's rank bound allows, amplitude searched over both signs (Eq. 14)."""
     d1, o = m.S.shape[0], m.N_v.shape[1]
@@ -142,7 +141,6 @@ def random(m: LayerMoments, max_neurons: int, generator: torch.Generator | None 
     if k:
         alpha, omega = alpha / alpha.pow(2).mean().sqrt(), omega / omega.pow(2).mean().sqrt()
     omega = fan_out(omega, m)
-    dW = linalg.best_update(m.S_h, m.N_h, ridge=ridge)
     psi = bottleneck(m)
     return Candidate(
         method="random",
@@ -180,11 +178,11 @@ def balance(c: Candidate, producer_rms: float, consumer_rms: float) -> Candidate
 
 def propose(method: str, m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None,
             ridge: float = 0.0) -> Candidate:
-    """Dispatch to the candidate function of ``method``."""
+    """Dispatch to the candidate function of ``method`` (``ridge``: TINY's, see ``linalg.ridged``)."""
     if method == "tiny":
         return tiny(m, max_neurons, ridge)
     if method == "gradmax":
-        return gradmax(m, max_neurons, ridge)
+        return gradmax(m, max_neurons)
     if method == "random":
-        return random(m, max_neurons, generator, ridge)
+        return random(m, max_neurons, generator)
     raise ValueError(f"unknown growth method '{method}': use one of {', '.join(METHODS)}")
