@@ -114,18 +114,6 @@ class Pair:
     def between(self, model: nn.Sequential) -> nn.Sequential:
         return model[self.in_index + 1 : self.out_index]
 
-    def kind(self, model: nn.Sequential) -> str:
-        """A readable name such as ``conv2d->avgpool->conv2d`` or ``conv2d->flatten->linear``."""
-        names = [_short(self.producer(model))]
-        names += [_short(m) for m in self.between(model) if not isinstance(m, tuple(ACTIVATION_MODULES.values()))]
-        return "->".join([*names, _short(self.consumer(model))])
-
-
-def _short(module: nn.Module) -> str:
-    return {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.AvgPool1d: "avgpool",
-            nn.AvgPool2d: "avgpool", nn.Flatten: "flatten", GlobalAvgPool: "gap", nn.BatchNorm1d: "bn",
-            nn.BatchNorm2d: "bn"}.get(type(module), type(module).__name__.lower())
-
 
 def pairs_of(model: nn.Sequential, growable: list[int]) -> list[Pair]:
     """The pair of each growable module: its consumer is the next Linear/Conv module."""

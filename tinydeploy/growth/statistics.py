@@ -59,8 +59,8 @@ class LayerMoments:
     VV = V_goal V_goal^T/n, N_z as N_v with a standard Gaussian Z in place of V_goal (independent of
     the inputs; for the significance threshold). N_v and N_z are (D, o * taps), columns ordered
     (output m, tap p). One-tap pairs carry S_ph = (1/n) sum_il B^t_il^T B_h,il^T; the others carry
-    the projected N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass. ``positions`` is
-    the number of pixels of the grid the consumer reads, ``out_positions`` the consumer's output positions L.
+    the projected N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass.
+    ``out_positions`` is the number L of the consumer's output positions.
     """
 
     in_index: int
@@ -75,8 +75,6 @@ class LayerMoments:
     S_ph: torch.Tensor | None = None
     N: torch.Tensor | None = None
     tap_shape: tuple[int, ...] = ()
-    kind: str = "linear->linear"
-    positions: int = 1
     out_positions: int = 1
 
     @property
@@ -309,8 +307,7 @@ def gather_moments(
             for index, tensors in recorded.items():
                 views = _views(model, pairs[index], tensors)
                 _accumulate(sums[index], model, pairs[index], views, generator)
-                meta[index].update(tap_shape=views.taps, positions=int(views.grid[0, 0].numel()),
-                                   out_positions=int(views.V.shape[2]))
+                meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
             if keep and spatial:
                 kept.append({i: tuple(t.clone() for t in recorded[i]) for i in spatial if i in recorded})
         updates = {i: linalg.best_update(sums[i]["S_h"] / counts[i], sums[i]["N_h"] / counts[i], ridge=ridge)
@@ -323,8 +320,7 @@ def gather_moments(
                 _add(sums[index], "N", _cross(views.U, projected))
     return [
         LayerMoments(p.in_index, p.out_index, counts[i], **{k: v / counts[i] for k, v in acc.items()},
-                     tap_shape=m["tap_shape"], kind=p.kind(model), positions=m["positions"],
-                     out_positions=m["out_positions"])
+                     tap_shape=m["tap_shape"], out_positions=m["out_positions"])
         for i, (acc, p, m) in enumerate(zip(sums, pairs, meta))
     ]
 
