@@ -47,7 +47,8 @@ def build(case: Case, seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch
     conv = nn.Conv1d if case.dims == 1 else nn.Conv2d
     pool = nn.AvgPool1d if case.dims == 1 else nn.AvgPool2d
     shape = (case.channels, case.size) if case.dims == 1 else (case.channels, case.size, case.size)
-    modules: list[nn.Module] = [conv(case.channels, case.width, case.kernel, case.stride, case.padding), case.activation()]
+    producer = conv(case.channels, case.width, case.kernel, case.stride, case.padding)
+    modules: list[nn.Module] = [producer, case.activation()]
     if case.kind.startswith("pool"):
         modules.append(pool(2, 2))
     probe = nn.Sequential(*modules)(torch.zeros(1, *shape))
@@ -148,18 +149,19 @@ def brute_force(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor) -> dict[
     r_factor = min(taps, D)
     Vl = V.reshape(n, V.shape[1], -1)  # (n, o, L)
     Bh = [b_cols[r][c] for r, c in positions]
+    Vs = [Vl[:, :, pos] for pos in range(len(Bh))]  # V_goal per output position, (n, o)
     o = Vl.shape[1]
     S = sum(torch.einsum("ipd,ipe->de", B, B) for B in Bt) * r_factor / n
-    N_v = sum(torch.einsum("ipd,im->dmp", B, Vl[:, :, l]) for l, B in enumerate(Bt)).reshape(D, o * taps) / n
+    N_v = sum(torch.einsum("ipd,im->dmp", B, v) for v, B in zip(Vs, Bt)).reshape(D, o * taps) / n
     S_h = sum(b.T @ b for b in Bh) / n
-    N_h = sum(b.T @ Vl[:, :, l] for l, b in enumerate(Bh)) / n
-    VV = sum(Vl[:, :, l].T @ Vl[:, :, l] for l in range(len(Bh))) / n
+    N_h = sum(b.T @ v for v, b in zip(Vs, Bh)) / n
+    VV = sum(v.T @ v for v in Vs) / n
     dW = N_h.T @ torch.linalg.pinv(S_h, hermitian=True, rtol=1e-10)
-    V_proj = [Vl[:, :, l] - Bh[l] @ dW.T for l in range(len(Bh))]
-    N = sum(torch.einsum("ipd,im->dmp", B, V_proj[l]) for l, B in enumerate(Bt)).reshape(D, o * taps) / n
+    V_proj = [v - b @ dW.T for v, b in zip(Vs, Bh)]
+    N = sum(torch.einsum("ipd,im->dmp", B, v) for v, B in zip(V_proj, Bt)).reshape(D, o * taps) / n
     psi = sum(float(v.pow(2).sum()) for v in V_proj) / n
     return {"S": S, "N_v": N_v, "S_h": S_h, "N_h": N_h, "VV": VV, "N": N, "dW": dW, "psi": torch.tensor(psi),
-            "Bt": Bt, "Bh": Bh, "V": [Vl[:, :, l] for l in range(len(Bh))], "V_proj": V_proj, "taps": taps, "grid": (H, W)}
+            "Bt": Bt, "Bh": Bh, "V": Vs, "V_proj": V_proj, "taps": taps, "grid": (H, W)}
 
 
 def cases() -> list[Case]:

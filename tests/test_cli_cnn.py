@@ -97,8 +97,9 @@ def test_onnx_runtime_takes_images_and_batches_of_images(cnn_export: Path) -> No
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--dataset", "moons", "--arch", "cnn"], "error: X_train of 'moons' has shape (1000, 2) (flat features): a CNN "
-                                              "needs signals (n, C, L) or images (n, C, H, W); reshape X or use --arch mlp"),
+    (["--dataset", "moons", "--arch", "cnn"],
+     "error: X_train of 'moons' has shape (1000, 2) (flat features): a CNN needs signals (n, C, L) or images "
+     "(n, C, H, W); reshape X or use --arch mlp"),
     (["--dataset", "digits", "--arch", "cnn", "--init-widths", "1,1"],
      "error: --init-widths lists 2 widths but the CNN has 2 conv blocks and 1 hidden linear layer(s): give 3"),
     (["--dataset", "digits", "--arch", "cnn", "--conv-kernels", "3,3", "--conv-strides", "1"],

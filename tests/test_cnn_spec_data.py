@@ -17,7 +17,8 @@ from tinydeploy.errors import DataError, SpecError
 from tinydeploy.model.build import build_model
 from tinydeploy.model.freeze import Standardize
 from tinydeploy.model.spec import ArchSpec, ConvBlock
-from tinydeploy.training.config import GrowConfig, conv_blocks
+from tinydeploy.training.architecture import conv_blocks
+from tinydeploy.training.config import GrowConfig
 
 #: ``ArchSpec.mlp(...).to_json()`` as written by tinydeploy before convolutions existed (commit 7cd51b6).
 OLD_MLP_SPEC = (
@@ -81,8 +82,8 @@ def test_bad_cnn_specs_raise_one_line_errors(overrides, message) -> None:
 
 def test_malformed_stored_specs_are_spec_errors() -> None:
     layers = '[{"kind":"conv","dims":3,"out_channels":2,"kernel":3,"stride":1,"padding":0,"growable":true}]'
-    text = OLD_MLP_SPEC.replace(OLD_MLP_SPEC[OLD_MLP_SPEC.index('"layers":') + 9: OLD_MLP_SPEC.index(',"preprocessing"')],
-                                layers)
+    old_layers = OLD_MLP_SPEC[OLD_MLP_SPEC.index('"layers":') + 9 : OLD_MLP_SPEC.index(',"preprocessing"')]
+    text = OLD_MLP_SPEC.replace(old_layers, layers)
     with pytest.raises(SpecError, match=r"^layer 0 \(conv\): dims must be 1 \(signals\) or 2 \(images\), got 3$"):
         ArchSpec.from_json(text)
     linear_on_image = OLD_MLP_SPEC.replace('[{"kind":"flatten"},', "[")
@@ -195,7 +196,8 @@ def test_image_folder_errors_are_one_line(tmp_path: Path) -> None:
                                "every image must have the same size; resize them")
     broken = _image_folder(tmp_path / "broken")
     (broken / "dog" / "3.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(DataError, match=rf"^cannot read image {broken / 'dog' / '3.png'} \(.+\): replace or remove it$"):
+    bad = broken / "dog" / "3.png"
+    with pytest.raises(DataError, match=rf"^cannot read image {bad} \(.+\): replace or remove it$"):
         load_dataset(str(broken))
     single = tmp_path / "single"
     (single / "only").mkdir(parents=True)

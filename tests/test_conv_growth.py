@@ -156,7 +156,8 @@ def test_new_columns_after_flatten_hold_each_new_channel_s_h_w_block() -> None:
     ((2, 12, 12), "flatten", [ConvBlock(pool=2), ConvBlock(kernel=5, stride=2, padding=1)]),
     ((1, 20), "global_avgpool", [ConvBlock(kernel=5, pool=2), ConvBlock(kernel=3, stride=2)]),
 ])
-def test_grown_cnn_equals_a_net_built_at_the_final_widths_with_the_same_weights(input_shape, transition, blocks) -> None:
+def test_grown_cnn_equals_a_net_built_at_the_final_widths_with_the_same_weights(input_shape, transition,
+                                                                               blocks) -> None:
     torch.manual_seed(0)
     spec = ArchSpec.cnn(task="classification", input_shape=input_shape, blocks=blocks, conv_widths=[2, 3],
                         hidden_widths=[4], n_outputs=3, transition=transition)

@@ -36,7 +36,8 @@ class Standardize(nn.Module):
         super().__init__()
         if preprocessing.get("kind") != "standardize":
             raise SpecError(f"unknown preprocessing kind {preprocessing.get('kind')!r}: expected 'standardize'")
-        shape = (input_shape[0], *[1] * (len(input_shape) - 1)) if preprocessing.get("per") == "channel" else input_shape
+        per_channel = preprocessing.get("per") == "channel"
+        shape = (input_shape[0], *[1] * (len(input_shape) - 1)) if per_channel else input_shape
         mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(shape)
         std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(shape)
         self.register_buffer("mean", torch.from_numpy(mean))

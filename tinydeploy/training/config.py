@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.candidates import METHODS
-from tinydeploy.model.spec import TRANSITIONS, ConvBlock, check_activation
+from tinydeploy.model.spec import TRANSITIONS, check_activation
 
 ARCHS = ("mlp", "cnn")
 
@@ -140,23 +140,3 @@ class GrowConfig:
             recipe["batch_size"] = min(int(recipe["batch_size"]), max(MIN_CNN_BATCH, n_train // CNN_STEPS_PER_EPOCH))
         return replace(self, arch=arch, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 
-
-def conv_blocks(cfg: GrowConfig, input_shape: tuple[int, ...]) -> list[ConvBlock]:
-    """The CNN's conv blocks: ``--conv-kernels`` (default 3 for images, 5 for signals, two blocks),
-    ``--conv-strides`` (default 1) and ``--conv-pools`` (default: average pooling by 2 after a stride-1
-    block while the grid stays at least 4 wide, so 28 -> 14 -> 7, 8 -> 4 -> 4, 40 -> 20 -> 10; strided
-    blocks downsample on their own)."""
-    dims = len(input_shape) - 1
-    depth = len(next((v for v in (cfg.conv_kernels, cfg.conv_strides, cfg.conv_pools) if v), [0, 0]))
-    kernels = cfg.conv_kernels or [3 if dims == 2 else 5] * depth
-    strides = cfg.conv_strides or [1] * len(kernels)
-    if not len(kernels) == len(strides) == len(cfg.conv_pools or kernels):
-        raise TinyDeployError(f"--conv-kernels {kernels}, --conv-strides {strides} and --conv-pools "
-                              f"{cfg.conv_pools} must list one value per conv block")
-    pools, size = [], min(input_shape[1:])
-    for i, (kernel, stride) in enumerate(zip(kernels, strides)):
-        size = (size - 1) // stride + 1
-        pool = cfg.conv_pools[i] if cfg.conv_pools else (2 if stride == 1 and size // 2 >= 4 else 0)
-        size = size // pool if pool > 1 else size
-        pools.append(pool)
-    return [ConvBlock(kernel=k, stride=s, pool=p) for k, s, p in zip(kernels, strides, pools)]

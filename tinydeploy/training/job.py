@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,8 @@ from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
 from tinydeploy.model.spec import ArchSpec
-from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig, conv_blocks
+from tinydeploy.training.architecture import initial_spec, live_initialisation
+from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.rundir import write_run
 from tinydeploy.training.trainer import Trainer, evaluate
@@ -63,7 +64,7 @@ class GrowJob:
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
         # The spec at the initial widths; current widths are read back with spec_from_model.
-        self.spec = self._initial_spec(prep)
+        self.spec = initial_spec(cfg, self.data, prep)
         self.task = self.data.task
         if cfg.target_accuracy is not None and self.task != "classification":
             raise TinyDeployError(f"--target-accuracy applies to classification, but '{cfg.dataset}' is a "
@@ -76,7 +77,7 @@ class GrowJob:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
         model = live_initialisation(build_model(self.spec).to(self.device), self.spec.growable_indices,
-                                    self.train_set.X[:LIVENESS_SAMPLES])
+                                    self.train_set.X)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                input_noise=self.input_noise, max_shift=self.max_shift,
@@ -91,24 +92,6 @@ class GrowJob:
         self.time_train = self.time_growth = 0.0
         self.started = time.perf_counter()
         self.stop_reason = ""
-
-    def _initial_spec(self, prep: dict[str, Any]) -> ArchSpec:
-        """The spec at the initial widths: an MLP, or a CNN of ``conv_blocks`` + ``hidden_layers`` linear layers."""
-        cfg, data = self.cfg, self.data
-        common = {"task": data.task, "input_shape": data.input_shape, "n_outputs": data.n_outputs,
-                  "activation": cfg.activation, "classes": data.classes, "preprocessing": prep, "dataset": data.name}
-        if self.arch == "mlp":
-            spec = ArchSpec.mlp(hidden_widths=list(cfg.init_widths or [1, 1]), **common)
-        else:
-            blocks = conv_blocks(cfg, data.input_shape)
-            hidden = 1 if cfg.hidden_layers is None else cfg.hidden_layers
-            widths = list(cfg.init_widths or [1] * (len(blocks) + hidden))
-            if len(widths) != len(blocks) + hidden:
-                raise TinyDeployError(f"--init-widths lists {len(widths)} widths but the CNN has {len(blocks)} conv "
-                                      f"blocks and {hidden} hidden linear layer(s): give {len(blocks) + hidden}")
-            spec = ArchSpec.cnn(blocks=blocks, conv_widths=widths[: len(blocks)], hidden_widths=widths[len(blocks):],
-                                transition=cfg.transition, **common)
-        return replace(spec, extra={"image": data.image}) if data.image else spec
 
     @property
     def max_shift(self) -> int:
@@ -306,33 +289,6 @@ class GrowJob:
         metrics = self.metrics(status)
         write_run(self.run_dir, self.model, spec_from_model(self.model, self.spec), self.log, metrics)
         return metrics
-
-
-#: Training samples on which a fresh network's units must not all be zero, and re-draws allowed.
-LIVENESS_SAMPLES = 1024
-LIVENESS_ATTEMPTS = 20
-
-
-@torch.no_grad()
-def live_initialisation(model: torch.nn.Sequential, growable: list[int], X: torch.Tensor) -> torch.nn.Sequential:
-    """Re-draw the initial weights of a growable layer while one of its neurons/channels is 0 after its
-    activation on every sample of ``X`` (a dead ReLU). At width 1 a dead unit passes no gradient, so
-    every layer before it has V_goal = 0 and nothing can ever grow there. A network whose units are all
-    alive is returned unchanged (no random numbers drawn)."""
-    for _ in range(LIVENESS_ATTEMPTS):
-        outputs: dict[int, torch.Tensor] = {}
-        handles = [model[i + 1].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
-                   for i in growable]
-        try:
-            model.eval()(X)
-        finally:
-            for handle in handles:
-                handle.remove()
-        dead = [i for i in growable if bool((outputs[i].transpose(0, 1).flatten(1) == 0).all(dim=1).any())]
-        if not dead:
-            break
-        model[dead[0]].reset_parameters()
-    return model.train()
 
 
 def default_run_dir(dataset: str) -> Path:
