@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tinydeploy.atomic import atomic_path, write_json, write_text
 
@@ -97,6 +97,17 @@ def thread_kwargs(threads: int) -> dict[str, int]:
     from tinydeploy.training.config import GrowConfig
 
     return {"threads": threads} if "threads" in GrowConfig.__dataclass_fields__ else {}
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

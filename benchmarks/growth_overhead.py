@@ -50,8 +50,7 @@ PATCHES = [
     (policy, "line_search", "line search (amplitude search)"),
     (policy, "add_neurons", "surgery (add_neurons, carry_optimizer_state)"),
     (grow_mod, "carry_optimizer_state", "surgery (add_neurons, carry_optimizer_state)"),
-    (policy, "bottlenecks", "closed form (bottleneck Psi)"),
-    (grow_mod, "bottlenecks", "closed form (bottleneck Psi)"),
+    (policy, "gather_bottlenecks", "statistics (gather_moments: forward/backward + S, N products)"),
 ]
 
 

@@ -44,10 +44,11 @@ from common import (Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, res
                     thread_kwargs)
 
 from tinydeploy.atomic import write_json  # noqa: E402
-from tinydeploy.training.config import GrowConfig  # noqa: E402
+from tinydeploy.training.config import RECIPES, GrowConfig  # noqa: E402
 from tinydeploy.training.job import prepare_grow  # noqa: E402
 
 NAME = "growth_quality"
+MLP = RECIPES["mlp"]
 GROWN = ("TINY", "GradMax", "Random")
 EQUAL = ("GradMax @ TINY params", "Random @ TINY params")
 LABEL_ORDER = (*GROWN, *EQUAL, "FS (TINY arch)", "Fixed [32,16]", "Fixed [1000,1000]")
@@ -81,13 +82,13 @@ def run_one(dataset: str, seed: int, label: str, cfg: GrowConfig, keep: bool) ->
         m = result.metrics
         record = {
             "dataset": dataset, "seed": seed, "label": label, "method": cfg.method,
-            "init_widths": list(cfg.init_widths), "final_widths": m["final_widths"], "params": m["params"],
+            "init_widths": m["initial_widths"], "final_widths": m["final_widths"], "params": m["params"],
             "macs": m["macs"], "max_params": m["max_params"], "test_accuracy": m["metrics"]["test"]["accuracy"],
             "test_loss": m["metrics"]["test"]["loss"], "val_accuracy": m["metrics"]["val"]["accuracy"],
             "train_accuracy": m["metrics"]["train"]["accuracy"], "epochs": m["epochs"],
             "input_noise": m.get("input_noise"), "stop_reason": m["stop_reason"], "growth_events": m["growth_events"], "wall_time_s": m["wall_time_s"],
             "history": [{k: h[k] for k in ("epoch", "phase", "params", "widths", "val_accuracy")} for h in m["history"]],
-            "config": {"max_growth_epochs": cfg.max_growth_epochs, "final_epochs": cfg.final_epochs,
+            "config": {"max_growth_epochs": job.cfg.max_growth_epochs, "final_epochs": job.cfg.final_epochs,
                        "max_params": cfg.max_params},
             "dead": dead_neurons(job),
         }
@@ -303,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     noise = ", ".join(f"{ds} {'/'.join(v)}" for ds, v in noise_of.items())
     notes = [
         f"Settings: default GrowConfig schedule for every method (grow once at initialisation, then every "
-        f"{GrowConfig().grow_every:g} epoch, at most {GrowConfig().neurons_per_step} neurons/step, "
-        f"max {GrowConfig().max_growth_epochs:g} growth epochs, then "
-        f"{GrowConfig().final_epochs:g} final epochs with cosine decay; Adam lr {GrowConfig().lr:g}, batch "
-        f"{GrowConfig().batch_size}, weight decay {GrowConfig().weight_decay:g})"
+        f"{MLP['grow_every']:g} epoch, at most {GrowConfig().neurons_per_step} neurons/step, "
+        f"max {MLP['max_growth_epochs']:g} growth epochs, then "
+        f"{MLP['final_epochs']:g} final epochs with cosine decay; Adam lr {GrowConfig().lr:g}, batch "
+        f"{MLP['batch_size']}, weight decay {GrowConfig().weight_decay:g})"
         + f", patience {GrowConfig().patience}"
         + f"; input noise (dataset default) {noise}"
         + (" -- QUICK schedule, not comparable" if args.quick else "")

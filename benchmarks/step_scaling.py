@@ -21,35 +21,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, machine_info, pyplot, save_figure  # noqa: E402
+from common import Report, machine_info, pyplot, save_figure, timeit  # noqa: E402
 
 from tinydeploy.growth import candidates  # noqa: E402
 from tinydeploy.growth.statistics import gather_moments  # noqa: E402
 
 NAME = "step_scaling"
 D_IN, N_OUT, MAX_NEURONS = 64, 10, 16
-
-
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

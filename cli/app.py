@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "app", "fail", "re
 #: Command name -> (module that registers it, the first line of its docstring for ``tinydeploy --help``).
 #: ``tests/test_cli_startup.py`` checks that this table matches the commands the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "grow": ("cli.grow", "Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."),
+    "grow": ("cli.grow", "Start at width 1 and grow a compact MLP or CNN with TINY while it trains; write a run directory."),
     "export": ("cli.export",
                "Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."),
     "verify": ("cli.export",

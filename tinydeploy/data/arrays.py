@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -22,6 +23,8 @@ class RawSplit:
     X_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...] = ()
+    #: For image data: {"mode": "L" | "RGB", "size": [H, W], "max_value": m} with raw value = pixel / 255 * m.
+    image: dict[str, Any] | None = None
 
 
 def split_pool(
@@ -31,7 +34,6 @@ def split_pool(
     X_train, X_test, y_train, y_test = stratified_split(X, y, test_size, seed, classes, "y")
     task = "classification" if classes else "regression"
     return RawSplit(name, task, X_train, y_train, X_test, y_test, classes)
-
 
 
 def stratified_split(

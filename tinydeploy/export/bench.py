@@ -169,8 +169,11 @@ def _inputs(model: OnnxModel, batch: int, rng: np.random.Generator) -> np.ndarra
     shape = (batch, *model.input_shape)
     prep = (model.spec or {}).get("preprocessing") or {}
     if prep.get("kind") == "standardize" and model.input_space == "raw":
-        mean = np.asarray(prep["mean"], dtype=np.float64).reshape(model.input_shape)
-        std = np.asarray(prep["std"], dtype=np.float64).reshape(model.input_shape)
+        per_sample = model.input_shape
+        if prep.get("per") == "channel":  # one mean/std per channel, shared by every position
+            per_sample = (per_sample[0], *[1] * (len(per_sample) - 1))
+        mean = np.asarray(prep["mean"], dtype=np.float64).reshape(per_sample)
+        std = np.asarray(prep["std"], dtype=np.float64).reshape(per_sample)
         return (mean + std * rng.standard_normal(shape)).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
 

@@ -1,8 +1,9 @@
 """Width report: where the network grew, what each layer costs, and how it compares.
 
-Per linear layer (hidden or output): fan-in, initial and final width, neurons added and at which
-growth steps, parameters, multiply-accumulates per sample, share of all parameters and the last
-measured bottleneck Psi. Totals for the grown net, the initial net and, when the run trained one, a
+Per weight layer (hidden, output, or a conv1d/conv2d block): kind, fan-in (channels in for a conv),
+kernel and stride, initial and final width (channels out), neurons/channels added and at which growth
+steps, parameters, multiply-accumulates per sample, share of all parameters and the last measured
+bottleneck Psi. Totals for the grown net, the initial net and, when the run trained one, a
 reference fixed-width net. Written as width_report.json / .md / .png.
 """
 
@@ -27,8 +28,19 @@ REPORT_FORMAT = "tinydeploy.width_report/1"
 
 # ----- building ------------------------------------------------------------------------------------
 def _layer_costs(spec: ArchSpec, index: int) -> dict[str, int]:
-    width, fan_in = spec.layers[index]["out_features"], spec.in_features(index)
-    return {"width": width, "params": (fan_in + 1) * width, "macs": fan_in * width}
+    return {"width": spec.width(index), "params": spec.layer_params(index), "macs": spec.layer_macs(index)}
+
+
+def _kind(spec: ArchSpec, index: int, hidden: int | None) -> str:
+    layer = spec.layers[index]
+    if layer["kind"] == "conv":
+        return f"conv{layer['dims']}d"
+    return "hidden" if hidden is not None else "output"
+
+
+def _following_activation(spec: ArchSpec, index: int) -> str | None:
+    following = spec.layers[index + 1] if index + 1 < len(spec.layers) else {}
+    return following.get("name") if following.get("kind") == "activation" else None
 
 
 def _net_totals(spec: ArchSpec) -> dict[str, Any]:
@@ -69,7 +81,8 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
     total = spec.n_params()
     metric = _metric_name(spec.task)
     layers = []
-    for index in spec.linear_indices:
+    weight_shapes = spec.weight_shapes()
+    for index in spec.weight_indices:
         hidden = spec.growable_indices.index(index) if index in spec.growable_indices else None
         costs = _layer_costs(spec, index)
         events = [e for e in growth_log if hidden is not None and e.get("hidden_index") == hidden]
@@ -80,14 +93,19 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
                 f"growth_log.jsonl adds {added} neurons to hidden layer {hidden} but metrics.json says it grew "
                 f"from {initial['width']} to {costs['width']}: the run directory is inconsistent"
             )
-        following = spec.layers[index + 1] if index + 1 < len(spec.layers) else {}
+        layer = spec.layers[index]
+        conv = layer["kind"] == "conv"
         layers.append({
             "name": str(index),
             "module_index": index,
             "hidden_index": hidden,
-            "kind": "hidden" if hidden is not None else "output",
-            "activation": following.get("name") if following.get("kind") == "activation" else None,
-            "fan_in": spec.in_features(index),
+            "kind": _kind(spec, index, hidden),
+            "activation": _following_activation(spec, index),
+            "fan_in": spec.in_channels(index) if conv else spec.in_features(index),
+            "kernel": layer["kernel"] if conv else None,
+            "stride": layer["stride"] if conv else None,
+            "padding": layer["padding"] if conv else None,
+            "weight_shape": weight_shapes[f"{index}.weight"],
             "initial_width": initial["width"],
             "final_width": costs["width"],
             "neurons_added": added,
@@ -133,8 +151,8 @@ def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: s
     """Raise unless every layer's width and fan-in match the weight shapes stored in ``source``."""
     stored_params = 0
     for layer in report["layers"]:
-        expected = {f"{layer['name']}.weight": [layer["final_width"], layer["fan_in"]],
-                    f"{layer['name']}.bias": [layer["final_width"]]}
+        weight = layer.get("weight_shape") or [layer["final_width"], layer["fan_in"]]
+        expected = {f"{layer['name']}.weight": list(weight), f"{layer['name']}.bias": [layer["final_width"]]}
         for name, shape in expected.items():
             if shapes.get(name) != shape:
                 raise TinyDeployError(
@@ -152,6 +170,17 @@ def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: s
 
 # ----- rendering ---------------------------------------------------------------------------------------
 _COLUMNS = ("layer", "kind", "fan-in", "initial", "final", "added", "grown at steps", "params", "MACs", "share", "Psi")
+#: CNN reports: channels in, and each conv's kernel/stride (k x k / s) in a last column.
+_CNN_COLUMNS = ("layer", "kind", "in", "initial", "final", "added", "grown at steps", "params", "MACs", "share", "Psi",
+                "kernel/stride")
+
+
+def _has_convs(report: dict[str, Any]) -> bool:
+    return any(layer.get("kernel") is not None for layer in report["layers"])
+
+
+def _columns(report: dict[str, Any]) -> tuple[str, ...]:
+    return _CNN_COLUMNS if _has_convs(report) else _COLUMNS
 
 
 def _ranges(steps: list[int]) -> str:
@@ -167,14 +196,19 @@ def _ranges(steps: list[int]) -> str:
 
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
+    convs = _has_convs(report)
     for layer in report["layers"]:
         psi = layer["bottleneck_psi"]
         steps = _ranges(layer["growth_steps"]) or "-"
-        rows.append([
+        row = [
             layer["name"], layer["kind"], str(layer["fan_in"]), str(layer["initial_width"]),
             str(layer["final_width"]), f"+{layer['neurons_added']}", steps, f"{layer['params']:,}",
             f"{layer['macs']:,}", f"{layer['param_share']:.1%}", "-" if psi is None else f"{psi:.3g}",
-        ])
+        ]
+        if convs:
+            kernel = layer.get("kernel")
+            row.append("-" if kernel is None else f"{kernel} / {layer['stride']}")
+        rows.append(row)
     return rows
 
 
@@ -207,14 +241,14 @@ def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str
 
 
 def _total_header(report: dict[str, Any]) -> list[str]:
-    return ["net", "hidden widths", "params", "MACs", f"test {report['metric']}"]
+    return ["net", "widths" if _has_convs(report) else "hidden widths", "params", "MACs", f"test {report['metric']}"]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     checked = report.get("checked_against")
     return "\n\n".join([
         f"# Width report: {report['dataset']} ({report['task']})",
-        _md_table(_COLUMNS, _rows(report)),
+        _md_table(_columns(report), _rows(report)),
         _md_table(_total_header(report), _total_rows(report)),
         f"Widths checked against {checked}." if checked else "Widths not checked against an exported file.",
     ]) + "\n"
@@ -223,7 +257,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 def render_text(report: dict[str, Any]) -> str:
     return "\n\n".join([
         f"Width report: {report['dataset']} ({report['task']})",
-        _text_table(_COLUMNS, _rows(report)),
+        _text_table(_columns(report), _rows(report)),
         _text_table(_total_header(report), _total_rows(report)),
     ])
 
@@ -239,10 +273,11 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     widths_ax, metric_ax = figure.subplots(1, 2)
     steps = report["growth_steps"]
     x = [step["step"] for step in steps]
-    for layer in (layer for layer in report["layers"] if layer["kind"] == "hidden"):
+    for layer in (layer for layer in report["layers"] if layer["hidden_index"] is not None):
         widths = [step["widths"][layer["hidden_index"]] for step in steps]
-        widths_ax.step(x, widths, where="post", marker="o", label=f"hidden {layer['hidden_index']} (module {layer['name']})")
-    widths_ax.set(xlabel="growth step", ylabel="width", title="Width per hidden layer")
+        name = layer["kind"] if layer["kind"] != "hidden" else "hidden"
+        widths_ax.step(x, widths, where="post", marker="o", label=f"{name} {layer['hidden_index']} (module {layer['name']})")
+    widths_ax.set(xlabel="growth step", ylabel="width", title="Width per growable layer")
     widths_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     widths_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     widths_ax.legend(fontsize=8)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,10 +17,14 @@ GRADMAX_FAN_OUT_RMS = 1e-3
 
 @dataclass(frozen=True)
 class Candidate:
-    """Neurons proposed for the hidden layer feeding linear module ``out_index``.
+    """Neurons (or channels) proposed for the growable layer ``in_index`` whose consumer is ``out_index``.
 
-    ``alpha`` (K, d+1) and ``omega`` (o, K) are added as (s sqrt|g| alpha, s sqrt|g| omega) and ``dW``
-    (o, h+1) as g dW, for an amplitude g chosen by line search (s = sign of g).
+    ``alpha`` (K, D) is the fan-in, D = the producer's fan-in + 1 in its weight's order (for a conv:
+    channel, kernel row, kernel column) with the bias last; ``omega`` (o, K, *taps) the fan-out, with
+    taps = () for a vector consumer, the consumer's kernel for a conv, (H*W,) for a linear layer after
+    flatten; ``dW`` (o, h+1) the best update of the consumer's (unfolded) weights with its bias last.
+    They are added as (s sqrt|g| alpha, s sqrt|g| omega) and g dW, for an amplitude g chosen by line
+    search (s = sign of g).
     ``gain`` ranks layers when no line search applies: sum lambda_k^2 + Delta_dW for TINY (Eq. 10-12).
     """
 
@@ -43,17 +47,38 @@ class Candidate:
 
 
 def _gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tensor:
-    """N_null = B_prev V_gauss^T / n with V_gauss ~ N(0, covariance), independent of B_prev."""
-    return m.N_z @ linalg.psd_sqrt(covariance).T
+    """N_null = B^t V_gauss^T / n with V_gauss independent of the inputs, drawn at each of the consumer's
+    L output positions from N(0, covariance / L) (``covariance`` sums over the positions): N_z (from a
+    standard Gaussian Z) mixed by a square root of that covariance."""
+    L = linalg.psd_sqrt(covariance / m.out_positions)
+    if m.taps == 1:
+        return m.N_z @ L.T
+    N_z = m.N_z.reshape(m.N_z.shape[0], m.n_outputs, m.taps)
+    return torch.einsum("dcp,mc->dmp", N_z, L).reshape(m.N_z.shape[0], -1)
 
 
-def tiny(m: LayerMoments, max_neurons: int) -> Candidate:
-    """TINY (Prop. 3.1 + 3.2): best update dW*, projected goal, new neurons from the SVD of S^(-1/2) N,
-    kept only where lambda_k exceeds the null threshold lambda_- (earlier appendix D.3)."""
-    dW = linalg.best_update(m.S_h, m.N_h)
-    psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
-    N = linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
-    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S)
+def bottleneck(m: LayerMoments) -> float:
+    """Psi with the paper's dW* (pseudo-inverse, no ridge), Eq. 4 + Prop. 3.1."""
+    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, linalg.best_update(m.S_h, m.N_h)))
+
+
+def fan_out(columns: torch.Tensor, m: LayerMoments) -> torch.Tensor:
+    """(o * taps, K) with rows ordered (output, tap) -> omega (o, K, *taps)."""
+    k = columns.shape[1]
+    omega = columns.reshape(m.n_outputs, m.taps, k).permute(0, 2, 1)
+    return omega.reshape(m.n_outputs, k, *m.tap_shape)
+
+
+def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
+    """TINY (Prop. 3.1 + 3.2; for convolutions Lemma C.2-C.3): best update dW*, projected goal, new
+    neurons from the SVD of S^(-1/2) N, kept only where lambda_k exceeds the null threshold lambda_-
+    (earlier appendix D.3). For a conv pair the kernels are alpha_k (C_prev, k, k) and omega_k
+    (C_next, k', k') and the bottleneck drops by at least sum lambda_k^2 (Eq. 71). ``ridge``: see
+    ``linalg.ridged`` (0: the paper's formulas)."""
+    dW = linalg.best_update(m.S_h, m.N_h, ridge=ridge)
+    psi = bottleneck(m)
+    N = m.projected_cross_moment(dW)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, _gaussian_like_goal(m, covariance)))
@@ -65,7 +90,7 @@ def tiny(m: LayerMoments, max_neurons: int) -> Candidate:
         in_index=m.in_index,
         out_index=m.out_index,
         alpha=kept.alpha,
-        omega=kept.omega,
+        omega=fan_out(kept.omega, m),
         dW=dW,
         lambdas=[float(v) for v in kept.lambdas],
         lambda_null=lambda_null,
@@ -78,8 +103,7 @@ def tiny(m: LayerMoments, max_neurons: int) -> Candidate:
 def gradmax(m: LayerMoments, max_neurons: int) -> Candidate:
     """GradMax (App. B.1, E.3.1): fan-in 0, fan-out = top eigenvectors of N~^T N~ (unprojected goal),
     scaled to a small norm. The function is unchanged at insertion, so no amplitude is searched."""
-    dW = linalg.best_update(m.S_h, m.N_h)
-    psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
+    psi = bottleneck(m)
     rank = min(m.N_v.shape)
     omega, eigenvalues = linalg.gradmax_fan_out(m.N_v, min(max_neurons, rank))
     null = _gaussian_like_goal(m, m.VV)
@@ -89,6 +113,7 @@ def gradmax(m: LayerMoments, max_neurons: int) -> Candidate:
     omega, lambdas = omega[:, :k], lambdas[:k]
     if k:
         omega = omega * (GRADMAX_FAN_OUT_RMS / omega.pow(2).mean().sqrt())
+    omega = fan_out(omega, m)
     return Candidate(
         method="gradmax",
         in_index=m.in_index,
@@ -115,8 +140,8 @@ def random(m: LayerMoments, max_neurons: int, generator: torch.Generator | None 
     omega = torch.randn(o, k, **options)
     if k:
         alpha, omega = alpha / alpha.pow(2).mean().sqrt(), omega / omega.pow(2).mean().sqrt()
-    dW = linalg.best_update(m.S_h, m.N_h)
-    psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
+    omega = fan_out(omega, m)
+    psi = bottleneck(m)
     return Candidate(
         method="random",
         in_index=m.in_index,
@@ -132,10 +157,30 @@ def random(m: LayerMoments, max_neurons: int, generator: torch.Generator | None 
     )
 
 
-def propose(method: str, m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None) -> Candidate:
-    """Dispatch to the candidate function of ``method``."""
+def balance(c: Candidate, producer_rms: float, consumer_rms: float) -> Candidate:
+    """Rescale each neuron as (c_k alpha_k, omega_k / c_k) so that its fan-in and fan-out have the same
+    size relative to the existing weights of their layers (RMS(c alpha_k) / producer_rms =
+    RMS(omega_k / c) / consumer_rms). The product omega_k alpha_k^T, hence the linearised effect, Eq. 9-12
+    and Eq. 71, are unchanged, and so is the function for positively homogeneous activations (ReLU);
+    only how the new weights sit next to the old ones for the optimizer changes. Neurons with a zero
+    fan-in or fan-out (GradMax) are left as they are."""
+    k = c.n_neurons
+    if k == 0:
+        return c
+    a_rms = c.alpha.pow(2).mean(dim=1).sqrt()
+    o_rms = c.omega.transpose(0, 1).reshape(k, -1).pow(2).mean(dim=1).sqrt()
+    ok = (a_rms > 0) & (o_rms > 0)
+    scale = torch.where(ok, ((o_rms / consumer_rms) / (a_rms / producer_rms).clamp_min(1e-300)).sqrt(),
+                        torch.ones_like(a_rms))
+    omega = c.omega / scale.reshape(1, k, *[1] * (c.omega.dim() - 2))
+    return replace(c, alpha=c.alpha * scale[:, None], omega=omega)
+
+
+def propose(method: str, m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None,
+            ridge: float = 0.0) -> Candidate:
+    """Dispatch to the candidate function of ``method`` (``ridge``: TINY's, see ``linalg.ridged``)."""
     if method == "tiny":
-        return tiny(m, max_neurons)
+        return tiny(m, max_neurons, ridge)
     if method == "gradmax":
         return gradmax(m, max_neurons)
     if method == "random":

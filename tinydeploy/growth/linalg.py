@@ -16,21 +16,30 @@ import torch
 DEFAULT_RELATIVE_CUT = 1e-10
 
 
-def psd_inverse_sqrt(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+def ridged(S: torch.Tensor, ridge: float) -> torch.Tensor:
+    """S + ridge * (tr(S) / d) I: a ridge relative to the mean eigenvalue (scale-free; 0 leaves S)."""
+    if ridge == 0.0:
+        return S
+    return S + ridge * (torch.trace(S) / S.shape[0]) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+
+
+def psd_inverse_sqrt(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
     """S^(-1/2) = O diag(sigma)^(-1/2) O^T from S = O diag(sigma) O^T, with 1/0 := 0.
 
     Eigenvalues below ``rel_cut * max(sigma)`` are cut (treated as 0), which keeps the result
-    finite when S is singular (e.g. a constant input feature, or n < d).
+    finite when S is singular (e.g. a constant input feature, or n < d). ``ridge`` > 0 inverts
+    ``ridged(S, ridge)`` instead: directions of S far below its mean eigenvalue, which a finite
+    estimation batch measures poorly (App. E.1: the variance grows as 1 / (n sigma_min)), are damped.
     """
-    sigma, O = torch.linalg.eigh(S)
+    sigma, O = torch.linalg.eigh(ridged(S, ridge))
     keep = sigma > rel_cut * sigma.max().clamp_min(torch.finfo(S.dtype).tiny)
     inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(S.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
     return (O * inv_sqrt) @ O.T
 
 
-def psd_pinv(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
-    """S^+, the pseudo-inverse of a symmetric PSD matrix with the same relative eigenvalue cut."""
-    S_inv_sqrt = psd_inverse_sqrt(S, rel_cut)
+def psd_pinv(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
+    """S^+, the pseudo-inverse of a symmetric PSD matrix with the same relative eigenvalue cut (and ridge)."""
+    S_inv_sqrt = psd_inverse_sqrt(S, rel_cut, ridge)
     return S_inv_sqrt @ S_inv_sqrt
 
 
@@ -40,13 +49,15 @@ def psd_sqrt(S: torch.Tensor) -> torch.Tensor:
     return O * sigma.clamp_min(0).sqrt()
 
 
-def best_update(S_h: torch.Tensor, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT) -> torch.Tensor:
+def best_update(S_h: torch.Tensor, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT,
+                ridge: float = 0.0) -> torch.Tensor:
     """Prop. 3.1: dW* = N_h^T S_h^+, the best move of the existing weights of the next layer.
 
     S_h = B_h B_h^T / n is (h+1, h+1) and N_h = B_h V_goal^T / n is (h+1, o); dW* is (o, h+1) and its
-    activity update dW* B_h is the projection of V_goal onto the row space of B_h.
+    activity update dW* B_h is the projection of V_goal onto the row space of B_h (with ``ridge`` > 0:
+    the ridge regression of V_goal on B_h, see ``ridged``).
     """
-    return N_h.T @ psd_pinv(S_h, rel_cut)
+    return N_h.T @ psd_pinv(S_h, rel_cut, ridge)
 
 
 def bottleneck(v_sq_norm: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from tinydeploy.growth import linalg
 from tinydeploy.growth.amplitude import line_search
-from tinydeploy.growth.candidates import Candidate, propose
-from tinydeploy.growth.statistics import LayerMoments, gather_moments, shard_rows
+from tinydeploy.growth.candidates import Candidate, balance, propose
+from tinydeploy.growth.costs import count_macs, count_params, neuron_cost, output_shapes
+from tinydeploy.growth.pairs import CONV_TYPES, pairs_of
+from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, shard_rows
 from tinydeploy.growth.surgery import add_neurons, grown_output
+from tinydeploy.model.build import module_width
 from tinydeploy.model.losses import LossFn
 
 
@@ -24,12 +27,17 @@ class GrowthSettings:
     neurons_per_step: int = 16
     layers_per_step: int | None = None
     max_params: int | None = None
+    max_macs: int | None = None
     max_width: int | None = None
     estimation_scale: float = 4.0
     estimation_floor: int = 16
     min_estimation_batch: int = 256
     max_estimation_batch: int = 16384
     chunk_size: int = 1024
+    #: Relative ridge on S and S_h (``linalg.ridged``); 0 is the paper's pseudo-inverse.
+    ridge: float = 0.0
+    #: Rescale new neurons' fan-in against fan-out to the sizes of their layers' weights (``candidates.balance``).
+    balance: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,32 +84,39 @@ class DataParallel(Protocol):
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum of ``values`` (float64) over the processes."""
 
-    def sum_moments(self, moments: list[LayerMoments]) -> list[LayerMoments]:
-        """The moments of the union of the processes' rows."""
 
-
-def estimation_batch_size(fan_in: int, available: int, s: GrowthSettings) -> int:
-    """App. E.1: n proportional to (fan-in + 1)^2 (factor ``estimation_scale``), floored at ``estimation_floor`` x (fan-in + 1) and
-    ``min_estimation_batch``, capped by the data available and ``max_estimation_batch``."""
+def estimation_batch_size(fan_in: int, available: int, s: GrowthSettings, positions: int = 1) -> int:
+    """App. E.1: n proportional to (fan-in + 1)^2 / P (factor ``estimation_scale``), where P is the
+    number of positions each sample contributes (1 for vectors, the pixels of a convolution's grid),
+    floored at ``estimation_floor`` x (fan-in + 1) / P and ``min_estimation_batch``, capped by the data
+    available and ``max_estimation_batch``."""
     d1 = fan_in + 1
-    wanted = max(int(s.estimation_scale * d1 * d1), s.estimation_floor * d1, s.min_estimation_batch)
+    wanted = max(int(s.estimation_scale * d1 * d1 / positions), s.estimation_floor * d1 // positions,
+                 s.min_estimation_batch)
     return min(wanted, available, s.max_estimation_batch)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def neuron_budget(model: nn.Sequential, in_index: int, out_index: int, s: GrowthSettings) -> int:
-    """How many neurons the layer feeding ``out_index`` may still gain under the width and param budgets."""
-    layer_in, layer_out = model[in_index], model[out_index]
+def neuron_budget(model: nn.Sequential, in_index: int, out_index: int, s: GrowthSettings,
+                  sample: torch.Tensor | None = None) -> int:
+    """How many neurons (channels) the layer ``in_index`` may still gain under the width, parameter and
+    MAC budgets; ``sample`` (one input) is needed for the MAC budget."""
     room = s.neurons_per_step
     if s.max_width is not None:
-        room = min(room, s.max_width - layer_in.out_features)
-    if s.max_params is not None:
-        per_neuron = layer_in.in_features + 1 + layer_out.out_features
-        room = min(room, (s.max_params - count_params(model)) // per_neuron)
+        room = min(room, s.max_width - module_width(model[in_index]))
+    if s.max_params is not None or s.max_macs is not None:
+        if s.max_macs is not None and sample is None:
+            raise ValueError("a MAC budget needs a sample input to measure output positions")
+        shapes = output_shapes(model, sample) if s.max_macs is not None else None
+        params, macs = neuron_cost(model, in_index, out_index, shapes)
+        if s.max_params is not None:
+            room = min(room, (s.max_params - count_params(model)) // params)
+        if s.max_macs is not None:
+            room = min(room, (s.max_macs - count_macs(model, shapes)) // macs)
     return max(room, 0)
+
+
+def _rms(weight: torch.Tensor) -> float:
+    return float(weight.detach().double().pow(2).mean().sqrt())
 
 
 def _evaluator(batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float],
@@ -145,11 +160,12 @@ def growth_step(
     s: GrowthSettings,
     generator: torch.Generator | None = None,
     parallel: DataParallel | None = None,
-) -> tuple[nn.Sequential, list[Growth], list[LayerMoments]]:
+) -> tuple[nn.Sequential, list[Growth], dict[int, float]]:
     """Evaluate every growable layer, add neurons to the one with the largest loss decrease on
     ``held_out``; repeat on fresh statistics for up to ``layers_per_step`` layers.
 
-    Returns the grown model, the growths applied and the final statistics of every layer (for Psi).
+    Returns the grown model, the growths applied and the bottleneck Psi of every growable layer after them
+    (keyed by module index; from consumer-side statistics only, ``gather_bottlenecks``).
     With ``parallel``, this process works on its shard of each batch and takes the same decisions as
     the others (the sums over processes are the ones one process would compute on the whole batch).
     """
@@ -166,8 +182,10 @@ def growth_step(
         moments = _moments(model, remaining, train, loss_fn, s, generator, parallel)
         best: tuple[float, Candidate, float, float] | None = None
         for m in moments:
-            budget = neuron_budget(model, m.in_index, m.out_index, s)
-            cand = propose(s.method, m, budget, generator) if budget > 0 else None
+            budget = neuron_budget(model, m.in_index, m.out_index, s, train.X[:1])
+            cand = propose(s.method, m, budget, generator, s.ridge) if budget > 0 else None
+            if cand is not None and s.balance:
+                cand = balance(cand, _rms(model[m.in_index].weight), _rms(model[m.out_index].weight))
             if cand is None or cand.n_neurons == 0:
                 continue
             gamma, loss = _amplitude(model, cand, held_out, scores)
@@ -179,34 +197,64 @@ def growth_step(
         _, cand, gamma, _ = best
         model = add_neurons(model, cand, gamma)
         loss_1, metric_1 = evaluate(model)
-        widths = [model[i].out_features for i in growable]
+        widths = [module_width(model[i]) for i in growable]
         applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1, widths))
         loss_0, metric_0 = loss_1, metric_1
         remaining.remove(cand.in_index)
         if not remaining:
             break
-    final = _moments(model, growable, train, loss_fn, s, generator, parallel)
-    psi = bottlenecks(final)
+    psi = _bottlenecks(model, growable, train, loss_fn, s, generator, parallel)
     for growth in applied:
         growth.psi_after = psi[growth.candidate.in_index]
-    return model, applied, final
+    return model, applied, psi
+
+
+def _estimation_batch(model, indices, train: Batch, s: GrowthSettings, generator) -> tuple[Batch, list[int]]:
+    """One random estimation batch for the layers ``indices``, and the samples App. E.1 asks of each."""
+    rows = [_estimation_rows(model, pair.in_index, pair.out_index, train, s) for pair in pairs_of(model, indices)]
+    return train.take(max(rows), generator), rows
 
 
 def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,
              parallel: DataParallel | None = None) -> list[LayerMoments]:
-    fan_in = max(model[i].in_features for i in indices)
-    batch = train.take(estimation_batch_size(fan_in, train.X.shape[0], s), generator)
+    """Statistics of the layers ``indices``, each layer reading the first samples of the batch it needs
+    (with ``parallel``: this process's rows of every chunk, summed over the processes)."""
+    batch, rows = _estimation_batch(model, indices, train, s, generator)
+    return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
+                          rows=rows, ridge=s.ridge, **_sharding(parallel))
+
+
+def _bottlenecks(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,
+                 parallel: DataParallel | None = None) -> dict[int, float]:
+    """Psi of the layers ``indices`` (the paper's dW*, no ridge) from consumer-side statistics."""
+    batch, rows = _estimation_batch(model, indices, train, s, generator)
+    return gather_bottlenecks(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, rows=rows,
+                              **_sharding(parallel))
+
+
+def _sharding(parallel: DataParallel | None) -> dict:
+    """The statistics' arguments for this process's share of the work: its rows and the sum over processes."""
     if parallel is None:
-        return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator)
-    local = gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
-                           shard=(parallel.rank, parallel.world))
-    return parallel.sum_moments(local)
+        return {}
+    return {"shard": (parallel.rank, parallel.world), "total": parallel.sum}
 
 
-def bottlenecks(moments: list[LayerMoments]) -> dict[int, float]:
-    """Psi per growable layer (keyed by the module index of its linear layer), Eq. 4 with dW*."""
-    psi = {}
-    for m in moments:
-        dW = linalg.best_update(m.S_h, m.N_h)
-        psi[m.in_index] = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
-    return psi
+def _estimation_rows(model: nn.Sequential, in_index: int, out_index: int, train: Batch, s: GrowthSettings) -> int:
+    """Samples the pair needs (App. E.1): enough for the new neurons' S (fan-in + 1 per position of the
+    grid the consumer reads, before any flatten) and for the consumer's best update (its fan-in + 1 per
+    output position). For an MLP: (fan-in + 1)^2 of the layer and of its consumer."""
+    producer, consumer = model[in_index], model[out_index]
+    grid, out_positions = 1, 1
+    if isinstance(producer, CONV_TYPES):
+        with torch.no_grad():
+            h = model[: in_index + 1](train.X[:1])
+            for module in model[in_index + 1 : out_index]:
+                h = h if isinstance(module, nn.Flatten) else module(h)
+            grid = math.prod(h.shape[2:])
+            if isinstance(consumer, CONV_TYPES):
+                out_positions = math.prod(consumer(h).shape[2:])
+    available = train.X.shape[0]
+    producer_rows = estimation_batch_size(producer.weight[0].numel(), available, s, grid)
+    consumer_rows = estimation_batch_size(consumer.weight[0].numel(), available, s, out_positions)
+    return max(producer_rows, consumer_rows)
+

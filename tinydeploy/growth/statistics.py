@@ -1,27 +1,66 @@
 """Backpropagation statistics for every growable layer, gathered by temporary hooks.
 
-One forward/backward pass over an estimation batch, streamed in chunks so memory does not grow
-with the batch: only the (small) moment matrices are accumulated, in float64.
+Forward/backward passes over an estimation batch, streamed in chunks so that memory does not grow
+with the batch: only the moment matrices are accumulated, in float64, and the unfolded (im2col)
+tensors exist for one chunk at a time. Every pair kind of ``tinydeploy.growth.pairs`` is one case
+of the convolutional construction of App. C.2.2 (a vector is a 1 x 1 image, a linear consumer a
+window over the whole grid), so one code path computes them all.
+
+Pairs whose consumer reads one tap per new channel (linear -> linear, conv -> global pool -> linear,
+1 x 1 convolutions) project the goal with the cross moment S_ph in the same pass, as in the fully
+connected case. Pairs with a spatial consumer window (conv -> conv, conv -> flatten -> linear) would
+need an S_ph of size D x taps x (C_h taps + 1); instead a second pass computes the projected goal
+V_goal - dW* B_h per chunk and accumulates N directly (``LayerMoments.N``). The second pass reads the
+layers' recorded inputs and gradients kept from the first (raw, not unfolded) when they fit in
+``KEEP_VALUES``, and runs the model again otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from tinydeploy.growth import linalg
+from tinydeploy.growth.pairs import (
+    Pair,
+    consumer_goal,
+    consumer_inputs,
+    consumer_window,
+    leading_pool,
+    linearised_between,
+    pairs_of,
+    producer_patches,
+    tap_shape,
+)
 from tinydeploy.model.losses import LossFn
+
+#: Largest number of float64 values the unfolded tensors of one chunk may hold (all pairs together).
+CHUNK_VALUES = 1 << 23
+#: Largest number of recorded values (inputs and gradients, not unfolded) kept from the first pass for
+#: the second; above it the second pass runs the model again.
+KEEP_VALUES = 1 << 25
+#: Pairs whose views of one sample hold at most this many values (vectors: nothing is unfolded) read the
+#: whole estimation batch even where ``rows`` asks for fewer samples.
+CHEAP_VIEWS = 4096
 
 
 @dataclass
 class LayerMoments:
-    """Moments for growing the hidden layer between linear modules ``in_index`` and ``out_index``.
+    """Moments for growing the layer at module ``in_index`` whose consumer is module ``out_index``.
 
-    All are divided by n (paper notation, one column per sample, ones row last):
-    S = B_prev B_prev^T/n, N_v = B_prev V_goal^T/n, S_ph = B_prev B_h^T/n, S_h = B_h B_h^T/n,
-    N_h = B_h V_goal^T/n, VV = V_goal V_goal^T/n, N_z = B_prev Z^T/n with Z standard Gaussian
-    (independent of B_prev; used for the significance threshold).
+    All are divided by n (paper notation, ones row last; l runs over the consumer's output positions):
+    S = (r/n) sum_il B^t_il^T B^t_il (Lemma C.2, r = min(taps, D); the plain B_prev B_prev^T/n for
+    vectors), N_v = (1/n) sum_il B^t_il^T V_il, S_h = B_h B_h^T/n, N_h = B_h V_goal^T/n,
+    VV = V_goal V_goal^T/n, N_z as N_v with a standard Gaussian Z in place of V_goal (independent of
+    the inputs; for the significance threshold). N_v and N_z are (D, o * taps), columns ordered
+    (output m, tap p). One-tap pairs carry S_ph = (1/n) sum_il B^t_il^T B_h,il^T; the others carry
+    the projected N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass.
+    ``out_positions`` is the number L of the consumer's output positions.
     """
 
     in_index: int
@@ -29,16 +68,33 @@ class LayerMoments:
     n: int
     S: torch.Tensor
     N_v: torch.Tensor
-    S_ph: torch.Tensor
     S_h: torch.Tensor
     N_h: torch.Tensor
     VV: torch.Tensor
     N_z: torch.Tensor
+    S_ph: torch.Tensor | None = None
+    N: torch.Tensor | None = None
+    tap_shape: tuple[int, ...] = ()
+    out_positions: int = 1
 
     @property
     def v_sq_norm(self) -> torch.Tensor:
         """||V_goal||_F^2 / n."""
         return torch.trace(self.VV)
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.tap_shape)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.VV.shape[0]
+
+    def projected_cross_moment(self, dW: torch.Tensor) -> torch.Tensor:
+        """N = B^t V_goal_proj^T / n (D, o * taps) for the best update ``dW`` of the consumer."""
+        if self.N is not None:
+            return self.N
+        return linalg.projected_cross_moment(self.N_v, self.S_ph, dW)
 
 
 def with_ones(b: torch.Tensor) -> torch.Tensor:
@@ -47,7 +103,7 @@ def with_ones(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Temporary hooks on linear modules: keep each one's input and the gradient of its output."""
+    """Temporary hooks on weight modules: keep each one's input and the gradient of its output."""
 
     def __init__(self, model: nn.Sequential, indices: set[int]):
         self.inputs: dict[int, torch.Tensor] = {}
@@ -68,9 +124,186 @@ class _Recorder:
 
 
 def layer_pairs(model: nn.Sequential, growable: list[int]) -> list[tuple[int, int]]:
-    """(in_index, out_index) for each growable linear: out_index is the next linear module."""
-    linear = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
-    return [(i, linear[linear.index(i) + 1]) for i in growable]
+    """(in_index, out_index) for each growable layer: out_index is the next linear or conv module."""
+    return [(p.in_index, p.out_index) for p in pairs_of(model, growable)]
+
+
+@dataclass
+class _Views:
+    """One chunk of one pair: B_h (n, h+1, L) and V_goal (n, o, L) of the consumer; for the producer
+    side, B^t as U (n, D, taps, L) and the grid P (n, D, H, W) it was unfolded from."""
+
+    Bh: torch.Tensor
+    V: torch.Tensor
+    U: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
+    taps: tuple[int, ...] = ()
+
+
+def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The producer's input, the consumer's input and the gradient of its output, first ``rows`` samples."""
+    return (recorder.inputs[pair.in_index][:rows], recorder.inputs[pair.out_index][:rows],
+            recorder.output_grads[pair.out_index][:rows])
+
+
+def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...], producer: bool = True) -> _Views:
+    """The unfolded views of one recorded chunk, in float64."""
+    x_in, b, grad = recorded
+    consumer = pair.consumer(model)
+    Bh = consumer_inputs(consumer, b.double())
+    V = consumer_goal(grad.double())
+    if not producer:
+        return _Views(Bh, V)
+    between = pair.between(model)
+    pool = leading_pool(between) if not isinstance(pair.producer(model), nn.Linear) else None
+    grid = linearised_between(producer_patches(pair.producer(model), x_in.double(), pool), between,
+                              pooled=pool is not None)
+    size = tuple(grid.shape[-2:])
+    window = consumer_window(consumer, size)
+    unfolded = window.unfold(grid)
+    U = unfolded.reshape(grid.shape[0], grid.shape[1], window.taps, unfolded.shape[-1])
+    return _Views(Bh, V, U, grid, tap_shape(consumer, size))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(n, k, L) -> (n * L, k): one row per (sample, position)."""
+    return x.permute(0, 2, 1).reshape(-1, x.shape[1])
+
+
+def _cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """sum_il B^t_il^T V_il as (D, o * taps), columns ordered (m, p)."""
+    if U.shape[2] == U.shape[3] == 1:  # vectors: a plain product B_prev^T V
+        return U[:, :, 0, 0].T @ V[:, :, 0]
+    return torch.einsum("idpl,iml->dmp", U, V).reshape(U.shape[1], -1)
+
+
+def _add(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    acc[key] = acc[key] + value if key in acc else value
+
+
+def _accumulate_consumer(acc: dict[str, torch.Tensor], views: _Views) -> None:
+    Vr, Bhr = _rows(views.V), _rows(views.Bh)
+    _add(acc, "S_h", Bhr.T @ Bhr)
+    _add(acc, "N_h", Bhr.T @ Vr)
+    _add(acc, "VV", Vr.T @ Vr)
+
+
+def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, views: _Views, Z: torch.Tensor) -> None:
+    """Add one chunk's products to the running sums of ``pair`` (Z: a standard Gaussian shaped like V)."""
+    U, V, grid = views.U, views.V, views.grid
+    D, taps = U.shape[1], U.shape[2]
+    size = tuple(grid.shape[-2:])
+    weight = consumer_window(pair.consumer(model), size).coverage(size, U.dtype, U.device).sqrt()
+    P = _rows((grid * weight).flatten(2))
+    _add(acc, "S", min(taps, D) * (P.T @ P))
+    _add(acc, "N_v", _cross(U, V))
+    _add(acc, "N_z", _cross(U, Z))
+    _accumulate_consumer(acc, views)
+    if taps == 1:
+        _add(acc, "S_ph", _rows(U[:, :, 0]).T @ _rows(views.Bh))
+
+
+@dataclass
+class _Probe:
+    """Per sample of one pair: float64 values of its views, values recorded, and its taps."""
+
+    views: int
+    recorded: int
+    taps: int
+
+
+def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+           producer: bool) -> dict[int, _Probe]:
+    """Sizes of one sample's views, from a forward/backward pass of X[:1] (nothing to measure for vectors)."""
+    if all(isinstance(p.producer(model), nn.Linear) and isinstance(p.consumer(model), nn.Linear)
+           for p in pairs.values()):
+        return {i: _Probe(0, 0, 1) for i in pairs}
+    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    try:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X[:1]), y[:1]).sum().backward()
+        found = {}
+        for index, pair in pairs.items():
+            recorded = _recorded(pair, recorder)
+            v = _views(model, pair, recorded, producer)
+            size = v.Bh.numel() + 3 * v.V.numel() + (3 * v.U.numel() + v.grid.numel() if producer else 0)
+            found[index] = _Probe(size, sum(t.numel() for t in recorded), math.prod(v.taps) if producer else 1)
+    finally:
+        recorder.remove()
+        model.zero_grad(set_to_none=True)
+    return found
+
+
+@dataclass
+class _Part:
+    """One pair's part of a chunk: this process's recorded tensors, covering rows [lo, hi) of the
+    ``rows`` samples of the chunk that the pair reads (over every process); possibly none."""
+
+    tensors: tuple[torch.Tensor, ...]
+    rows: int
+    lo: int
+    hi: int
+
+
+def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], X: torch.Tensor, y: torch.Tensor,
+            loss_fn: LossFn, chunk_size: int, probe: dict[int, _Probe], shard: tuple[int, int] = (0, 1)):
+    """Forward/backward over the first max(rows) samples of (X, y) chunk by chunk; yields for each chunk
+    {pair index: _Part} for the pairs whose first ``rows[index]`` samples it overlaps. A chunk holds at
+    most ``chunk_size`` samples, and fewer when the views of the pairs still reading would exceed
+    ``CHUNK_VALUES`` values. With ``shard = (rank, world)`` this process runs only its rows of each chunk
+    (``shard_rows``); the chunks are the same in every process."""
+    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    start, end = 0, max(rows[i] for i in pairs)
+    try:
+        while start < end:
+            active = [i for i in pairs if rows[i] > start]
+            chunk = max(1, min(chunk_size, end - start,
+                               CHUNK_VALUES // max(1, sum(probe[i].views for i in active))))
+            lo, hi = shard_rows(chunk, *shard)
+            model.zero_grad(set_to_none=True)  # a process may have no rows here: an empty batch adds zeros
+            loss_fn(model(X[start + lo : start + hi]), y[start + lo : start + hi]).sum().backward()
+            parts = {}
+            for i in active:
+                reads = min(chunk, rows[i] - start)
+                mine = (min(lo, reads), min(hi, reads))
+                parts[i] = _Part(_recorded(pairs[i], recorder, mine[1] - mine[0]), reads, *mine)
+            yield parts
+            start += chunk
+    finally:
+        recorder.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that process ``rank`` of ``world`` takes (contiguous, sizes differ by at most 1)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _sum_over(total: Callable[[torch.Tensor], torch.Tensor] | None, sums: list[dict[str, torch.Tensor]],
+              keys: dict[int, list[str]]) -> None:
+    """Replace ``sums[i][k]`` for every k in ``keys[i]`` by its sum over the processes (one all-reduce)."""
+    entries = [(i, k) for i, names in keys.items() for k in names]
+    if total is None or not entries:
+        return
+    flat = total(torch.cat([sums[i][k].reshape(-1) for i, k in entries]))
+    for (i, k), part in zip(entries, flat.split([sums[i][k].numel() for i, k in entries])):
+        sums[i][k] = part.reshape(sums[i][k].shape)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm uses its running statistics) for the statistics, the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None, probe: dict[int, _Probe]) -> dict[int, int]:
+    """Samples each pair reads: ``rows[k]`` (at most n) when its views are costly, else all n."""
+    return {i: min(n, rows[i]) if rows and probe[i].views > CHEAP_VIEWS else n for i in range(len(pairs))}
 
 
 def gather_moments(
@@ -82,67 +315,96 @@ def gather_moments(
     *,
     chunk_size: int = 1024,
     generator: torch.Generator | None = None,
+    rows: list[int] | None = None,
+    ridge: float = 0.0,
     shard: tuple[int, int] = (0, 1),
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[LayerMoments]:
-    """Accumulate the moments of every growable layer over (X, y), ``chunk_size`` samples at a time.
+    """Accumulate the moments of every growable layer over (X, y), at most ``chunk_size`` samples at a
+    time (fewer when the unfolded tensors of a chunk would exceed ``CHUNK_VALUES`` values). ``rows``
+    (one per growable layer) limits a layer's statistics to the first rows[k] samples of X when its
+    unfolded views are costly (more than ``CHEAP_VIEWS`` values per sample): pairs that need fewer
+    samples (App. E.1) stop early while the others go on. ``ridge`` is the one the candidates
+    will use for dW* (``linalg.best_update``): the second pass projects the goal with that dW*.
 
-    V_goal = -d(sum_i l_i)/dA_out is not divided by n (design note), the moments are.
-    ``shard = (rank, world)``: this process takes its rows ``shard_rows`` of each chunk (the moments are
-    then over those rows, n counting them) while the Gaussian Z is drawn for the whole chunk, so that
-    summing n x moments over the processes gives exactly the moments of the whole batch.
+    V_goal = -d(sum_i l_i)/dA_out is not divided by n (design note), the moments are. The model runs in
+    eval mode (BatchNorm uses its running statistics) and is left in its previous mode.
+
+    ``shard = (rank, world)`` with ``total`` (a sum over the processes): this process runs its rows
+    ``shard_rows`` of every chunk, the Gaussian Z is drawn for the whole chunk and sliced, and the sums
+    are added over the processes before dW* and at the end, so that every process returns exactly the
+    moments of the whole batch (n counting every process's rows).
     """
-    pairs = layer_pairs(model, growable)
-    recorder = _Recorder(model, {i for pair in pairs for i in pair})
+    if shard[1] > 1 and total is None:
+        raise ValueError("statistics on a shard of the batch need `total`, the sum over the processes")
+    pairs = pairs_of(model, growable)
+    indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        for start in range(0, X.shape[0], chunk_size):
-            rows = min(chunk_size, X.shape[0] - start)
-            lo, hi = (start + r for r in shard_rows(rows, *shard))
-            n += hi - lo
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(X[lo:hi]), y[lo:hi]).sum().backward()
-            for acc, (i_in, i_out) in zip(sums, pairs):
-                _accumulate(acc, recorder.inputs[i_in], recorder.inputs[i_out], recorder.output_grads[i_out], generator,
-                            (rows, lo - start))
-    finally:
-        recorder.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return [LayerMoments(i_in, i_out, n, **{k: v / max(n, 1) for k, v in acc.items()}) for acc, (i_in, i_out) in zip(sums, pairs)]
+    meta: list[dict] = [{} for _ in pairs]
+    with _evaluating(model):
+        probe = _probe(model, indexed, X, y, loss_fn, producer=True)
+        counts = _row_counts(X.shape[0], pairs, rows, probe)
+        spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
+        keep = sum(probe[i].recorded * counts[i] for i in spatial) <= KEEP_VALUES
+        kept: list[dict[int, _Part]] = []
+        for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
+            for index, part in parts.items():
+                views = _views(model, pairs[index], part.tensors)
+                Z = torch.randn((part.rows, *views.V.shape[1:]), dtype=views.V.dtype, device=views.V.device,
+                                generator=generator)  # the whole chunk's draw in every process: Z is shard-free
+                _accumulate(sums[index], model, pairs[index], views, Z[part.lo : part.hi])
+                meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
+            if keep and spatial:
+                kept.append({i: _Part(tuple(t.clone() for t in parts[i].tensors), parts[i].rows, parts[i].lo,
+                                      parts[i].hi) for i in spatial if i in parts})
+        _sum_over(total, sums, {i: ["S_h", "N_h"] for i in spatial})
+        updates = {i: linalg.best_update(sums[i]["S_h"] / counts[i], sums[i]["N_h"] / counts[i], ridge=ridge)
+                   for i in spatial}
+        second = kept if keep else _chunks(model, spatial, counts, X, y, loss_fn, chunk_size, probe, shard)
+        for parts in second:
+            for index, part in parts.items():
+                views = _views(model, pairs[index], part.tensors)
+                projected = views.V - torch.einsum("oh,ihl->iol", updates[index], views.Bh)
+                _add(sums[index], "N", _cross(views.U, projected))
+        _sum_over(total, sums, {i: [k for k in acc if not (i in spatial and k in ("S_h", "N_h"))]
+                                for i, acc in enumerate(sums)})
+    return [
+        LayerMoments(p.in_index, p.out_index, counts[i], **{k: v / counts[i] for k, v in acc.items()},
+                     tap_shape=m["tap_shape"], out_positions=m["out_positions"])
+        for i, (acc, p, m) in enumerate(zip(sums, pairs, meta))
+    ]
 
 
-def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [lo, hi) of ``n`` that process ``rank`` of ``world`` takes (contiguous, sizes differ by at most 1)."""
-    return rank * n // world, (rank + 1) * n // world
-
-
-def _accumulate(
-    acc: dict[str, torch.Tensor],
-    b_prev: torch.Tensor,
-    b_h: torch.Tensor,
-    grad_out: torch.Tensor,
-    generator: torch.Generator | None,
-    chunk: tuple[int, int] | None = None,
-) -> None:
-    """Add one chunk's products to the running sums (row-per-sample tensors, float64).
-
-    ``chunk = (rows, offset)``: these are rows offset.. of a chunk of ``rows`` samples (see ``shard``)."""
-    Bp = with_ones(b_prev.double())
-    Bh = with_ones(b_h.double())
-    V = -grad_out.double()
-    rows, offset = chunk or (V.shape[0], 0)
-    Z = torch.randn((rows, *V.shape[1:]), dtype=V.dtype, device=V.device, generator=generator)[offset : offset + V.shape[0]]
-    products = {
-        "S": Bp.T @ Bp,
-        "N_v": Bp.T @ V,
-        "S_ph": Bp.T @ Bh,
-        "S_h": Bh.T @ Bh,
-        "N_h": Bh.T @ V,
-        "VV": V.T @ V,
-        "N_z": Bp.T @ Z,
-    }
-    for key, value in products.items():
-        acc[key] = acc[key] + value if key in acc else value
+def gather_bottlenecks(
+    model: nn.Sequential,
+    growable: list[int],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    chunk_size: int = 1024,
+    rows: list[int] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[int, float]:
+    """Psi (Eq. 4 with dW*, Prop. 3.1) of every growable layer, keyed by its module index, from the
+    consumer-side moments only (S_h, N_h, VV): one pass, no unfolding of the producer's inputs.
+    ``shard`` and ``total`` as in ``gather_moments``."""
+    if shard[1] > 1 and total is None:
+        raise ValueError("statistics on a shard of the batch need `total`, the sum over the processes")
+    pairs = pairs_of(model, growable)
+    indexed = dict(enumerate(pairs))
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
+    with _evaluating(model):
+        probe = _probe(model, indexed, X, y, loss_fn, producer=False)
+        counts = _row_counts(X.shape[0], pairs, rows, probe)
+        for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
+            for index, part in parts.items():
+                _accumulate_consumer(sums[index], _views(model, pairs[index], part.tensors, producer=False))
+    _sum_over(total, sums, {i: ["S_h", "N_h", "VV"] for i in range(len(pairs))})
+    psi = {}
+    for i, (acc, pair) in enumerate(zip(sums, pairs)):
+        S_h, N_h, VV = (acc[k] / counts[i] for k in ("S_h", "N_h", "VV"))
+        dW = linalg.best_update(S_h, N_h)
+        psi[pair.in_index] = float(linalg.bottleneck(torch.trace(VV), S_h, N_h, dW))
+    return psi

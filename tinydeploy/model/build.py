@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tinydeploy.errors import SpecError
@@ -15,27 +16,58 @@ ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "identity": nn.Identity,
 }
+CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
+POOL_MODULES: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d}
+
+
+class GlobalAvgPool(nn.Module):
+    """(batch, C, *spatial) -> (batch, C): the mean of each channel over every position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).mean(dim=2)
+
+
+def build_layer(spec: ArchSpec, index: int, shapes: list[tuple[int, ...]] | None = None) -> nn.Module:
+    """The module of layer ``index`` (fresh PyTorch default initialisation)."""
+    shapes = shapes or spec.shapes()
+    layer = spec.layers[index]
+    kind = layer["kind"]
+    if kind == "flatten":
+        return nn.Flatten()
+    if kind == "linear":
+        return nn.Linear(spec.in_features(index), layer["out_features"])
+    if kind == "conv":
+        return CONV_MODULES[layer["dims"]](shapes[index][0], layer["out_channels"], layer["kernel"],
+                                           stride=layer["stride"], padding=layer["padding"])
+    if kind == "avgpool":
+        return POOL_MODULES[len(shapes[index]) - 1](layer["kernel"], stride=layer["stride"])
+    if kind == "global_avgpool":
+        return GlobalAvgPool()
+    return ACTIVATION_MODULES[layer["name"]]()
 
 
 def build_model(spec: ArchSpec) -> nn.Sequential:
     """A plain ``nn.Sequential`` with the spec's layers (fresh PyTorch default initialisation)."""
-    modules: list[nn.Module] = []
-    for i, layer in enumerate(spec.layers):
-        if layer["kind"] == "flatten":
-            modules.append(nn.Flatten())
-        elif layer["kind"] == "linear":
-            modules.append(nn.Linear(spec.in_features(i), layer["out_features"]))
-        else:
-            modules.append(ACTIVATION_MODULES[layer["name"]]())
-    return nn.Sequential(*modules)
+    shapes = spec.shapes()
+    return nn.Sequential(*(build_layer(spec, i, shapes) for i in range(len(spec.layers))))
+
+
+def module_width(module: nn.Module) -> int:
+    """Output width of a weight module: out_features (linear) or out_channels (conv)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.out_channels
+    raise SpecError(f"{type(module).__name__} has no width: expected Linear, Conv1d or Conv2d")
 
 
 def spec_from_model(model: nn.Sequential, template: ArchSpec) -> ArchSpec:
-    """``template`` with hidden widths read back from ``model``'s linear layers."""
+    """``template`` with the growable widths read back from ``model``'s linear and conv layers."""
     widths = []
+    expected = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d)}
     for i in template.growable_indices:
-        module = model[i]
-        if not isinstance(module, nn.Linear):
-            raise SpecError(f"module {i} is {type(module).__name__}, the spec says linear")
-        widths.append(module.out_features)
+        module, kind = model[i], template.layers[i]["kind"]
+        if not isinstance(module, expected[kind]):
+            raise SpecError(f"module {i} is {type(module).__name__}, the spec says {kind}")
+        widths.append(module_width(module))
     return template.with_hidden_widths(widths)

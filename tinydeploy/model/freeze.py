@@ -30,14 +30,16 @@ STANDARDIZE = "standardize"
 
 
 class Standardize(nn.Module):
-    """``(x - mean) / std`` with per-feature float32 buffers shaped like one sample."""
+    """``(x - mean) / std`` with float32 buffers shaped like one sample (per feature) or (C, 1, ...) (per channel)."""
 
     def __init__(self, preprocessing: dict[str, Any], input_shape: tuple[int, ...]) -> None:
         super().__init__()
         if preprocessing.get("kind") != "standardize":
             raise SpecError(f"unknown preprocessing kind {preprocessing.get('kind')!r}: expected 'standardize'")
-        mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(input_shape)
-        std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(input_shape)
+        per_channel = preprocessing.get("per") == "channel"
+        shape = (input_shape[0], *[1] * (len(input_shape) - 1)) if per_channel else input_shape
+        mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(shape)
+        std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(shape)
         self.register_buffer("mean", torch.from_numpy(mean))
         self.register_buffer("std", torch.from_numpy(std))
 

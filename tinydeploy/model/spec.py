@@ -1,9 +1,22 @@
 """Architecture spec: the single, JSON-serialisable source of truth for a model's structure.
 
-A spec lists the layers of a plain ``nn.Sequential`` (``flatten``, ``linear``, ``activation``), the
-input shape, the task, the class names and the preprocessing fitted on the training split. The
-module index of layer ``i`` in the built ``nn.Sequential`` is ``i``, so state-dict keys read
-``"{i}.weight"`` / ``"{i}.bias"``.
+A spec lists the layers of a plain ``nn.Sequential``, the input shape, the task, the class names and
+the preprocessing fitted on the training split. The module index of layer ``i`` in the built
+``nn.Sequential`` is ``i``, so state-dict keys read ``"{i}.weight"`` / ``"{i}.bias"``.
+
+Layer kinds (JSON objects with a ``kind``):
+
+* ``linear``: ``out_features``, ``growable``; its input must be a vector (flatten first);
+* ``conv``: ``dims`` (1 for signals (C, L), 2 for images (C, H, W)), ``out_channels``, ``kernel``,
+  ``stride``, ``padding`` (square kernels, integers), ``growable``;
+* ``activation``: ``name``, one of ``ACTIVATIONS`` (sigma(0) = 0);
+* ``avgpool``: ``kernel``, ``stride`` (average pooling without padding, over the last ``dims`` axes);
+* ``flatten``: (C, ...) -> (C * ...), channel-major as ``torch.flatten``;
+* ``global_avgpool``: (C, ...) -> (C,), the mean over every spatial position.
+
+A growable layer's width (``out_features`` or ``out_channels``) is what growth changes; between it
+and the next weight layer (its consumer) only activations, pooling and flatten may sit. Specs
+written before convolutions existed (flatten / linear / activation) are valid specs of this format.
 """
 
 from __future__ import annotations
@@ -12,7 +25,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable
 
 from tinydeploy.errors import SpecError
 
@@ -38,9 +51,49 @@ def check_activation(name: str) -> str:
     return name
 
 
+WEIGHT_KINDS = ("linear", "conv")
+#: Kinds allowed between a growable layer and its consumer: they act on each channel on its own.
+CHANNELWISE_KINDS = ("activation", "avgpool", "flatten", "global_avgpool")
+LAYER_KINDS = (*WEIGHT_KINDS, *CHANNELWISE_KINDS)
+TRANSITIONS = ("flatten", "global_avgpool")
+
+
+@dataclass(frozen=True)
+class ConvBlock:
+    """One block of a sequential CNN: conv (kernel, stride, padding) -> activation -> optional average pool.
+
+    ``padding`` None means "same" for stride 1 (kernel // 2); ``pool`` 0 or 1 means no pooling.
+    """
+
+    kernel: int = 3
+    stride: int = 1
+    padding: int | None = None
+    pool: int = 0
+
+    def layers(self, dims: int, width: int, activation: str) -> list[dict[str, Any]]:
+        padding = self.kernel // 2 if self.padding is None else self.padding
+        layers: list[dict[str, Any]] = [
+            {"kind": "conv", "dims": dims, "out_channels": int(width), "kernel": int(self.kernel),
+             "stride": int(self.stride), "padding": int(padding), "growable": True},
+            {"kind": "activation", "name": activation},
+        ]
+        if self.pool > 1:
+            layers.append({"kind": "avgpool", "kernel": int(self.pool), "stride": int(self.pool)})
+        return layers
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def width_key(layer: dict[str, Any]) -> str:
+    """The key holding a weight layer's width: ``out_features`` (linear) or ``out_channels`` (conv)."""
+    return "out_channels" if layer["kind"] == "conv" else "out_features"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """Structure of a plain MLP plus everything needed to use it on raw inputs."""
+    """Structure of a plain sequential network (MLP or CNN) plus everything needed to use it on raw inputs."""
 
     task: str
     input_shape: tuple[int, ...]
@@ -70,20 +123,49 @@ class ArchSpec:
         layers: list[dict[str, Any]] = []
         if len(input_shape) > 1:
             layers.append({"kind": "flatten"})
-        for width in hidden_widths:
-            layers.append({"kind": "linear", "out_features": int(width), "growable": True})
-            layers.append({"kind": "activation", "name": activation})
-        layers.append({"kind": "linear", "out_features": int(n_outputs), "growable": False})
-        spec = ArchSpec(
-            task=task,
-            input_shape=tuple(int(s) for s in input_shape),
-            layers=tuple(layers),
-            classes=tuple(classes),
-            preprocessing=preprocessing,
-            dataset=dataset,
-        )
-        spec.validate()
-        return spec
+        layers += _hidden_and_output(hidden_widths, n_outputs, activation)
+        return _checked(task, input_shape, layers, classes, preprocessing, dataset)
+
+    @staticmethod
+    def cnn(
+        *,
+        task: str,
+        input_shape: tuple[int, ...],
+        blocks: list[ConvBlock],
+        conv_widths: list[int],
+        hidden_widths: list[int],
+        n_outputs: int,
+        transition: str = "flatten",
+        activation: str = "relu",
+        classes: tuple[str, ...] = (),
+        preprocessing: dict[str, Any] | None = None,
+        dataset: str = "",
+    ) -> "ArchSpec":
+        """A sequential CNN: (conv, act[, avgpool])* -> flatten | global_avgpool -> (linear, act)* -> linear.
+
+        ``input_shape`` is (C, L) for Conv1d blocks or (C, H, W) for Conv2d blocks; every conv block's
+        channel count and every hidden linear width is growable.
+        """
+        check_activation(activation)
+        if len(input_shape) not in (2, 3):
+            raise SpecError(
+                f"a CNN takes signals of shape (C, L) or images of shape (C, H, W); inputs have shape "
+                f"{list(input_shape)}: use --arch mlp or reshape the data"
+            )
+        if not blocks or len(conv_widths) != len(blocks):
+            raise SpecError(f"a CNN needs at least one conv block and one width per block, got {len(blocks)} "
+                            f"blocks and widths {conv_widths}")
+        if any(int(w) < 1 for w in [*conv_widths, *hidden_widths]):
+            raise SpecError(f"widths must be positive integers, got {[*conv_widths, *hidden_widths]}")
+        if transition not in TRANSITIONS:
+            raise SpecError(f"unknown transition '{transition}': use flatten or global_avgpool")
+        dims = len(input_shape) - 1
+        layers: list[dict[str, Any]] = []
+        for block, width in zip(blocks, conv_widths):
+            layers += block.layers(dims, width, activation)
+        layers.append({"kind": transition})
+        layers += _hidden_and_output(hidden_widths, n_outputs, activation)
+        return _checked(task, input_shape, layers, classes, preprocessing, dataset)
 
     # ----- derived quantities -------------------------------------------------------------------
     @property
@@ -96,37 +178,104 @@ class ArchSpec:
         return [i for i, layer in enumerate(self.layers) if layer["kind"] == "linear"]
 
     @property
+    def weight_indices(self) -> list[int]:
+        """Module indices of the layers with weights (linear and conv), in order."""
+        return [i for i, layer in enumerate(self.layers) if layer["kind"] in WEIGHT_KINDS]
+
+    @property
     def growable_indices(self) -> list[int]:
-        """Module indices of the linear layers whose output width can grow."""
-        return [i for i in self.linear_indices if self.layers[i].get("growable", False)]
+        """Module indices of the weight layers whose width (features or channels) can grow."""
+        return [i for i in self.weight_indices if self.layers[i].get("growable", False)]
+
+    @property
+    def has_convolutions(self) -> bool:
+        return any(layer["kind"] == "conv" for layer in self.layers)
+
+    def width(self, index: int) -> int:
+        """Output width of the weight layer at module ``index`` (features or channels)."""
+        layer = self.layers[index]
+        return int(layer[width_key(layer)])
 
     @property
     def hidden_widths(self) -> list[int]:
-        return [self.layers[i]["out_features"] for i in self.growable_indices]
+        """Widths of the growable layers, in order (conv channels and hidden linear features)."""
+        return [self.width(i) for i in self.growable_indices]
 
     @property
     def n_outputs(self) -> int:
         return self.layers[self.linear_indices[-1]]["out_features"]
 
+    def consumer(self, index: int) -> int:
+        """The next weight layer after module ``index`` (the one that reads a growable layer's output)."""
+        following = [i for i in self.weight_indices if i > index]
+        if not following:
+            raise SpecError(f"layer {index} has no weight layer after it")
+        return following[0]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(growable layer, its consumer) for every growable layer."""
+        return [(i, self.consumer(i)) for i in self.growable_indices]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape entering each layer, then the output shape (len(layers) + 1 entries)."""
+        shapes = [tuple(self.input_shape)]
+        for i, layer in enumerate(self.layers):
+            shapes.append(_layer_output(i, layer, shapes[-1]))
+        return shapes
+
     def in_features(self, index: int) -> int:
-        """Fan-in of the linear layer at module ``index``."""
-        previous = [i for i in self.linear_indices if i < index]
-        return self.layers[previous[-1]]["out_features"] if previous else self.n_features
+        """Fan-in of the linear layer at module ``index`` (the size of its flat input)."""
+        return math.prod(self.shapes()[index])
+
+    def in_channels(self, index: int) -> int:
+        """Channels entering the weight layer at module ``index`` (features for a linear layer)."""
+        return self.shapes()[index][0]
+
+    def weight_shapes(self) -> dict[str, list[int]]:
+        """State-dict name -> shape of every parameter: ``"{i}.weight"`` and ``"{i}.bias"``."""
+        shapes = self.shapes()
+        found: dict[str, list[int]] = {}
+        for i in self.weight_indices:
+            layer = self.layers[i]
+            if layer["kind"] == "conv":
+                weight = [layer["out_channels"], shapes[i][0], *[layer["kernel"]] * layer["dims"]]
+            else:
+                weight = [layer["out_features"], math.prod(shapes[i])]
+            found[f"{i}.weight"], found[f"{i}.bias"] = weight, [weight[0]]
+        return found
+
+    def layer_params(self, index: int) -> int:
+        """Weights and biases of the layer at module ``index``."""
+        shapes = self.weight_shapes()
+        return sum(math.prod(shapes.get(f"{index}.{name}", [0])) for name in ("weight", "bias"))
+
+    def layer_macs(self, index: int, shapes: list[tuple[int, ...]] | None = None) -> int:
+        """Multiply-accumulates per sample of the weight layer at ``index`` (weights only, no biases)."""
+        shapes = shapes or self.shapes()
+        layer = self.layers[index]
+        if layer["kind"] == "conv":
+            kernel = layer["kernel"] ** layer["dims"]
+            return shapes[index][0] * kernel * math.prod(shapes[index + 1])
+        if layer["kind"] == "linear":
+            return math.prod(shapes[index]) * layer["out_features"]
+        return 0
 
     def n_params(self) -> int:
-        return sum((self.in_features(i) + 1) * self.layers[i]["out_features"] for i in self.linear_indices)
+        return sum(math.prod(shape) for shape in self.weight_shapes().values())
 
     def macs(self) -> int:
-        """Multiply-accumulates per sample (weights only; biases and activations not counted)."""
-        return sum(self.in_features(i) * self.layers[i]["out_features"] for i in self.linear_indices)
+        """Multiply-accumulates per sample (weights only; biases, activations and pooling not counted)."""
+        shapes = self.shapes()
+        return sum(self.layer_macs(i, shapes) for i in self.weight_indices)
 
-    def with_hidden_widths(self, widths: list[int]) -> "ArchSpec":
-        """The same spec with new hidden widths (one per growable layer)."""
+    def with_hidden_widths(self, widths: Iterable[int]) -> "ArchSpec":
+        """The same spec with new widths (one per growable layer, in order)."""
+        widths = list(widths)
         if len(widths) != len(self.growable_indices):
             raise SpecError(f"expected {len(self.growable_indices)} widths, got {len(widths)}")
         layers = [dict(layer) for layer in self.layers]
         for i, width in zip(self.growable_indices, widths):
-            layers[i]["out_features"] = int(width)
+            layers[i][width_key(layers[i])] = int(width)
         return replace(self, layers=tuple(layers))
 
     def with_preprocessing(self, preprocessing: dict[str, Any] | None) -> "ArchSpec":
@@ -139,20 +288,22 @@ class ArchSpec:
             raise SpecError(f"unknown task '{self.task}': use one of {', '.join(TASKS)}")
         if not self.input_shape or any(s < 1 for s in self.input_shape):
             raise SpecError(f"input_shape must be positive integers, got {list(self.input_shape)}")
+        for i, layer in enumerate(self.layers):
+            _check_layer(i, layer)
         if not self.linear_indices:
             raise SpecError("the spec has no linear layer")
-        for i, layer in enumerate(self.layers):
-            kind = layer.get("kind")
-            if kind == "linear":
-                if int(layer.get("out_features", 0)) < 1:
-                    raise SpecError(f"layer {i}: out_features must be >= 1")
-            elif kind == "activation":
-                check_activation(str(layer.get("name")))
-            elif kind != "flatten":
-                raise SpecError(f"layer {i}: unknown kind '{kind}': use flatten, linear or activation")
+        if self.weight_indices[-1] != self.linear_indices[-1]:
+            raise SpecError("the last weight layer must be linear (the output layer)")
+        for i in self.growable_indices:
+            consumer = self.consumer(i) if i != self.weight_indices[-1] else None
+            if consumer is None:
+                raise SpecError(f"layer {i} is growable but no weight layer reads its output")
+            between = [self.layers[j]["kind"] for j in range(i + 1, consumer)]
+            if any(kind not in CHANNELWISE_KINDS for kind in between):
+                raise SpecError(f"layer {i} is growable but {between} sit between it and layer {consumer}")
+        self.shapes()
         if self.task == "classification" and self.classes and len(self.classes) != self.n_outputs:
             raise SpecError(f"{len(self.classes)} class names for {self.n_outputs} outputs")
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SPEC_FORMAT,
@@ -187,9 +338,9 @@ class ArchSpec:
                 dataset=data.get("dataset", ""),
                 extra=dict(data.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            spec.validate()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpecError(f"malformed architecture spec: {exc!r}") from exc
-        spec.validate()
         return spec
 
     @staticmethod
@@ -199,3 +350,75 @@ class ArchSpec:
         except json.JSONDecodeError as exc:
             raise SpecError(f"architecture spec is not valid JSON: {exc}") from exc
         return ArchSpec.from_dict(data)
+
+
+def _hidden_and_output(hidden_widths: list[int], n_outputs: int, activation: str) -> list[dict[str, Any]]:
+    layers: list[dict[str, Any]] = []
+    for width in hidden_widths:
+        layers.append({"kind": "linear", "out_features": int(width), "growable": True})
+        layers.append({"kind": "activation", "name": activation})
+    layers.append({"kind": "linear", "out_features": int(n_outputs), "growable": False})
+    return layers
+
+
+def _checked(task: str, input_shape: tuple[int, ...], layers: list[dict[str, Any]], classes: tuple[str, ...],
+             preprocessing: dict[str, Any] | None, dataset: str) -> ArchSpec:
+    spec = ArchSpec(task=task, input_shape=tuple(int(s) for s in input_shape), layers=tuple(layers),
+                    classes=tuple(classes), preprocessing=preprocessing, dataset=dataset)
+    spec.validate()
+    return spec
+
+
+def _positive_int(i: int, layer: dict[str, Any], key: str, minimum: int = 1) -> None:
+    value = layer.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SpecError(f"layer {i} ({layer.get('kind')}): {key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_layer(i: int, layer: dict[str, Any]) -> None:
+    kind = layer.get("kind")
+    if kind == "linear":
+        if int(layer.get("out_features", 0)) < 1:
+            raise SpecError(f"layer {i}: out_features must be >= 1")
+    elif kind == "conv":
+        if layer.get("dims") not in (1, 2):
+            raise SpecError(f"layer {i} (conv): dims must be 1 (signals) or 2 (images), got {layer.get('dims')!r}")
+        for key in ("out_channels", "kernel", "stride"):
+            _positive_int(i, layer, key)
+        _positive_int(i, layer, "padding", 0)
+    elif kind == "avgpool":
+        _positive_int(i, layer, "kernel")
+        _positive_int(i, layer, "stride")
+    elif kind == "activation":
+        check_activation(str(layer.get("name")))
+    elif kind not in LAYER_KINDS:
+        raise SpecError(f"layer {i}: unknown kind '{kind}': use one of {', '.join(LAYER_KINDS)}")
+
+
+def _layer_output(i: int, layer: dict[str, Any], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample output shape of ``layer`` for an input of ``shape``; SpecError when it does not fit."""
+    kind = layer["kind"]
+    if kind == "linear":
+        if len(shape) != 1:
+            raise SpecError(f"layer {i} (linear) gets inputs of shape {list(shape)}: put a flatten or "
+                            "global_avgpool layer before it")
+        return (int(layer["out_features"]),)
+    if kind in ("conv", "avgpool"):
+        dims = layer["dims"] if kind == "conv" else len(shape) - 1
+        if len(shape) != dims + 1 or dims < 1:
+            raise SpecError(f"layer {i} ({kind}) gets inputs of shape {list(shape)}: a {dims}-d {kind} needs "
+                            f"(channels, {', '.join(['size'] * max(dims, 1))})")
+        padding = layer.get("padding", 0) if kind == "conv" else 0
+        spatial = tuple(_out_size(s, layer["kernel"], layer["stride"], padding) for s in shape[1:])
+        if min(spatial) < 1:
+            raise SpecError(f"layer {i} ({kind}): kernel {layer['kernel']} does not fit inputs of spatial size "
+                            f"{list(shape[1:])}: use a smaller kernel, more padding or fewer pooling layers")
+        channels = layer["out_channels"] if kind == "conv" else shape[0]
+        return (int(channels), *spatial)
+    if kind == "flatten":
+        return (math.prod(shape),)
+    if kind == "global_avgpool":
+        if len(shape) < 2:
+            raise SpecError(f"layer {i} (global_avgpool) gets inputs of shape {list(shape)}: it needs (channels, ...)")
+        return (shape[0],)
+    return shape

@@ -252,10 +252,14 @@ class OnnxModel:
         if self.task == "classification" and not classes and self.n_outputs:
             classes = [str(i) for i in range(self.n_outputs)]
         self.classes: list[str] = classes
-        layers = [layer for layer in (self.spec or {}).get("layers", []) if layer.get("kind") == "linear"]
-        #: Output widths of every linear layer, and of the growable hidden ones, according to the spec.
-        self.layer_widths: list[int] = [int(layer["out_features"]) for layer in layers]
-        self.hidden_widths: list[int] = [int(layer["out_features"]) for layer in layers if layer.get("growable")]
+        layers = (self.spec or {}).get("layers", [])
+        #: Output widths of every linear layer, and of the growable layers (hidden linear features, conv
+        #: channels), according to the spec.
+        self.layer_widths: list[int] = [int(layer["out_features"]) for layer in layers if layer.get("kind") == "linear"]
+        self.hidden_widths: list[int] = [
+            int(layer["out_features"] if layer.get("kind") == "linear" else layer["out_channels"])
+            for layer in layers if layer.get("kind") in ("linear", "conv") and layer.get("growable")
+        ]
         if self.spec and "input_shape" in self.spec:
             declared = tuple(int(s) for s in self.spec["input_shape"])
             if math.prod(declared) != self.n_features:

@@ -7,9 +7,10 @@ its shard (``shard_rows``) of each:
 - training: DistributedDataParallel over the plain model, re-wrapped after each growth step (the
   parameters change); the per-shard loss is scaled so that the averaged gradient is the gradient of
   the global batch's mean loss, as in one process; Adam's state is carried over by the job as before;
-- statistics: each process gathers the moments of its shard of the estimation batch, and their
-  sums (moment x sample count) and the sample counts are all-reduced before any SVD
-  (``ProcessGroup.sum_moments``, a thin layer over ``growth.statistics.gather_moments``);
+- statistics: each process runs its rows of every chunk of the estimation batch, and
+  ``growth.statistics.gather_moments(..., shard=, total=ProcessGroup.sum)`` adds the sums over the
+  processes before the consumer's dW* (which a second pass of convolution pairs needs) and at the
+  end, before any SVD: every process holds the union batch's moments, exactly;
 - amplitude line search and held-out scores: sums of losses and metrics over the shards, all-reduced.
 
 Every process then computes the same growth from the same all-reduced numbers (no broadcast of the
@@ -22,7 +23,6 @@ Only rank 0 writes the run directory.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import subprocess
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.growth.statistics import LayerMoments, shard_rows
+from tinydeploy.growth.statistics import shard_rows
 
 #: How long a collective waits for a silent peer before failing (a rank that died without closing its sockets).
 TIMEOUT = datetime.timedelta(minutes=10)
@@ -79,10 +79,6 @@ class ProcessGroup:
         slots[self.rank] = value.detach().cpu()
         return self.sum(slots)
 
-    def sum_moments(self, moments: list[LayerMoments]) -> list[LayerMoments]:
-        """See ``all_reduce_moments``."""
-        return all_reduce_moments(moments, self.sum)
-
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP over ``model`` (copies rank 0's parameters and buffers to every process)."""
         from torch.nn.parallel import DistributedDataParallel
@@ -111,29 +107,6 @@ class ProcessGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def all_reduce_moments(moments: list[LayerMoments], total) -> list[LayerMoments]:
-    """The moments of the union of every process's rows, from each process's moments of its own rows.
-
-    Each moment is a mean over samples (sum / n), so n x moment adds up over processes: one
-    all-reduce (``total``, a sum over processes) of [n x every tensor field..., n] per call, then a
-    division by the total n. Works for any ``LayerMoments`` whose tensor fields are per-sample means.
-    """
-    if not moments:
-        return moments
-    fields = [[f.name for f in dataclasses.fields(m) if torch.is_tensor(getattr(m, f.name))] for m in moments]
-    flat = [getattr(m, name).double().mul(m.n).reshape(-1) for m, names in zip(moments, fields) for name in names]
-    counts = torch.tensor([float(m.n) for m in moments], dtype=torch.float64, device=flat[0].device)
-    parts = iter(total(torch.cat([*flat, counts])).split([t.numel() for t in flat] + [len(moments)]))
-    summed = {(i, name): next(parts) for i, names in enumerate(fields) for name in names}
-    totals = next(parts).tolist()
-    out = []
-    for i, (m, names) in enumerate(zip(moments, fields)):
-        values = {name: (summed[i, name] / totals[i]).reshape(getattr(m, name).shape).to(getattr(m, name).dtype)
-                  for name in names}
-        out.append(dataclasses.replace(m, n=int(totals[i]), **values))
-    return out
 
 
 def in_torchrun() -> bool:

@@ -28,13 +28,14 @@ import torch
 from tinydeploy import __version__
 from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, bottlenecks, growth_step, neuron_budget
+from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
 from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
+from tinydeploy.training.architecture import initial_spec, live_initialisation
 from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.rundir import (
@@ -111,13 +112,13 @@ class GrowJob:
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
-                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
-        prep = fit_standardizer(self.data.X_train)
+                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                                 as_images=cfg.arch == "cnn")
+        self.arch = cfg.arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
+        self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
+        prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
         # The spec at the initial widths; current widths are read back with spec_from_model.
-        self.spec = ArchSpec.mlp(task=self.data.task, input_shape=self.data.input_shape,
-                                 hidden_widths=list(cfg.init_widths), n_outputs=self.data.n_outputs,
-                                 activation=cfg.activation, classes=self.data.classes, preprocessing=prep,
-                                 dataset=self.data.name)
+        self.spec = initial_spec(cfg, self.data, prep)
         self.task = self.data.task
         if cfg.target_accuracy is not None and self.task != "classification":
             raise TinyDeployError(f"--target-accuracy applies to classification, but '{cfg.dataset}' is a "
@@ -129,13 +130,16 @@ class GrowJob:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
-        model = build_model(self.spec).to(self.device)
+        model = live_initialisation(build_model(self.spec).to(self.device), self.spec.growable_indices,
+                                    self.train_set.X)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               input_noise=self.input_noise, generator=self.cpu_generator, parallel=parallel)
+                               input_noise=self.input_noise, max_shift=self.max_shift,
+                               generator=self.cpu_generator, parallel=parallel)
         self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
                                        layers_per_step=cfg.layers_per_step, max_params=self.max_params,
-                                       max_width=cfg.max_width)
+                                       max_macs=self.max_macs, max_width=cfg.max_width, ridge=cfg.ridge,
+                                       balance=cfg.balance)
         self.loop = LoopState()
         self.log: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -159,6 +163,15 @@ class GrowJob:
         return self.parallel is None or self.parallel.is_main
 
     @property
+    def max_shift(self) -> int:
+        """--max-shift, else 2 pixels for CNNs on images at least 16 pixels wide, 1 below, 0 for signals."""
+        if self.cfg.max_shift is not None:
+            return self.cfg.max_shift
+        if self.arch != "cnn" or len(self.data.input_shape) != 3:
+            return 0
+        return 2 if min(self.data.input_shape[1:]) >= 16 else 1
+
+    @property
     def input_noise(self) -> float:
         if self.cfg.input_noise is not None:
             return self.cfg.input_noise
@@ -173,9 +186,17 @@ class GrowJob:
 
     @property
     def max_params(self) -> int | None:
-        if self.cfg.max_params is not None:
-            return self.cfg.max_params
-        budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get("max_params")
+        return self._budget("max_params")
+
+    @property
+    def max_macs(self) -> int | None:
+        return self._budget("max_macs")
+
+    def _budget(self, name: str) -> int | None:
+        """--max-params / --max-macs, else the dataset's default budget (none for user files)."""
+        if getattr(self.cfg, name) is not None:
+            return getattr(self.cfg, name)
+        budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get(name)
         return int(budget) if budget is not None else None
 
     def _tensors(self, X: np.ndarray, y: np.ndarray, prep: dict[str, Any]) -> Batch:
@@ -224,10 +245,10 @@ class GrowJob:
         held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
         metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
         sharded = self.parallel if self.parallel is not None and self.parallel.world > 1 else None
-        model, growths, moments = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
-                                              self.loss_fn, metric, self.settings, self.generator, sharded)
+        model, growths, psi = growth_step(old_model, self.spec.growable_indices, self.train_set, held_out,
+                                          self.loss_fn, metric, self.settings, self.generator, sharded)
         crashpoints.point("grow")
-        self.psi = bottlenecks(moments)
+        self.psi = psi
         if self.parallel is not None:
             widths = spec_from_model(model, self.spec).hidden_widths
             self.parallel.check_same("growth (widths, amplitudes)", [*widths, len(growths), sum(g.gamma for g in growths)])
@@ -259,14 +280,23 @@ class GrowJob:
                 "widths": spec.hidden_widths}
 
     def _budget_left(self) -> bool:
-        pairs = zip(self.spec.growable_indices, self.spec.linear_indices[1:])
-        return any(neuron_budget(self.model, i, o, self.settings) > 0 for i, o in pairs)
+        sample = self.train_set.X[:1]
+        return any(neuron_budget(self.model, i, o, self.settings, sample) > 0 for i, o in self.spec.pairs())
+
+    def _budget_reason(self) -> str:
+        spec = spec_from_model(self.model, self.spec)
+        if self.max_macs is not None and self.max_params is not None:
+            # whichever budget has the smaller share left
+            return "max_macs" if spec.macs() / self.max_macs > spec.n_params() / self.max_params else "max_params"
+        if self.max_macs is not None:
+            return "max_macs"
+        return "max_params" if self.max_params is not None else "max_width"
 
     def _stop_growing(self) -> str:
         """Why growth stops before this step ("" to grow): a budget, the epoch limit or the target accuracy."""
         cfg = self.cfg
         if not self._budget_left():
-            return "max_params" if self.max_params is not None else "max_width"
+            return self._budget_reason()
         if self.trainer.epoch >= cfg.max_growth_epochs:
             return "max_growth_epochs"
         if cfg.target_accuracy is not None and self.task == "classification":
@@ -401,11 +431,13 @@ class GrowJob:
             results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
         wall = self.wall_before + time.perf_counter() - self.started
         return {
-            "status": status, "dataset": self.data.name, "task": self.task, "method": self.cfg.method,
+            "status": status, "dataset": self.data.name, "task": self.task, "arch": self.arch,
+            "method": self.cfg.method,
             "seed": self.cfg.seed, "device": str(self.device), "data_source": self.data.source,
             "initial_widths": self.spec.hidden_widths, "final_widths": spec.hidden_widths,
             "initial_params": self.spec.n_params(), "params": spec.n_params(), "macs": spec.macs(),
-            "max_params": self.max_params, "input_noise": self.input_noise, "metrics": results,
+            "max_params": self.max_params, "max_macs": self.max_macs, "input_noise": self.input_noise,
+            "max_shift": self.max_shift, "metrics": results,
             "epochs": round(self.trainer.epoch, 4), "growth_events": len(self.log), "growth_steps": self.loop.step,
             "phase": self.loop.phase, "stop_reason": self.loop.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],

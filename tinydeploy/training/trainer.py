@@ -14,11 +14,14 @@ class Trainer:
     """Adam on shuffled mini-batches; counts progress in (fractional) epochs across growth steps.
 
     ``input_noise`` adds Gaussian noise of that standard deviation to each (standardised) training
-    batch: a cheap regulariser for small datasets. Growth statistics always use clean inputs.
+    batch: a cheap regulariser for small datasets. ``max_shift`` translates each image (signal) of a
+    training batch by a random whole number of pixels in [-max_shift, max_shift] per spatial axis,
+    repeating the edge pixels. Growth statistics always use clean inputs.
 
     The training loss is summed on the device (no host synchronisation per step) and read with
     ``mean_loss``. With ``parallel`` (a ``training.distributed.ProcessGroup``) every process draws the
-    same global batch (and noise) and trains on its rows of it through DDP; ``batch_size`` is global.
+    same global batch (and noise, and shifts) and trains on its rows of it through DDP; ``batch_size``
+    is global.
     """
 
     def __init__(
@@ -32,10 +35,12 @@ class Trainer:
         batch_size: int,
         weight_decay: float = 0.0,
         input_noise: float = 0.0,
+        max_shift: int = 0,
         generator: torch.Generator | None = None,
         parallel: Any = None,
     ):
         self.input_noise = input_noise
+        self.max_shift = max_shift if X.dim() in (3, 4) else 0
         self.X, self.y, self.loss_fn = X, y, loss_fn
         self.batch_size = min(batch_size, X.shape[0])
         self.generator = generator
@@ -80,6 +85,8 @@ class Trainer:
         self._forward.train()
         for _ in range(n_steps):
             xb, yb = self._next_batch()
+            if self.max_shift > 0:
+                xb = random_shift(xb, self.max_shift, self.generator)
             if self.input_noise > 0:
                 xb = xb + self.input_noise * torch.randn(xb.shape, generator=self.generator).to(xb.device)
             if self.parallel is None or self.parallel.world == 1:
@@ -122,6 +129,22 @@ class Trainer:
             loss_sum = sums.sum() if rank == 0 else torch.zeros_like(sums.sum())
         self._loss_sum = loss_sum.to(self.X.device)
         self.steps_done, self._loss_steps = int(state["steps_done"]), int(state["loss_steps"])
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each sample of (n, C, L) or (n, C, H, W) translated by its own random offset in
+    [-max_shift, max_shift] along every spatial axis, edge pixels repeated into the gap."""
+    n, spatial = x.shape[0], x.shape[2:]
+    pad = [max_shift] * (2 * len(spatial))
+    padded = torch.nn.functional.pad(x, pad, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, len(spatial)), generator=generator).to(x.device)
+    index = [torch.arange(n, device=x.device).view(n, *[1] * len(spatial))]
+    for axis, size in enumerate(spatial):
+        shape = [n] + [1] * len(spatial)
+        shape[axis + 1] = size
+        index.append((offsets[:, axis, None] + torch.arange(size, device=x.device)).view(shape))
+    moved = padded.movedim(1, -1)  # (n, *spatial, C): advanced indexing on the leading axes
+    return moved[tuple(index)].movedim(-1, 1).contiguous()
 
 
 @torch.no_grad()

@@ -1,0 +1,218 @@
+"""Producer/consumer pairs of a plain ``nn.Sequential``, seen the way TINY sees them (App. A.6, C.2.2).
+
+A growable layer (the *producer*: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``) gains neurons or
+channels; the next weight layer (the *consumer*) reads them through channel-wise modules (activation,
+average pooling, flatten, global average pooling, BatchNorm). Every pair kind is handled as one
+case of a convolution pair, on 2-D grids (a Conv1d signal is a 1 x L image, a vector a 1 x 1 image):
+
+* the producer's input, unfolded (im2col) with a ones row for the bias, is an image ``P`` with
+  D = fan-in + 1 channels: column q of ``B^c_i`` in the paper is the patch behind intermediate pixel q;
+* the modules in between act on a new channel linearly at first order (sigma'(0) = 1 for the
+  linearised effect, average pooling and global average pooling are linear), so they act on ``P``;
+* the consumer slides a window (its kernel, or the whole grid for a linear layer after flatten, or
+  1 x 1 after global pooling / for vectors) over the grid: output position l, tap p of the window
+  selects pixel T_l(p), so ``B^t_il`` (taps x D) holds the patches that output position sees.
+
+This module holds the geometry and those unfolded views; ``statistics`` accumulates their moments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinydeploy.model.build import ACTIVATION_MODULES, GlobalAvgPool
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+WEIGHT_TYPES = (nn.Linear, *CONV_TYPES)
+POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: Modules that may sit between a producer and its consumer: each acts on every channel on its own.
+BETWEEN_TYPES = (*ACTIVATION_MODULES.values(), *POOL_TYPES, *NORM_TYPES, nn.Flatten, GlobalAvgPool)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding window on a 2-D grid: kernel, stride and zero padding per axis (height, width)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def out_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return tuple((g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, self.kernel, self.stride, self.padding))
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """im2col of (n, C, H, W): (n, C * taps, L) with rows ordered (channel, kernel row, kernel column)."""
+        return F.unfold(x, self.kernel, padding=self.padding, stride=self.stride)
+
+    def coverage(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(H, W): how many (output position, tap) pairs read each grid pixel."""
+        ones = torch.ones(1, 1, *grid, dtype=dtype, device=device)
+        return F.fold(self.unfold(ones), grid, self.kernel, padding=self.padding, stride=self.stride)[0, 0]
+
+
+def _two(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[0]) if len(value) == 1 else tuple(value)
+
+
+def window_of(module: nn.Module) -> Window:
+    """The 2-D window of a Conv1d/Conv2d (1 x k for 1-d) or AvgPool1d/AvgPool2d module."""
+    if isinstance(module, CONV_TYPES):
+        if module.groups != 1 or any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
+            raise ValueError(f"{module}: TINY supports convolutions with groups 1, dilation 1, zero padding")
+        kernel, stride, padding = module.kernel_size, module.stride, module.padding
+    elif isinstance(module, POOL_TYPES):
+        kernel, stride, padding = module.kernel_size, module.stride, module.padding
+        if _two(padding) != (0, 0) or module.ceil_mode:
+            raise ValueError(f"{module}: TINY supports average pooling without padding or ceil mode")
+    else:
+        raise ValueError(f"{type(module).__name__} has no sliding window")
+    if isinstance(module, (nn.Conv1d, nn.AvgPool1d)):
+        one = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+        return Window((1, one(kernel)), (1, one(stride)), (0, one(padding)))
+    return Window(_two(kernel), _two(stride), _two(padding))
+
+
+def as_grid(x: torch.Tensor) -> torch.Tensor:
+    """A batch as 2-D grids: (n, d) -> (n, d, 1, 1); (n, C, L) -> (n, C, 1, L); (n, C, H, W) unchanged."""
+    if x.dim() == 2:
+        return x[:, :, None, None]
+    if x.dim() == 3:
+        return x[:, :, None, :]
+    return x
+
+
+def with_ones_channel(x: torch.Tensor) -> torch.Tensor:
+    """Append the bias feature (a channel of ones) along dim 1."""
+    shape = list(x.shape)
+    shape[1] = 1
+    return torch.cat([x, torch.ones(shape, dtype=x.dtype, device=x.device)], dim=1)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Producer at module ``in_index``, consumer at ``out_index``, channel-wise modules in between."""
+
+    in_index: int
+    out_index: int
+
+    def producer(self, model: nn.Sequential) -> nn.Module:
+        return model[self.in_index]
+
+    def consumer(self, model: nn.Sequential) -> nn.Module:
+        return model[self.out_index]
+
+    def between(self, model: nn.Sequential) -> nn.Sequential:
+        return model[self.in_index + 1 : self.out_index]
+
+
+def pairs_of(model: nn.Sequential, growable: list[int]) -> list[Pair]:
+    """The pair of each growable module: its consumer is the next Linear/Conv module."""
+    weights = [i for i, m in enumerate(model) if isinstance(m, WEIGHT_TYPES)]
+    pairs = []
+    for i in growable:
+        following = [j for j in weights if j > i]
+        if not isinstance(model[i], WEIGHT_TYPES) or not following:
+            raise ValueError(f"module {i} ({type(model[i]).__name__}) is not a weight layer with a consumer")
+        pair = Pair(i, following[0])
+        odd = [type(m).__name__ for m in pair.between(model) if not isinstance(m, BETWEEN_TYPES)]
+        if odd:
+            raise ValueError(f"modules {odd} between {i} and {pair.out_index} do not act channel by channel")
+        pairs.append(pair)
+    return pairs
+
+
+# ----- the unfolded views of one chunk --------------------------------------------------------------
+def producer_patches(producer: nn.Module, x: torch.Tensor, pool: Window | None = None) -> torch.Tensor:
+    """B^c: the producer's input unfolded, with a ones channel, as (n, D, H, W), D = fan-in + 1.
+
+    Pixel q of channel d is feature d of the patch behind intermediate pixel q, so a new channel's
+    pre-activation at q is alpha^T P[:, :, q] (alpha with the bias last). With ``pool`` (an average
+    pooling right after the producer), the pooled patches are returned: the average of the patches of
+    a pool window is the patch, with stride s * pool stride, of the input box-filtered over the pool
+    window with dilation s, which costs C_in instead of D channels of pooling and unfolds 1/pool^2 of
+    the positions.
+    """
+    if isinstance(producer, nn.Linear):
+        return as_grid(with_ones_channel(x.flatten(1)))
+    window = window_of(producer)
+    grid = F.pad(as_grid(x), (window.padding[1], window.padding[1], window.padding[0], window.padding[0]))
+    out = window.out_size(tuple(x.shape[-2:]) if x.dim() == 4 else (1, x.shape[-1]))
+    stride = window.stride
+    if pool is not None:
+        channels = grid.shape[1]
+        box = torch.ones(channels, 1, *pool.kernel, dtype=grid.dtype, device=grid.device) / pool.taps
+        grid = F.conv2d(grid, box, dilation=stride, groups=channels)
+        out = pool.out_size(out)
+        stride = (stride[0] * pool.stride[0], stride[1] * pool.stride[1])
+    columns = F.unfold(grid, window.kernel, stride=stride)
+    n_rows = (grid.shape[-2] - window.kernel[0]) // stride[0] + 1
+    n_cols = (grid.shape[-1] - window.kernel[1]) // stride[1] + 1
+    columns = columns.reshape(x.shape[0], columns.shape[1], n_rows, n_cols)[:, :, : out[0], : out[1]]
+    return with_ones_channel(columns)
+
+
+def linearised_between(patches: torch.Tensor, between: nn.Sequential, pooled: bool = False) -> torch.Tensor:
+    """Apply to ``patches`` the first-order effect of the modules between producer and consumer on a
+    new channel: activations count as the identity (sigma'(0) factor left to the amplitude search),
+    average pools and global average pooling act as themselves, flatten leaves the grid, and a
+    BatchNorm acts as the new channel's own BatchNorm does (``new_channel_modules``): x / sqrt(1 + eps).
+    ``pooled``: the first average pool was already applied by ``producer_patches``."""
+    for module in between:
+        if isinstance(module, POOL_TYPES):
+            if pooled:
+                pooled = False
+                continue
+            window = window_of(module)
+            patches = F.avg_pool2d(patches, window.kernel, window.stride)
+        elif isinstance(module, GlobalAvgPool):
+            patches = patches.mean(dim=(2, 3), keepdim=True)
+        elif isinstance(module, NORM_TYPES):
+            patches = patches / math.sqrt(1.0 + module.eps)
+    return patches
+
+
+def leading_pool(between: nn.Sequential) -> Window | None:
+    """The window of an average pool that follows the producer with only activations/BatchNorm before it."""
+    for module in between:
+        if isinstance(module, POOL_TYPES):
+            return window_of(module)
+        if not isinstance(module, (*ACTIVATION_MODULES.values(), *NORM_TYPES)):
+            return None
+    return None
+
+
+def consumer_window(consumer: nn.Module, grid: tuple[int, int]) -> Window:
+    """The consumer's window on the grid it reads: its kernel for a conv, the whole grid for a linear."""
+    return window_of(consumer) if isinstance(consumer, CONV_TYPES) else Window(tuple(grid))
+
+
+def tap_shape(consumer: nn.Module, grid: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of one new channel's fan-out per consumer output: () for a vector consumer, the kernel
+    for a conv ((k,) for Conv1d), (H * W,) for a linear layer after flatten."""
+    if isinstance(consumer, nn.Conv2d):
+        return tuple(consumer.kernel_size)
+    if isinstance(consumer, nn.Conv1d):
+        return (consumer.kernel_size[0],)
+    return () if grid == (1, 1) else (grid[0] * grid[1],)
+
+
+def consumer_inputs(consumer: nn.Module, b: torch.Tensor) -> torch.Tensor:
+    """B_h: the consumer's unfolded input with a ones row, (n, C_h * taps + 1, L)."""
+    if isinstance(consumer, nn.Linear):
+        return with_ones_channel(b.flatten(1))[:, :, None]
+    return with_ones_channel(window_of(consumer).unfold(as_grid(b)))
+
+
+def consumer_goal(grad: torch.Tensor) -> torch.Tensor:
+    """V_goal = -d(sum of losses)/dA of the consumer's output, as (n, o, L) (L = output positions)."""
+    return -(grad.flatten(2) if grad.dim() > 2 else grad[:, :, None])
