@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut (configured in pyproject.toml, [tool.mutmut]); not part of CI.
+#
+#   scripts/mutation.sh [--minutes N] [--jobs N] [--resume] [MODULE ...]
+#
+# MODULE is a file or a folder under tinydeploy/ (default: the only_mutate list of pyproject.toml:
+# tinydeploy/growth/ and the export, verify and serving modules). The tree (git's tracked and untracked,
+# not ignored files) is copied to $MUTATION_DIR (default .mutation/, git-ignored); mutmut mutates the copy,
+# runs the tests that cover each mutated function against it, and stops after --minutes (default 90).
+# The score per module (killed / timeout / survived / no tests / equivalent-excluded, see
+# tests/mutation_equivalents.md) is printed at the end, and also after a stop at the time limit.
+# --resume keeps the results of an earlier run of the same modules and tests only what is left.
+set -euo pipefail
+
+minutes=90
+jobs=$(nproc 2>/dev/null || echo 2)
+resume=0
+modules=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --minutes) minutes=$2; shift 2 ;;
+        --jobs) jobs=$2; shift 2 ;;
+        --resume) resume=1; shift ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --resume or module paths" >&2; exit 2 ;;
+        *) modules+=("$1"); shift ;;
+    esac
+done
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+python=${PYTHON:-python}
+if ! "$python" -c "import mutmut, hypothesis" 2>/dev/null; then
+    echo "error: mutmut and hypothesis are not importable by '$python': pip install -e '.[test,mutation]' (or set PYTHON)" >&2
+    exit 2
+fi
+mutmut="$(dirname "$(command -v "$python")")/mutmut"
+[[ -x "$mutmut" ]] || mutmut=$(command -v mutmut)
+
+patterns=()
+for module in "${modules[@]}"; do
+    module=${module%/}
+    if [[ -d "$module" && "$module" == tinydeploy* ]]; then
+        patterns+=("$module/*")
+    elif [[ -f "$module" && "$module" == tinydeploy/*.py ]]; then
+        patterns+=("$module")
+    else
+        echo "error: '$module' is not a Python file or folder under tinydeploy/: pass e.g. tinydeploy/growth/ or tinydeploy/export/verify.py" >&2
+        exit 2
+    fi
+done
+
+work=${MUTATION_DIR:-$repo/.mutation}
+selection="${patterns[*]:-default}"
+if [[ $resume -eq 0 || ! -f "$work/.selection" || "$(cat "$work/.selection")" != "$selection" ]]; then
+    rm -rf "$work"  # mutmut keeps results per mutant name: a new selection or source starts clean
+fi
+mkdir -p "$work"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard | grep -zv '^\.mutation/' | tar --null -cf - -T - | tar -xf - -C "$work"
+else
+    tar --exclude=./.mutation --exclude=./.venv --exclude=./mutants -cf - . | tar -xf - -C "$work"
+fi
+echo "$selection" > "$work/.selection"
+if [[ ${#patterns[@]} -gt 0 ]]; then
+    "$python" - "$work/pyproject.toml" "${patterns[@]}" <<'EOF'
+import json, re, sys
+path, patterns = sys.argv[1], sys.argv[2:]
+text = open(path, encoding="utf-8").read()
+text, count = re.subn(r"(?ms)^only_mutate = \[.*?^\]", "only_mutate = " + json.dumps(patterns), text)
+assert count == 1, "pyproject.toml has no multi-line only_mutate list under [tool.mutmut]"
+open(path, "w", encoding="utf-8").write(text)
+EOF
+fi
+
+cd "$work"
+# One thread per process: the workers are forked, and small matrices are faster on one thread anyway.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+unset PYTHONPATH  # the tests must import the mutated copy, never the checkout
+start=$(date +%s)
+status=0
+timeout --signal=INT --kill-after=60 "${minutes}m" "$mutmut" run --max-children "$jobs" > mutmut.log 2>&1 || status=$?
+elapsed=$(( $(date +%s) - start ))
+if [[ $status -eq 124 ]]; then
+    echo "stopped at the time limit of ${minutes} min: rerun with --resume to test the rest"
+elif [[ $status -ne 0 ]]; then
+    tail -n 30 mutmut.log | tr '\r' '\n' | grep -v '^\s*$' | tail -n 15 >&2
+    echo "error: mutmut failed (exit $status); the log is $work/mutmut.log" >&2
+fi
+echo "mutmut ran ${elapsed} s with ${jobs} workers in $work"
+"$python" "$repo/scripts/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.md"
+[[ $status -eq 0 || $status -eq 124 ]]
