@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing with mutmut (configured in pyproject.toml, [tool.mutmut]); not part of CI.
 #
-#   scripts/mutation.sh [--minutes N] [--jobs N] [--resume] [MODULE ...]
+#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume] [MODULE ...]
 #
 # MODULE is a file or a folder under tinydeploy/ (default: the only_mutate list of pyproject.toml:
 # tinydeploy/growth/ and the export, verify and serving modules). The tree (git's tracked and untracked,
@@ -9,20 +9,24 @@
 # runs the tests that cover each mutated function against it, and stops after --minutes (default 90).
 # The score per module (killed / timeout / survived / no tests / equivalent-excluded, see
 # tests/mutation_equivalents.md) is printed at the end, and also after a stop at the time limit.
-# --resume keeps the results of an earlier run of the same modules and tests only what is left.
+# --tests narrows the tests run against the mutants (default: all of tests/; for tinydeploy/growth/ the
+# growth unit tests are enough and several times faster). --resume keeps the results of an earlier run
+# of the same modules and tests, and tests only what is left.
 set -euo pipefail
 
 minutes=90
 jobs=$(nproc 2>/dev/null || echo 2)
 resume=0
+tests=""
 modules=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --minutes) minutes=$2; shift 2 ;;
         --jobs) jobs=$2; shift 2 ;;
+        --tests) tests=$2; shift 2 ;;
         --resume) resume=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --resume or module paths" >&2; exit 2 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume or module paths" >&2; exit 2 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -50,8 +54,14 @@ for module in "${modules[@]}"; do
     fi
 done
 
+test_paths=()
+for path in $tests; do  # unquoted: globs such as tests/test_growth*.py expand here
+    [[ -e "$path" ]] || { echo "error: --tests: '$path' does not exist: pass test files or folders, e.g. tests/test_growth.py" >&2; exit 2; }
+    test_paths+=("$path")
+done
+
 work=${MUTATION_DIR:-$repo/.mutation}
-selection="${patterns[*]:-default}"
+selection="${patterns[*]:-default} | ${test_paths[*]:-tests/}"
 if [[ $resume -eq 0 || ! -f "$work/.selection" || "$(cat "$work/.selection")" != "$selection" ]]; then
     rm -rf "$work"  # mutmut keeps results per mutant name: a new selection or source starts clean
 fi
@@ -62,16 +72,19 @@ else
     tar --exclude=./.mutation --exclude=./.venv --exclude=./mutants -cf - . | tar -xf - -C "$work"
 fi
 echo "$selection" > "$work/.selection"
-if [[ ${#patterns[@]} -gt 0 ]]; then
-    "$python" - "$work/pyproject.toml" "${patterns[@]}" <<'EOF'
+"$python" - "$work/pyproject.toml" "${test_paths[*]:-}" "${patterns[@]}" <<'EOF'
 import json, re, sys
-path, patterns = sys.argv[1], sys.argv[2:]
+path, tests, patterns = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 text = open(path, encoding="utf-8").read()
-text, count = re.subn(r"(?ms)^only_mutate = \[.*?^\]", "only_mutate = " + json.dumps(patterns), text)
-assert count == 1, "pyproject.toml has no multi-line only_mutate list under [tool.mutmut]"
+if patterns:
+    text, count = re.subn(r"(?ms)^only_mutate = \[.*?^\]", "only_mutate = " + json.dumps(patterns), text)
+    assert count == 1, "pyproject.toml has no multi-line only_mutate list under [tool.mutmut]"
+if tests:
+    text, count = re.subn(r"(?m)^pytest_add_cli_args_test_selection = .*$",
+                          "pytest_add_cli_args_test_selection = " + json.dumps(tests), text)
+    assert count == 1, "pyproject.toml has no pytest_add_cli_args_test_selection under [tool.mutmut]"
 open(path, "w", encoding="utf-8").write(text)
 EOF
-fi
 
 cd "$work"
 # One thread per process: the workers are forked, and small matrices are faster on one thread anyway.

@@ -16,7 +16,7 @@ from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.policy import Batch, GrowthSettings, count_params, growth_step, neuron_budget
 from tinydeploy.growth.statistics import LayerMoments, gather_moments, layer_pairs
-from tinydeploy.growth.surgery import add_neurons, grown_output
+from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
 
 F64 = torch.float64
 
@@ -146,6 +146,7 @@ def test_gradmax_fan_out_maximises_the_fan_in_gradient():
     assert cand.method == "gradmax" and cand.dW is None and cand.signed_amplitude is False
     assert cand.alpha.dtype == F64 and cand.alpha.shape == (K, m.S.shape[0])
     assert cand.psi == pytest.approx(candidates.tiny(m, 3).psi, rel=1e-12)
+    assert K >= 2 and candidates.gradmax(m, max_neurons=1).n_neurons == 1  # the cap holds below the significant count
 
 
 def test_random_candidate_is_a_reproducible_unit_rms_gaussian_searched_over_both_signs():
@@ -338,3 +339,24 @@ def test_gather_moments_leaves_the_model_as_it_found_it():
         gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=100)
         assert model.training is training
         assert all(not module._forward_hooks for module in model) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", candidates.METHODS)
+def test_growth_step_and_optimizer_carry_over_stay_on_the_gpu(method):
+    """Every tensor a growth step creates (samples, Gaussian draws, candidates, new weights, optimizer state)
+    lives on the model's device; CPU runs cannot see a tensor created on the wrong one."""
+    spec, model, X, y, loss_fn = small_problem(widths=(6, 6), n=2000)
+    model, X, y = model.cuda(), X.cuda(), y.cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn(model(X), y).mean().backward()
+    optimizer.step()
+    s = GrowthSettings(method=method, min_estimation_batch=512)
+    grown, growths, _ = growth_step(model, [0, 2], Batch(X[:1500], y[:1500]), Batch(X[1500:], y[1500:]), loss_fn,
+                                    _metric, s, torch.Generator(device="cuda").manual_seed(0))
+    assert growths and all(p.is_cuda for p in grown.parameters())
+    carried = carry_optimizer_state(optimizer, model, grown)
+    assert all(v.is_cuda for state in carried.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
+    carried.zero_grad()
+    loss_fn(grown(X), y).mean().backward()
+    carried.step()
