@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -72,7 +73,12 @@ def main() -> int:
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
         source = meta.relative_to("mutants").with_suffix("")
         module = source.with_suffix("").as_posix().replace("/", ".")
-        for mutant, code in sorted(json.loads(meta.read_text())["exit_code_by_key"].items()):
+        try:
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+        except json.JSONDecodeError:  # mutmut is rewriting it right now (a report during a run)
+            time.sleep(1.0)
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for mutant, code in sorted(codes.items()):
             verdict = status(code)
             if verdict in ("survived", "no tests", "suspicious"):
                 removed, added = changed_text(mutant, source)
