@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from growth_fixtures import explicit_activities, moments_for, small_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from growth_fixtures import explicit_activities, moments_for, small_problem
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.policy import Batch, GrowthSettings, count_params, growth_step, neuron_budget
@@ -154,7 +154,7 @@ def test_random_candidate_is_a_reproducible_unit_rms_gaussian_searched_over_both
     first = moments_for(model, X, y, loss_fn, 0)  # fan-in 6 + 1, next layer 4: rank bound 4
     assert candidates.random(first, 10, torch.Generator().manual_seed(1)).n_neurons == 4
     m = moments_for(model, X, y, loss_fn, 2)  # fan-in 3 + 1, next layer 5: rank bound 4
-    draw = lambda seed, k=10: candidates.random(m, k, torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed, k=10: candidates.random(m, k, torch.Generator().manual_seed(seed))
     a, b, other = draw(1), draw(1), draw(2)
     assert a.n_neurons == 4 and draw(1, k=2).n_neurons == 2
     assert a.alpha.shape == (4, 4) and a.omega.shape == (5, 4) and a.alpha.dtype == a.omega.dtype == F64
@@ -183,18 +183,18 @@ def test_line_search_finds_a_minimum_anywhere_on_the_grid_to_within_its_precisio
     the result is within 0.0077 (in log2) of the minimum wherever it lies; a wider or narrower bracket is
     not (0.011 or 0.5)."""
     for log2_gamma in torch.linspace(-12.0, 6.0, 361).tolist():
-        loss = lambda g: (math.log2(g) - log2_gamma) ** 2 - 1.0 if g > 0 else 0.0  # noqa: E731
+        loss = lambda g, t=log2_gamma: (math.log2(g) - t) ** 2 - 1.0 if g > 0 else 0.0
         gamma, value = line_search(loss)
         assert abs(math.log2(gamma) - log2_gamma) < 0.0095, log2_gamma
         assert value == loss(gamma) and value < -0.99
 
 
 def test_line_search_for_tiny_never_goes_negative_and_random_searches_both_signs():
-    worse_for_positive = lambda g: (g + 1.0) ** 2  # noqa: E731  (best at g = -1)
+    worse_for_positive = lambda g: (g + 1.0) ** 2
     assert line_search(worse_for_positive) == (0.0, 1.0)
     gamma, value = line_search(worse_for_positive, signed=True)
     assert gamma == pytest.approx(-1.0, rel=0.02) and value < 1e-3
-    two_wells = lambda g: min((g - 0.5) ** 2 + 0.1, (g + 2.0) ** 2)  # noqa: E731
+    two_wells = lambda g: min((g - 0.5) ** 2 + 0.1, (g + 2.0) ** 2)
     assert line_search(two_wells, signed=True)[0] == pytest.approx(-2.0, rel=0.02)
     assert line_search(two_wells)[0] == pytest.approx(0.5, rel=0.02)
     assert line_search(lambda g: (g - 3.0) ** 2, signed=True)[0] == pytest.approx(3.0, rel=0.02)
@@ -270,7 +270,7 @@ def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
     for m in gather_moments(model, order, train.X, train.y, loss_fn, chunk_size=s.chunk_size, generator=gen):
         cand = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
         output = grown_output(model, cand, held.X)
-        after[m.in_index] = line_search(lambda g: float(loss_fn(output(g), held.y).mean()))[1]
+        after[m.in_index] = line_search(lambda g, out=output: float(loss_fn(out(g), held.y).mean()))[1]
     best = min(after, key=after.get)
     assert abs(after[0] - after[2]) > 0.01 and max(after.values()) < float(loss_fn(model(held.X), held.y).mean())
     _, growths, _ = growth_step(model, order, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(5))
@@ -321,7 +321,7 @@ def test_growth_step_draws_every_random_number_from_its_generator(method):
         return growth_step(model, [0, 2], train, held, loss_fn, _metric, GrowthSettings(method=method),
                            torch.Generator().manual_seed(seed))
 
-    (a, growths_a, final_a), (b, growths_b, final_b), (c, _, final_c) = step(1, 0), step(2, 0), step(1, 1)
+    (a, growths_a, final_a), (b, growths_b, final_b), (_, _, final_c) = step(1, 0), step(2, 0), step(1, 1)
     assert growths_a and [(g.gamma, g.candidate.lambda_null) for g in growths_a] == [
         (g.gamma, g.candidate.lambda_null) for g in growths_b]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
@@ -382,7 +382,7 @@ def test_add_neurons_writes_exactly_the_scaled_weights(gamma):
 def test_gather_moments_draws_n_z_from_the_generator_with_the_right_variance():
     """N_z = B_prev Z^T / n with Z standard Gaussian: reproducible per seed, E||N_z||^2 = o tr(S) / n."""
     spec, model, X, y, loss_fn = small_problem(widths=(20, 10), n=3000, d=12)
-    gather = lambda seed: moments_for(model, X, y, loss_fn, 0, seed=seed)  # noqa: E731
+    gather = lambda seed: moments_for(model, X, y, loss_fn, 0, seed=seed)
     a, b, other = gather(0), gather(0), gather(1)
     assert torch.equal(a.N_z, b.N_z) and not torch.equal(a.N_z, other.N_z)
     expected = a.N_z.shape[1] * float(torch.trace(a.S)) / a.n
