@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing with mutmut (configured in pyproject.toml, [tool.mutmut]); not part of CI.
 #
-#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume] [MODULE ...]
+#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume | --retest] [MODULE ...]
 #
 # MODULE is a file or a folder under tinydeploy/ (default: the only_mutate list of pyproject.toml:
 # tinydeploy/growth/ and the export, verify and serving modules). The tree (git's tracked and untracked,
@@ -11,12 +11,14 @@
 # tests/mutation_equivalents.md) is printed at the end, and also after a stop at the time limit.
 # --tests narrows the tests run against the mutants (default: all of tests/; for tinydeploy/growth/ the
 # growth unit tests are enough and several times faster). --resume keeps the results of an earlier run
-# of the same modules and tests, and tests only what is left.
+# of the same modules and tests, and tests only what is left; --retest also runs the survivors and
+# timeouts of that run again against the tests as they are now (after adding a test).
 set -euo pipefail
 
 minutes=90
 jobs=$(nproc 2>/dev/null || echo 2)
 resume=0
+retest=0
 tests=""
 modules=()
 while [[ $# -gt 0 ]]; do
@@ -25,8 +27,9 @@ while [[ $# -gt 0 ]]; do
         --jobs) jobs=$2; shift 2 ;;
         --tests) tests=$2; shift 2 ;;
         --resume) resume=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume or module paths" >&2; exit 2 ;;
+        --retest) resume=1; retest=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest or module paths" >&2; exit 2 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -90,9 +93,21 @@ cd "$work"
 # One thread per process: the workers are forked, and small matrices are faster on one thread anyway.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 unset PYTHONPATH  # the tests must import the mutated copy, never the checkout
+again=()
+if [[ $retest -eq 1 && -d mutants ]]; then  # mutmut reruns only the mutants it is given by name
+    mapfile -t again < <("$python" - <<'EOF'
+import json, pathlib
+for meta in pathlib.Path("mutants").rglob("*.py.meta"):
+    for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        if code in (0, 5, 33, 36, 24, -24, 152, 255):
+            print(name)
+EOF
+)
+    echo "retesting ${#again[@]} mutants that survived or timed out"
+fi
 start=$(date +%s)
 status=0
-timeout --signal=INT --kill-after=60 "${minutes}m" "$mutmut" run --max-children "$jobs" > mutmut.log 2>&1 || status=$?
+timeout --signal=INT --kill-after=60 "${minutes}m" "$mutmut" run --max-children "$jobs" "${again[@]}" > mutmut.log 2>&1 || status=$?
 elapsed=$(( $(date +%s) - start ))
 if [[ $status -eq 124 ]]; then
     echo "stopped at the time limit of ${minutes} min: rerun with --resume to test the rest"
