@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.amplitude import line_search
-from tinydeploy.growth.policy import Batch, GrowthSettings, count_params, growth_step, neuron_budget
+from tinydeploy.growth.policy import (
+    Batch,
+    GrowthSettings,
+    count_params,
+    estimation_batch_size,
+    growth_step,
+    neuron_budget,
+)
 from tinydeploy.growth.statistics import LayerMoments, gather_moments, layer_pairs
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
 
@@ -229,6 +236,18 @@ def test_batch_take_is_a_random_sample_of_aligned_rows():
         seen |= set(batch.take(10, gen).y.tolist())
     assert len(seen) > 90  # every part of the data gets drawn
     assert batch.take(100, None) is batch and batch.take(500, None) is batch
+    torch.manual_seed(0)
+    unseeded = batch.take(10, None)  # no generator: torch's global one
+    assert len(set(unseeded.y.tolist())) == 10 and torch.equal(unseeded.X[:, 0], 2.0 * unseeded.y)
+
+
+def test_estimation_batch_follows_app_e1_within_its_floor_and_caps():
+    """n = max(scale (d+1)^2, floor (d+1), minimum), then capped by the data and by the maximum."""
+    s = GrowthSettings(estimation_scale=0.1, estimation_floor=16, min_estimation_batch=1, max_estimation_batch=1000)
+    assert estimation_batch_size(9, 10**6, s) == 160  # the floor term: 16 x 10 > 0.1 x 100
+    assert estimation_batch_size(199, 10**6, s) == 1000  # 0.1 x 200^2 = 4000, capped by the maximum
+    assert estimation_batch_size(199, 700, s) == 700  # capped by the data
+    assert estimation_batch_size(39, 10**6, s) == 640  # floor 16 x 40 beats 0.1 x 40^2 = 160
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -262,17 +281,20 @@ def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
     """Brute force with the same public pieces: every layer's candidate sized by line search on the held-out
     loss; the step must grow the one whose loss ends lowest (the two differ clearly here), whichever layer
     it evaluates first."""
-    spec, model, X, y, loss_fn = small_problem()
+    spec, model, X, y, loss_fn = small_problem(widths=(3, 3), seed=1)  # both layers have a significant neuron
     train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])  # 250 < the estimation batch: no subsampling
     s = GrowthSettings(layers_per_step=1)
     gen = torch.Generator().manual_seed(5)
     after = {}
     for m in gather_moments(model, order, train.X, train.y, loss_fn, chunk_size=s.chunk_size, generator=gen):
         cand = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
+        assert cand.n_neurons >= 1
         output = grown_output(model, cand, held.X)
         after[m.in_index] = line_search(lambda g, out=output: float(loss_fn(out(g), held.y).mean()))[1]
     best = min(after, key=after.get)
-    assert abs(after[0] - after[2]) > 0.01 and max(after.values()) < float(loss_fn(model(held.X), held.y).mean())
+    with torch.no_grad():
+        loss_0 = float(loss_fn(model(held.X), held.y).mean())
+    assert abs(after[0] - after[2]) > 0.01 and max(after.values()) < loss_0
     _, growths, _ = growth_step(model, order, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(5))
     assert [g.candidate.in_index for g in growths] == [best]
     assert growths[0].loss_after == pytest.approx(after[best], rel=1e-9) and growths[0].gamma > 0
@@ -307,6 +329,20 @@ def test_no_growth_when_no_candidate_lowers_the_held_out_loss():
     grown, growths, _ = growth_step(model, [0, 2], Batch(X[:250], y[:250]), misleading, loss_fn, _metric,
                                     GrowthSettings(), torch.Generator().manual_seed(5))
     assert growths == [] and count_params(grown) == count_params(model)
+
+
+def test_growth_step_streams_its_statistics_in_chunks():
+    """The estimation batch (256 of 1000 samples) goes through the model ``chunk_size`` samples at a time."""
+    spec, model, X, y, loss_fn = small_problem(n=1400)
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        growth_step(model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn, _metric,
+                    GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    chunks = [n for n in seen if n != 400]  # 400: the held-out evaluations
+    assert chunks and max(chunks) == 64 and sum(chunks) % 256 == 0
 
 
 @pytest.mark.parametrize("method", ["tiny", "random"])
@@ -413,6 +449,9 @@ def test_growth_step_and_optimizer_carry_over_stay_on_the_gpu(method):
     grown, growths, _ = growth_step(model, [0, 2], Batch(X[:1500], y[:1500]), Batch(X[1500:], y[1500:]), loss_fn,
                                     _metric, s, torch.Generator(device="cuda").manual_seed(0))
     assert growths and all(p.is_cuda for p in grown.parameters())
+    for generator in (torch.Generator(), torch.Generator(device="cuda")):  # either generator samples CUDA data
+        sample = Batch(X, y).take(10, generator)
+        assert sample.X.is_cuda and len(set(sample.y.tolist())) <= 10 and sample.X.shape == (10, X.shape[1])
     carried = carry_optimizer_state(optimizer, model, grown)
     assert all(v.is_cuda for state in carried.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
     carried.zero_grad()
