@@ -457,3 +457,28 @@ def test_growth_step_and_optimizer_carry_over_stay_on_the_gpu(method):
     carried.zero_grad()
     loss_fn(grown(X), y).mean().backward()
     carried.step()
+
+
+def test_optimizer_carry_over_keeps_hyper_parameters_and_skips_parameters_without_state():
+    """Adam with non-default settings, its first layer frozen during training (so it has no state yet): the
+    new optimizer has the same settings, no state for that layer, and the padded state of every other one."""
+    spec, model, X, y, loss_fn = small_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.9), weight_decay=0.1)
+    model[0].requires_grad_(False)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model(X), y).mean().backward()
+        optimizer.step()
+    model[0].requires_grad_(True)
+    grown = add_neurons(model, candidates.tiny(moments_for(model, X, y, loss_fn, 2), 100), 0.5)
+    carried = carry_optimizer_state(optimizer, model, grown)
+    group = carried.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.9), 0.1)
+    named = dict(grown.named_parameters())
+    assert not carried.state.get(named["0.weight"]) and not carried.state.get(named["0.bias"])
+    for name in ("2.weight", "2.bias", "4.weight", "4.bias"):
+        old = optimizer.state[dict(model.named_parameters())[name]]
+        new = carried.state[named[name]]
+        assert new["step"] == old["step"] and new["exp_avg"].shape == named[name].shape
+        corner = tuple(slice(0, s) for s in old["exp_avg"].shape)
+        assert torch.equal(new["exp_avg"][corner], old["exp_avg"])
