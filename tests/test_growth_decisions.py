@@ -396,7 +396,7 @@ def test_no_room_means_no_growth_and_an_unchanged_model():
 
 
 # ----- surgery and statistics --------------------------------------------------------------------------------
-@pytest.mark.parametrize("gamma", [0.25, -4.0])
+@pytest.mark.parametrize("gamma", [0.25, 1.0, -4.0])
 def test_add_neurons_writes_exactly_the_scaled_weights(gamma):
     spec, model, X, y, loss_fn = small_problem()
     m = moments_for(model, X, y, loss_fn, 2)
