@@ -12,7 +12,7 @@
 # --tests narrows the tests run against the mutants (default: all of tests/; for tinydeploy/growth/ the
 # growth unit tests are enough and several times faster). --resume keeps the results of an earlier run
 # of the same modules and tests, and tests only what is left; --retest also runs the survivors and
-# timeouts of that run again against the tests as they are now (after adding a test).
+# timeouts of that run (except listed equivalents) again against the tests as they are now.
 set -euo pipefail
 
 minutes=90
@@ -28,7 +28,7 @@ while [[ $# -gt 0 ]]; do
         --tests) tests=$2; shift 2 ;;
         --resume) resume=1; shift ;;
         --retest) resume=1; retest=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest or module paths" >&2; exit 2 ;;
         *) modules+=("$1"); shift ;;
     esac
@@ -95,15 +95,19 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 unset PYTHONPATH  # the tests must import the mutated copy, never the checkout
 again=()
 if [[ $retest -eq 1 && -d mutants ]]; then  # mutmut reruns only the mutants it is given by name
-    mapfile -t again < <("$python" - <<'EOF'
-import json, pathlib
+    mapfile -t again < <("$python" - "$repo/scripts" "$repo/tests/mutation_equivalents.md" <<'EOF'
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+from mutation_report import changed_text, function_of, read_equivalents
+listed = read_equivalents(pathlib.Path(sys.argv[2]))
 for meta in pathlib.Path("mutants").rglob("*.py.meta"):
+    source = meta.relative_to("mutants").with_suffix("")
     for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-        if code in (0, 5, 33, 36, 24, -24, 152, 255):
+        if code in (0, 5, 33, 36, 24, -24, 152, 255) and (function_of(name), *changed_text(name, source)) not in listed:
             print(name)
 EOF
 )
-    echo "retesting ${#again[@]} mutants that survived or timed out"
+    echo "retesting ${#again[@]} mutants that survived or timed out (listed equivalents excluded)"
 fi
 start=$(date +%s)
 status=0
