@@ -68,8 +68,8 @@ def test_verify_fails_when_an_artifact_drifts_past_the_recorded_tolerance(export
                                                                "pt2": True}
     result = CliRunner().invoke(app, ["verify", str(copy)])
     assert result.exit_code == EXIT_CHECK_FAILED and result.stderr.startswith("error: parity check failed for onnx")
-    looser = verify_export(copy, atol=1e-2)  # a tolerance given explicitly is the one applied and reported
-    assert looser.atol == 1e-2 and all(r.passed for r in looser.parity)
+    looser = verify_export(copy, atol=1e-2, rtol=1e-3)  # a tolerance given explicitly is applied and reported
+    assert (looser.atol, looser.rtol) == (1e-2, 1e-3) and all(r.passed for r in looser.parity)
 
 
 def test_verify_defaults_to_the_tolerance_the_export_recorded(trained_run: Path, tmp_path: Path) -> None:
@@ -96,6 +96,16 @@ def test_verify_refuses_an_artifact_whose_embedded_spec_differs(export_dir: Path
     with pytest.raises(ParityError, match=r"onnx \(its embedded spec differs from model\.safetensors\)") as info:
         verify_export(copy)
     assert [r.format for r in info.value.results if not r.passed] == ["onnx"]
+
+
+def test_verify_names_a_missing_parity_record(export_dir: Path, tmp_path: Path) -> None:
+    copy = copy_export(export_dir, tmp_path / "export")
+    (copy / "parity.json").unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["parity.json"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TinyDeployError, match=rf"^{copy} has no parity\.json: re-run 'tinydeploy export'$"):
+        verify_export(copy)
 
 
 def test_verify_refuses_an_arch_json_that_disagrees_with_the_weights(export_dir: Path, tmp_path: Path) -> None:
