@@ -85,6 +85,14 @@ def test_verify_defaults_to_the_tolerance_the_export_recorded(trained_run: Path,
         verify_export(out, atol=1e-5)
 
 
+def test_verify_passes_an_export_without_preprocessing(trained_run: Path, tmp_path: Path) -> None:
+    """--no-preprocessing artifacts expect standardised features: verify must rebuild the frozen model the same way."""
+    out = tmp_path / "export"
+    export_run(trained_run, out, formats=("onnx",), preprocessing=False)
+    assert json.loads((out / "parity.json").read_text())["inputs"]["space"] == "standardized features"
+    assert all(r.passed for r in verify_export(out).parity)
+
+
 def test_verify_refuses_an_artifact_whose_embedded_spec_differs(export_dir: Path, tmp_path: Path) -> None:
     copy = copy_export(export_dir, tmp_path / "export")
     model = onnx.load(str(copy / "model.onnx"))
