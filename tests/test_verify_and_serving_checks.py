@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from serving_fixtures import copy_export, export_dir, exported, running_server, trained_run  # noqa: F401
@@ -171,3 +173,12 @@ def test_non_finite_model_outputs_get_a_clear_422_and_the_server_keeps_serving(e
         error = answer.json()["error"]
         assert error["status"] == 422 and "non-finite" in error["message"] and "[1]" in error["message"]
         assert client.post("/v1/predict", json={"inputs": rows[:1].tolist()}).status_code == 200
+
+
+def test_parity_and_manifest_records_state_the_rule_and_the_versions(export_dir: Path) -> None:
+    parity = json.loads((export_dir / "parity.json").read_text())
+    assert parity["reference"] == "frozen model (torch, CPU, float32)"
+    assert parity["tolerance"] == {"atol": 1e-5, "rtol": 1e-4, "rule": "|artifact - frozen| <= atol + rtol * |frozen|, elementwise"}
+    versions = json.loads((export_dir / "manifest.json").read_text())["versions"]
+    assert versions["python"] == platform.python_version() and versions["onnxruntime"] == ort.__version__
+    assert versions["onnx"] == onnx.__version__ and versions["numpy"] == np.__version__
