@@ -73,6 +73,7 @@ def test_verify_fails_when_an_artifact_drifts_past_the_recorded_tolerance(export
     assert result.exit_code == EXIT_CHECK_FAILED and result.stderr.startswith("error: parity check failed for onnx")
     looser = verify_export(copy, atol=1e-2, rtol=1e-3)  # a tolerance given explicitly is applied and reported
     assert (looser.atol, looser.rtol) == (1e-2, 1e-3) and all(r.passed for r in looser.parity)
+    assert looser.directory == copy
 
 
 def test_verify_defaults_to_the_tolerance_the_export_recorded(trained_run: Path, tmp_path: Path) -> None:
