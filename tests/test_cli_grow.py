@@ -15,7 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cli.main import app
-
+from tinydeploy.data import apply_standardizer, load_dataset
 from tinydeploy.training.config import GrowConfig
 from tinydeploy.training.job import run_grow
 from tinydeploy.training.rundir import read_run
@@ -39,14 +39,18 @@ def test_grow_end_to_end_on_digits(tmp_path):
     assert metrics["status"] == "complete" and metrics["initial_widths"] == [1, 1]
     assert metrics["params"] <= 600 and metrics["params"] > metrics["initial_params"]
     assert set(metrics["wall_time_s"]) == {"total", "training", "growth", "checkpoint"}
-    assert 0.0 <= metrics["metrics"]["test"]["accuracy"] <= 1.0
+    run = read_run(out)
+    data = load_dataset(**metrics["data_source"])
+    with torch.no_grad():
+        logits = run.model(torch.from_numpy(apply_standardizer(data.X_test, run.spec.preprocessing)))
+    accuracy = float((logits.argmax(1).numpy() == data.y_test).mean())
+    assert metrics["metrics"]["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6) and accuracy > 0.5  # chance: 0.1
     events = [json.loads(line) for line in (out / "growth_log.jsonl").read_text().splitlines()]
     assert events and events[-1]["widths"] == metrics["final_widths"]
     assert events[0]["epoch"] == 0.0  # the first growth step runs at initialisation
     for e in events:
         assert e["method"] == "tiny" and e["gamma"] > 0 and e["loss_after"] < e["loss_before"]
         assert all(lam > e["lambda_null"] for lam in e["lambdas"]) and len(e["lambdas"]) == e["neurons_added"]
-    run = read_run(out)
     assert run.spec.hidden_widths == metrics["final_widths"] and run.spec.n_params() == metrics["params"]
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()["tinydeploy.spec"])["layers"][0]["out_features"] == metrics["final_widths"][0]

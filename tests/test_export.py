@@ -26,7 +26,7 @@ from tinydeploy.serving.manifest import MANIFEST_FILE, read_manifest, verify_man
 from tinydeploy.export.onnx_format import initializer_shapes
 from tinydeploy.export.ort_support import max_ir_version, max_opset
 from tinydeploy.export.parity import ParityError
-from tinydeploy.serving.providers import _PROBE_MODEL, choose_providers, cuda_usable
+from tinydeploy.serving.providers import choose_providers, cuda_usable
 from tinydeploy.export.width_report import check_widths
 from tinydeploy.training.rundir import read_run
 from tinydeploy.model.build import build_model
@@ -157,7 +157,6 @@ def test_onnx_versions_are_loadable_by_the_installed_onnxruntime(exported: Expor
 
 def test_provider_choice() -> None:
     assert choose_providers("cpu") == ["CPUExecutionProvider"]
-    assert onnx.load_from_string(_PROBE_MODEL).graph.node[0].op_type == "Relu"
     with pytest.raises(TinyDeployError, match="unknown provider 'tpu': use one of auto, cpu, cuda"):
         choose_providers("tpu")
     if cuda_usable():

@@ -317,7 +317,6 @@ def test_create_app_validates_arguments(export_dir: Path, tmp_path: Path) -> Non
         create_app(export_dir, "cpu", 0)
     with pytest.raises(TinyDeployError, match="does not exist"):
         create_app(tmp_path / "nope", "cpu", 8)
-    assert os.environ.get("TINYDEPLOY_SERVE_DIR") is None
 
 
 def test_dockerignore_sends_exactly_what_the_image_copies() -> None:

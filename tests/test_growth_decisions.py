@@ -1,0 +1,483 @@
+"""Each decision of a growth step checked for its direction and sign on real networks, against brute
+force: which neurons TINY proposes and keeps, GradMax's fan-out and gradient, the amplitude search,
+the layer picked, the budget, the estimation sample, and the surgery's exact weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from growth_fixtures import explicit_activities, moments_for, small_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinydeploy.growth import candidates, linalg
+from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.policy import (
+    Batch,
+    GrowthSettings,
+    count_params,
+    estimation_batch_size,
+    growth_step,
+    neuron_budget,
+)
+from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, layer_pairs
+from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
+
+F64 = torch.float64
+
+
+def _metric(out: torch.Tensor, target: torch.Tensor) -> float:
+    return float((out.argmax(1) == target).double().mean())
+
+
+def _inverse_sqrt(S: torch.Tensor) -> torch.Tensor:
+    """Brute-force S^(-1/2) (eigenvalues under 1e-10 x the largest dropped), independent of linalg."""
+    sigma, O = torch.linalg.eigh(S)
+    inv = torch.zeros_like(sigma)
+    keep = sigma > 1e-10 * sigma.max()
+    inv[keep] = sigma[keep] ** -0.5
+    return O @ torch.diag(inv) @ O.T
+
+
+def _rich_problem(activation: str = "relu"):
+    """A problem where TINY finds 4 directions at the second hidden layer, of which 2 are significant."""
+    return small_problem(activation, widths=(6, 6), n=2000)
+
+
+def _brute_force(model, X, y, loss_fn, i_in: int, i_out: int):
+    """From explicit activities: B_prev, V_goal_proj (with dW* by torch.linalg.pinv), S^(-1/2), the singular
+    values of S^(-1/2) N for the projected and the unprojected goal, and dW* B_h."""
+    B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, i_in, i_out)
+    n = X.shape[0]
+    dW = (B_h @ V.T / n).T @ torch.linalg.pinv(B_h @ B_h.T / n, hermitian=True)
+    V_proj = V - dW @ B_h
+    S_inv_sqrt = _inverse_sqrt(B_prev @ B_prev.T / n)
+    projected = torch.linalg.svdvals(S_inv_sqrt @ B_prev @ V_proj.T / n)
+    unprojected = torch.linalg.svdvals(S_inv_sqrt @ B_prev @ V.T / n)
+    return B_prev, V_proj, projected, unprojected, dW @ B_h
+
+
+# ----- candidates ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_tiny_neurons_solve_the_projected_problem(activation):
+    """TINY's lambdas are the singular values of S^(-1/2) N with N from V_goal_proj (not V_goal), its neurons
+    lower the bottleneck by exactly their sum of squares (Eq. 9), and gain = sum lambda^2 + Delta_dW*."""
+    spec, model, X, y, loss_fn = _rich_problem(activation)
+    cand = candidates.tiny(moments_for(model, X, y, loss_fn, 2), max_neurons=100)
+    B_prev, V_proj, projected, unprojected, moved = _brute_force(model, X, y, loss_fn, 2, 4)
+    n, K = X.shape[0], cand.n_neurons
+    assert K >= 1 and (projected[:K] - unprojected[:K]).abs().max() > 1e-3 * projected[0]  # the two differ here
+    torch.testing.assert_close(torch.tensor(cand.lambdas, dtype=F64), projected[:K], rtol=1e-9, atol=0)
+    psi = float(V_proj.pow(2).sum() / n)
+    assert cand.psi == pytest.approx(psi, rel=1e-9)
+    after = float((V_proj - cand.omega @ cand.alpha @ B_prev).pow(2).sum() / n)
+    assert after == pytest.approx(psi - sum(lam**2 for lam in cand.lambdas), rel=0, abs=1e-10 * psi)
+    delta_dw = float(moved.pow(2).sum() / n)  # Eq. 12: <V_goal, dW* B_h> / n = ||dW* B_h||^2 / n >= 0
+    assert cand.gain == pytest.approx(sum(lam**2 for lam in cand.lambdas) + delta_dw, rel=1e-9)
+    assert cand.signed_amplitude is False and cand.searches_amplitude is True and cand.method == "tiny"
+
+
+def test_tiny_keeps_every_significant_neuron_and_only_those_up_to_the_cap():
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    everything = candidates.tiny(m, max_neurons=100)
+    _, _, projected, _, _ = _brute_force(model, X, y, loss_fn, 2, 4)
+    significant = int((projected > everything.lambda_null).sum())
+    assert 2 <= significant < int((projected > 1e-9 * projected[0]).sum())  # the threshold cuts something here
+    assert everything.n_neurons == significant
+    for cap in range(1, significant + 1):
+        capped = candidates.tiny(m, max_neurons=cap)
+        assert capped.n_neurons == cap and capped.lambdas == everything.lambdas[:cap]
+        assert capped.alpha.shape == (cap, m.S.shape[0]) and capped.omega.shape == (m.N_v.shape[1], cap)
+
+
+def _isotropic_goal_moments(c: float, seed: int = 0) -> tuple[LayerMoments, torch.Tensor, torch.Tensor]:
+    """Moments whose projected goal has covariance exactly c^2 I, while V_goal itself has a large part in the
+    row space of B_h: the significance threshold must come from the projected covariance."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d1, h1, o = 300, 6, 4, 3
+    B_prev = torch.randn(d1, n, dtype=F64, generator=gen)
+    B_h = torch.randn(h1, n, dtype=F64, generator=gen)
+    complement = torch.eye(n, dtype=F64) - B_h.T @ torch.linalg.solve(B_h @ B_h.T, B_h)
+    Q, _ = torch.linalg.qr(complement @ torch.randn(n, o, dtype=F64, generator=gen))
+    V = c * (math.sqrt(n) * Q.T + 3.0 * torch.randn(o, h1, dtype=F64, generator=gen) @ B_h)
+    Z = torch.randn(o, n, dtype=F64, generator=gen)
+    m = LayerMoments(0, 2, n, S=B_prev @ B_prev.T / n, N_v=B_prev @ V.T / n, S_ph=B_prev @ B_h.T / n,
+                     S_h=B_h @ B_h.T / n, N_h=B_h @ V.T / n, VV=V @ V.T / n, N_z=B_prev @ Z.T / n)
+    return m, B_prev, Z
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0, 30.0])
+def test_tiny_threshold_comes_from_the_projected_goals_covariance(c):
+    """Earlier appendix D.3: lambda_- = ||S^(-1/2) B_prev V_gauss^T / n||_2 with V_gauss ~ N(0, Cov(V_goal_proj));
+    here Cov = c^2 I, so lambda_- = c ||S^(-1/2) B_prev Z^T / n||_2 whatever square root is taken."""
+    m, B_prev, Z = _isotropic_goal_moments(c)
+    expected = c * float(torch.linalg.svdvals(_inverse_sqrt(m.S) @ B_prev @ Z.T / m.n)[0])
+    cand = candidates.tiny(m, max_neurons=10)
+    assert cand.lambda_null == pytest.approx(expected, rel=1e-8)
+    with_raw_goal = float(linalg.null_threshold(_inverse_sqrt(m.S), m.N_z @ linalg.psd_sqrt(m.VV).T))
+    assert with_raw_goal > 2 * expected  # the unprojected covariance would give a very different threshold
+
+
+def test_gradmax_fan_out_maximises_the_fan_in_gradient():
+    """App. B.1 through the real model: with fan-in 0, the gradient of the mean loss with respect to new neuron
+    k's fan-in (weights and bias) is -N~ omega_k (sigma'(0) = 1 for tanh), with N~ = B_prev V_goal^T / n
+    unprojected; its squared norm is the eigenvalue of N~^T N~ times the fan-out scale squared, the
+    largest that any fan-out of that norm can get."""
+    spec, model, X, y, loss_fn = small_problem("tanh")
+    m = moments_for(model, X, y, loss_fn, 2)
+    cand = candidates.gradmax(m, max_neurons=3)
+    K = cand.n_neurons
+    assert K >= 1 and cand.searches_amplitude is False and torch.count_nonzero(cand.alpha) == 0
+    B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, 2, 4)
+    N_tilde = B_prev @ V.T / X.shape[0]
+    eigenvalues = torch.linalg.svdvals(N_tilde) ** 2
+    grown = add_neurons(model, cand, 1.0)
+    grown.zero_grad()
+    loss_fn(grown(X), y).mean().backward()
+    old = model[2].out_features
+    gradient = torch.cat([grown[2].weight.grad[old:], grown[2].bias.grad[old:, None]], dim=1)  # (K, d+1)
+    torch.testing.assert_close(gradient, -(N_tilde @ cand.omega).T, rtol=1e-7, atol=1e-15)
+    scale = candidates.GRADMAX_FAN_OUT_RMS * math.sqrt(cand.omega.shape[0])  # unit columns rescaled to RMS 1e-3
+    torch.testing.assert_close(gradient.pow(2).sum(1), scale**2 * eigenvalues[:K], rtol=1e-7, atol=0)
+    torch.testing.assert_close(torch.tensor(cand.lambdas, dtype=F64), eigenvalues[:K].sqrt(), rtol=1e-7, atol=0)
+    probes = torch.randn(cand.omega.shape[0], 100, dtype=F64, generator=torch.Generator().manual_seed(0))
+    probes = scale * probes / probes.norm(dim=0)
+    assert float((N_tilde @ probes).pow(2).sum(0).max()) <= float(gradient.pow(2).sum(1)[0]) * (1 + 1e-9)
+    null = float(linalg.null_threshold(torch.eye(m.S.shape[0], dtype=F64), m.N_z @ linalg.psd_sqrt(m.VV).T))
+    assert cand.lambda_null == pytest.approx(null, rel=1e-9)
+    assert K == min(3, int((eigenvalues.sqrt() > null).sum()))
+    assert cand.gain == pytest.approx(float(eigenvalues[:K].sum()), rel=1e-7)  # ranks layers: no line search here
+    assert cand.method == "gradmax" and cand.dW is None and cand.signed_amplitude is False
+    assert cand.alpha.dtype == F64 and cand.alpha.shape == (K, m.S.shape[0])
+    assert cand.psi == pytest.approx(candidates.tiny(m, 3).psi, rel=1e-12)
+    assert K >= 2 and candidates.gradmax(m, max_neurons=1).n_neurons == 1  # the cap holds below the significant count
+
+
+def test_random_candidate_is_a_reproducible_unit_rms_gaussian_searched_over_both_signs():
+    spec, model, X, y, loss_fn = small_problem()
+    first = moments_for(model, X, y, loss_fn, 0)  # fan-in 6 + 1, next layer 4: rank bound 4
+    assert candidates.random(first, 10, torch.Generator().manual_seed(1)).n_neurons == 4
+    m = moments_for(model, X, y, loss_fn, 2)  # fan-in 3 + 1, next layer 5: rank bound 4
+    draw = lambda seed, k=10: candidates.random(m, k, torch.Generator().manual_seed(seed))
+    a, b, other = draw(1), draw(1), draw(2)
+    assert a.n_neurons == 4 and draw(1, k=2).n_neurons == 2
+    assert a.alpha.shape == (4, 4) and a.omega.shape == (5, 4) and a.alpha.dtype == a.omega.dtype == F64
+    assert a.method == "random" and a.lambdas == [] and a.gain == 0.0 and a.lambda_null is None
+    assert torch.equal(a.alpha, b.alpha) and torch.equal(a.omega, b.omega) and not torch.equal(a.alpha, other.alpha)
+    for tensor in (a.alpha, a.omega):
+        assert float(tensor.pow(2).mean()) == pytest.approx(1.0, rel=1e-12)
+    assert a.signed_amplitude is True and a.searches_amplitude is True and a.dW is None
+    assert a.psi == pytest.approx(candidates.tiny(m, 10).psi, rel=1e-12)
+
+
+def test_propose_dispatches_by_name_and_names_the_choices():
+    spec, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    assert candidates.propose("tiny", m, 3).lambdas == candidates.tiny(m, 3).lambdas
+    assert candidates.propose("gradmax", m, 3).lambdas == candidates.gradmax(m, 3).lambdas
+    drawn = candidates.propose("random", m, 3, torch.Generator().manual_seed(4))
+    assert torch.equal(drawn.alpha, candidates.random(m, 3, torch.Generator().manual_seed(4)).alpha)
+    with pytest.raises(ValueError, match="^unknown growth method 'magic': use one of tiny, gradmax, random$"):
+        candidates.propose("magic", m, 3)
+
+
+# ----- amplitude search ---------------------------------------------------------------------------------
+def test_line_search_finds_a_minimum_anywhere_on_the_grid_to_within_its_precision():
+    """Grid 2^-12..2^6, then 8 golden-section steps between the best grid point's neighbours: on a smooth loss
+    the result is within 0.0077 (in log2) of the minimum wherever it lies; a wider or narrower bracket is
+    not (0.011 or 0.5)."""
+    for log2_gamma in torch.linspace(-12.0, 6.0, 361).tolist():
+        loss = lambda g, t=log2_gamma: (math.log2(g) - t) ** 2 - 1.0 if g > 0 else 0.0
+        gamma, value = line_search(loss)
+        assert abs(math.log2(gamma) - log2_gamma) < 0.0095, log2_gamma
+        assert value == loss(gamma) and value < -0.99
+
+
+def test_line_search_for_tiny_never_goes_negative_and_random_searches_both_signs():
+    worse_for_positive = lambda g: (g + 1.0) ** 2
+    assert line_search(worse_for_positive) == (0.0, 1.0)
+    gamma, value = line_search(worse_for_positive, signed=True)
+    assert gamma == pytest.approx(-1.0, rel=0.02) and value < 1e-3
+    two_wells = lambda g: min((g - 0.5) ** 2 + 0.1, (g + 2.0) ** 2)
+    assert line_search(two_wells, signed=True)[0] == pytest.approx(-2.0, rel=0.02)
+    assert line_search(two_wells)[0] == pytest.approx(0.5, rel=0.02)
+    assert line_search(lambda g: (g - 3.0) ** 2, signed=True)[0] == pytest.approx(3.0, rel=0.02)
+    assert line_search(lambda g: 1.0, signed=True) == (0.0, 1.0)  # a flat loss: no change beats no change
+    assert line_search(lambda g: g, signed=True) == (-64.0, -64.0)  # both signs search the same grid, 2^-12..2^6
+    assert line_search(lambda g: -g, signed=True) == (64.0, -64.0)
+
+
+def test_line_search_stays_within_the_grid_and_returns_the_loss_it_found():
+    calls = []
+
+    def decreasing(g: float) -> float:
+        calls.append(g)
+        return -g
+
+    gamma, value = line_search(decreasing)
+    assert gamma == 64.0 and value == -64.0 and max(calls) == 64.0 and min(calls) == 0.0
+
+
+# ----- policy: sample, budget, layer pick, sign ----------------------------------------------------------
+def test_batch_take_is_a_random_sample_of_aligned_rows():
+    X = torch.arange(200, dtype=F64).reshape(100, 2)
+    batch = Batch(X, torch.arange(100))
+    first = batch.take(10, torch.Generator().manual_seed(0))
+    assert first.X.shape == (10, 2) and torch.equal(first.X[:, 0], 2.0 * first.y)  # rows stay with their labels
+    assert len(set(first.y.tolist())) == 10 and first.y.tolist() != list(range(10))
+    again = batch.take(10, torch.Generator().manual_seed(0))
+    assert torch.equal(again.y, first.y) and not torch.equal(batch.take(10, torch.Generator().manual_seed(1)).y, first.y)
+    seen = set()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(40):
+        seen |= set(batch.take(10, gen).y.tolist())
+    assert len(seen) > 90  # every part of the data gets drawn
+    assert batch.take(100, None) is batch and batch.take(500, None) is batch
+    torch.manual_seed(0)
+    unseeded = batch.take(10, None)  # no generator: torch's global one
+    assert len(set(unseeded.y.tolist())) == 10 and torch.equal(unseeded.X[:, 0], 2.0 * unseeded.y)
+
+
+def test_estimation_batch_follows_app_e1_within_its_floor_and_caps():
+    """n = max(scale (d+1)^2, floor (d+1), minimum), then capped by the data and by the maximum."""
+    s = GrowthSettings(estimation_scale=0.1, estimation_floor=16, min_estimation_batch=1, max_estimation_batch=1000)
+    assert estimation_batch_size(9, 10**6, s) == 160  # the floor term: 16 x 10 > 0.1 x 100
+    assert estimation_batch_size(199, 10**6, s) == 1000  # 0.1 x 200^2 = 4000, capped by the maximum
+    assert estimation_batch_size(199, 700, s) == 700  # capped by the data
+    assert estimation_batch_size(39, 10**6, s) == 640  # floor 16 x 40 beats 0.1 x 40^2 = 160
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(-3, 40), st.integers(1, 16), st.none() | st.integers(1, 12))
+def test_neuron_budget_is_exact(w1, w2, spare, per_step, max_width):
+    spec, model, X, y, loss_fn = small_problem(widths=(w1, w2), n=8)
+    per_neuron = model[0].in_features + 1 + model[2].out_features
+    max_params = count_params(model) + spare
+    s = GrowthSettings(neurons_per_step=per_step, max_params=max_params, max_width=max_width)
+    k = neuron_budget(model, 0, 2, s)
+    room = [per_step, max(spare, 0) // per_neuron] + ([max_width - w1] if max_width is not None else [])
+    assert k == max(min(room), 0)
+    assert count_params(model) + k * per_neuron <= max(max_params, count_params(model))
+
+
+@pytest.mark.parametrize(("spare", "added"), [(-1, 0), (0, 1), (11, 1), (12, 2)])
+def test_growth_step_never_exceeds_the_parameter_budget_by_one(spare, added):
+    """Two significant neurons on offer at 12 parameters each; room for one plus ``spare`` parameters."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    per_neuron = model[2].in_features + 1 + model[4].out_features
+    assert per_neuron == 12 and candidates.tiny(moments_for(model, X, y, loss_fn, 2), 100).n_neurons == 2
+    s = GrowthSettings(max_params=count_params(model) + per_neuron + spare, min_estimation_batch=4096)
+    grown, growths, _ = growth_step(model, [2], Batch(X, y), Batch(X[:500], y[:500]), loss_fn, _metric, s,
+                                    torch.Generator().manual_seed(0))
+    assert count_params(grown) <= s.max_params
+    assert sum(g.candidate.n_neurons for g in growths) == added
+
+
+@pytest.mark.parametrize("order", [[0, 2], [2, 0]])
+def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
+    """Brute force with the same public pieces: every layer's candidate sized by line search on the held-out
+    loss; the step must grow the one whose loss ends lowest (the two differ clearly here), whichever layer
+    it evaluates first."""
+    spec, model, X, y, loss_fn = small_problem(widths=(3, 3), seed=1)  # both layers have a significant neuron
+    train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])  # 250 < the estimation batch: no subsampling
+    s = GrowthSettings(layers_per_step=1)
+    gen = torch.Generator().manual_seed(5)
+    after = {}
+    for m in gather_moments(model, order, train.X, train.y, loss_fn, chunk_size=s.chunk_size, generator=gen):
+        cand = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
+        assert cand.n_neurons >= 1
+        output = grown_output(model, cand, held.X)
+        after[m.in_index] = line_search(lambda g, out=output: float(loss_fn(out(g), held.y).mean()))[1]
+    best = min(after, key=after.get)
+    with torch.no_grad():
+        loss_0 = float(loss_fn(model(held.X), held.y).mean())
+    assert abs(after[0] - after[2]) > 0.01 and max(after.values()) < loss_0
+    _, growths, _ = growth_step(model, order, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(5))
+    assert [g.candidate.in_index for g in growths] == [best]
+    assert growths[0].loss_after == pytest.approx(after[best], rel=1e-9) and growths[0].gamma > 0
+
+
+def test_growth_step_grows_each_layer_at_most_once_and_records_what_it_did():
+    spec, model, X, y, loss_fn = small_problem()
+    train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])
+    grown, growths, final = growth_step(model, [0, 2], train, held, loss_fn, _metric, GrowthSettings(),
+                                        torch.Generator().manual_seed(5))
+    assert sorted(g.candidate.in_index for g in growths) == [0, 2]  # both layers have a significant neuron here
+    psi = gather_bottlenecks(grown, [0, 2], train.X, train.y, loss_fn)  # all 250 samples: <= the estimation batch
+    assert final == psi and sorted(psi) == [0, 2]
+    net = model
+    for g in growths:
+        with torch.no_grad():
+            before = net(held.X)
+            net = add_neurons(net, g.candidate, g.gamma)
+            after = net(held.X)
+        assert g.loss_before == pytest.approx(float(loss_fn(before, held.y).mean()), rel=1e-12)
+        assert g.loss_after == pytest.approx(float(loss_fn(after, held.y).mean()), rel=1e-12) and g.loss_after < g.loss_before
+        assert (g.metric_before, g.metric_after) == (_metric(before, held.y), _metric(after, held.y))
+        assert g.widths_after == [net[0].out_features, net[2].out_features]
+        assert g.psi_after == psi[g.candidate.in_index]
+    torch.testing.assert_close(net(X), grown(X), rtol=0, atol=0)
+
+
+def test_no_growth_when_no_candidate_lowers_the_held_out_loss():
+    spec, model, X, y, loss_fn = small_problem()
+    misleading = Batch(X[250:], (y[250:] + 3) % 5)  # held-out labels that the training goal does not predict
+    grown, growths, _ = growth_step(model, [0, 2], Batch(X[:250], y[:250]), misleading, loss_fn, _metric,
+                                    GrowthSettings(), torch.Generator().manual_seed(5))
+    assert growths == [] and count_params(grown) == count_params(model)
+
+
+def test_growth_step_streams_its_statistics_in_chunks():
+    """The estimation batch (256 of 1000 samples) goes through the model ``chunk_size`` samples at a time."""
+    spec, model, X, y, loss_fn = small_problem(n=1400)
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        growth_step(model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn, _metric,
+                    GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    chunks = [n for n in seen if n != 400]  # 400: the held-out evaluations
+    assert chunks and max(chunks) == 64 and sum(chunks) % 256 == 0
+
+
+@pytest.mark.parametrize("method", ["tiny", "random"])
+def test_growth_step_draws_every_random_number_from_its_generator(method):
+    """Subsample, Gaussian null goal, random neurons, final statistics: the same generator seed gives the same
+    step whatever the global torch RNG state; another seed gives another step."""
+    spec, model, X, y, loss_fn = small_problem(n=1400)
+    train, held = Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:])  # 1000 > the estimation batch of 256
+
+    def step(global_seed: int, seed: int):
+        torch.manual_seed(global_seed)
+        return growth_step(model, [0, 2], train, held, loss_fn, _metric, GrowthSettings(method=method),
+                           torch.Generator().manual_seed(seed))
+
+    (a, growths_a, final_a), (b, growths_b, final_b), (_, _, final_c) = step(1, 0), step(2, 0), step(1, 1)
+    assert growths_a and [(g.gamma, g.candidate.lambda_null) for g in growths_a] == [
+        (g.gamma, g.candidate.lambda_null) for g in growths_b]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert final_a == final_b  # Psi after the step, on the same subsample
+    assert final_a != final_c  # another sample of the training set
+
+
+def test_random_growth_uses_negative_amplitudes_and_every_growth_lowers_the_loss():
+    spec, model, X, y, loss_fn = small_problem()
+    train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])
+    gammas = []
+    for seed in range(3):
+        _, growths, _ = growth_step(model, [0, 2], train, held, loss_fn, _metric,
+                                    GrowthSettings(method="random", layers_per_step=1), torch.Generator().manual_seed(seed))
+        for g in growths:
+            assert g.loss_after < g.loss_before
+            gammas.append(g.gamma)
+    assert any(g < 0 for g in gammas) and len(gammas) == 3
+
+
+def test_gradmax_growth_is_applied_at_unit_amplitude_without_changing_the_loss():
+    spec, model, X, y, loss_fn = small_problem()
+    _, growths, _ = growth_step(model, [0, 2], Batch(X[:250], y[:250]), Batch(X[250:], y[250:]), loss_fn, _metric,
+                                GrowthSettings(method="gradmax", layers_per_step=1), torch.Generator().manual_seed(0))
+    assert len(growths) == 1 and growths[0].gamma == 1.0 and growths[0].candidate.gain > 0
+    assert growths[0].loss_after == pytest.approx(growths[0].loss_before, rel=1e-12)
+
+
+def test_no_room_means_no_growth_and_an_unchanged_model():
+    spec, model, X, y, loss_fn = small_problem()
+    s = GrowthSettings(max_params=count_params(model))
+    grown, growths, final = growth_step(model, [0, 2], Batch(X[:250], y[:250]), Batch(X[250:], y[250:]), loss_fn,
+                                        _metric, s, torch.Generator().manual_seed(0))
+    assert growths == [] and count_params(grown) == count_params(model) and len(final) == 2
+    torch.testing.assert_close(grown(X), model(X), rtol=0, atol=0)
+
+
+# ----- surgery and statistics --------------------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [0.25, 1.0, -4.0])
+def test_add_neurons_writes_exactly_the_scaled_weights(gamma):
+    spec, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    cand = candidates.tiny(m, 100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = add_neurons(model, cand, gamma)
+    root = math.copysign(math.sqrt(abs(gamma)), gamma)
+    h, K = model[2].out_features, cand.n_neurons
+    torch.testing.assert_close(grown[2].weight[:h], before["2.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(grown[2].weight[h:], root * cand.alpha[:, :-1], rtol=1e-15, atol=0)
+    torch.testing.assert_close(grown[2].bias[h:], root * cand.alpha[:, -1], rtol=1e-15, atol=0)
+    torch.testing.assert_close(grown[4].weight[:, h:], root * cand.omega, rtol=1e-15, atol=0)
+    torch.testing.assert_close(grown[4].weight[:, :h], before["4.weight"] + gamma * cand.dW[:, :-1], rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(grown[4].bias, before["4.bias"] + gamma * cand.dW[:, -1], rtol=1e-15, atol=1e-15)
+    assert grown[2].weight.shape == (h + K, model[2].in_features) and grown[4].weight.shape == (5, h + K)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input model is untouched
+
+
+def test_gather_moments_draws_n_z_from_the_generator_with_the_right_variance():
+    """N_z = B_prev Z^T / n with Z standard Gaussian: reproducible per seed, E||N_z||^2 = o tr(S) / n."""
+    spec, model, X, y, loss_fn = small_problem(widths=(20, 10), n=3000, d=12)
+    gather = lambda seed: moments_for(model, X, y, loss_fn, 0, seed=seed)
+    a, b, other = gather(0), gather(0), gather(1)
+    assert torch.equal(a.N_z, b.N_z) and not torch.equal(a.N_z, other.N_z)
+    expected = a.N_z.shape[1] * float(torch.trace(a.S)) / a.n
+    assert 0.6 < float(a.N_z.pow(2).sum()) / expected < 1.4
+
+
+def test_gather_moments_leaves_the_model_as_it_found_it():
+    spec, model, X, y, loss_fn = small_problem()
+    assert layer_pairs(model, [0, 2]) == [(0, 2), (2, 4)]
+    for training in (True, False):
+        model.train(training)
+        gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=100)
+        assert model.training is training
+        assert all(not module._forward_hooks for module in model) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", candidates.METHODS)
+def test_growth_step_and_optimizer_carry_over_stay_on_the_gpu(method):
+    """Every tensor a growth step creates (samples, Gaussian draws, candidates, new weights, optimizer state)
+    lives on the model's device; CPU runs cannot see a tensor created on the wrong one."""
+    spec, model, X, y, loss_fn = small_problem(widths=(6, 6), n=2000)
+    model, X, y = model.cuda(), X.cuda(), y.cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn(model(X), y).mean().backward()
+    optimizer.step()
+    s = GrowthSettings(method=method, min_estimation_batch=512)
+    grown, growths, _ = growth_step(model, [0, 2], Batch(X[:1500], y[:1500]), Batch(X[1500:], y[1500:]), loss_fn,
+                                    _metric, s, torch.Generator(device="cuda").manual_seed(0))
+    assert growths and all(p.is_cuda for p in grown.parameters())
+    for generator in (torch.Generator(), torch.Generator(device="cuda")):  # either generator samples CUDA data
+        sample = Batch(X, y).take(10, generator)
+        assert sample.X.is_cuda and len(set(sample.y.tolist())) <= 10 and sample.X.shape == (10, X.shape[1])
+    carried = carry_optimizer_state(optimizer, model, grown)
+    assert all(v.is_cuda for state in carried.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
+    carried.zero_grad()
+    loss_fn(grown(X), y).mean().backward()
+    carried.step()
+
+
+def test_optimizer_carry_over_keeps_hyper_parameters_and_skips_parameters_without_state():
+    """Adam with non-default settings, its first layer frozen during training (so it has no state yet): the
+    new optimizer has the same settings, no state for that layer, and the padded state of every other one."""
+    spec, model, X, y, loss_fn = small_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.9), weight_decay=0.1)
+    model[0].requires_grad_(False)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model(X), y).mean().backward()
+        optimizer.step()
+    model[0].requires_grad_(True)
+    grown = add_neurons(model, candidates.tiny(moments_for(model, X, y, loss_fn, 2), 100), 0.5)
+    carried = carry_optimizer_state(optimizer, model, grown)
+    group = carried.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.9), 0.1)
+    named = dict(grown.named_parameters())
+    assert not carried.state.get(named["0.weight"]) and not carried.state.get(named["0.bias"])
+    for name in ("2.weight", "2.bias", "4.weight", "4.bias"):
+        old = optimizer.state[dict(model.named_parameters())[name]]
+        new = carried.state[named[name]]
+        assert new["step"] == old["step"] and new["exp_avg"].shape == named[name].shape
+        corner = tuple(slice(0, s) for s in old["exp_avg"].shape)
+        assert torch.equal(new["exp_avg"][corner], old["exp_avg"])
