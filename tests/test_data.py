@@ -72,6 +72,8 @@ def test_mnist1d_shapes_and_no_global_rng_side_effects() -> None:
         ("moons", "classification", 1000, 500, (2,), 2),
         ("spirals", "classification", 1000, 500, (2,), 2),
         ("sine", "regression", 1000, 250, (1,), 1),
+        ("sine2d", "classification", 1000, 500, (2,), 2),
+        ("quadratic2d", "classification", 1000, 500, (2,), 2),
     ],
 )
 def test_synthetic_datasets(name: str, task: str, n_train: int, n_test: int, shape: tuple, n_outputs: int) -> None:
@@ -93,8 +95,21 @@ def test_sine_follows_the_paper_function() -> None:
 
 def test_builtin_names() -> None:
     assert BUILTIN_DATASETS == (
-        "digits", "mnist1d", "mnist5k", "moons", "spirals", "sine", "mnist", "fashion-mnist", "cifar10", "cifar100"
+        "digits", "mnist1d", "mnist5k", "moons", "spirals", "sine", "sine2d", "quadratic2d", "mnist", "fashion-mnist",
+        "cifar10", "cifar100"
     )
+
+
+def test_talk_2d_tasks_follow_their_boundaries() -> None:
+    sine = load_dataset("sine2d")
+    X, y = np.concatenate([sine.X_train, sine.X_val]), np.concatenate([sine.y_train, sine.y_val])
+    assert np.array_equal(y, (X[:, 1] > np.sin(X[:, 0])).astype(np.int64))
+    quad = load_dataset("quadratic2d")
+    X, y = np.concatenate([quad.X_train, quad.X_val]), np.concatenate([quad.y_train, quad.y_val])
+    side = X[:, 1] - (X[:, 0] ** 2 - 1) > 0
+    agree = float((side == (y == 1)).mean())
+    assert 0.8 < agree < 0.97  # the classes overlap near the parabola, and only there
+    assert (side == (y == 1))[np.abs(X[:, 1] - (X[:, 0] ** 2 - 1)) > 1.5].all()
 
 
 # ----- user .npz / .csv files --------------------------------------------------------------------------

@@ -28,10 +28,12 @@ import torch
 from tinydeploy import __version__
 from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.growth.candidates import check_method
 from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
 from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
+from tinydeploy.model.regions import RESOLUTION, count_linear_regions, regions_apply
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
@@ -132,6 +134,7 @@ class GrowJob:
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
         model = live_initialisation(build_model(self.spec).to(self.device), self.spec.growable_indices,
                                     self.train_set.X)
+        check_method(cfg.method, model, self.spec.growable_indices, self.task)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                input_noise=self.input_noise, max_shift=self.max_shift,
@@ -277,7 +280,7 @@ class GrowJob:
                 "acc_before" if self.task == "classification" else "mse_before": g.metric_before,
                 "acc_after" if self.task == "classification" else "mse_after": g.metric_after,
                 "psi_before": c.psi, "psi_after": g.psi_after, "params": spec.n_params(),
-                "widths": spec.hidden_widths}
+                "widths": spec.hidden_widths, **({"details": c.details} if c.details else {})}
 
     def _budget_left(self) -> bool:
         sample = self.train_set.X[:1]
@@ -441,12 +444,19 @@ class GrowJob:
             "epochs": round(self.trainer.epoch, 4), "growth_events": len(self.log), "growth_steps": self.loop.step,
             "phase": self.loop.phase, "stop_reason": self.loop.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
+            **({"linear_regions": self.linear_regions(), "region_grid": RESOLUTION} if "test" in splits
+               and regions_apply(self.model, self.data.input_shape) else {}),
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth,
                             "checkpoint": self.time_checkpoint},
             "processes": self._processes(),
             "config": self._config, "command": self.command,
             "versions": {"tinydeploy": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
+
+    def linear_regions(self) -> int:
+        """Distinct ReLU activation patterns of the current model on a grid over the training inputs' box."""
+        X = self.train_set.X
+        return count_linear_regions(self.model, X.min(dim=0).values.tolist(), X.max(dim=0).values.tolist())
 
     def checkpoint(self, status: str = "running", full: bool = False) -> dict[str, Any]:
         """Commit one generation of the run directory (rank 0 only); returns the metrics written.
