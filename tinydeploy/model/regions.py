@@ -8,6 +8,7 @@ approximatability").
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,4 +45,5 @@ def count_linear_regions(model: nn.Sequential, low: tuple[float, float], high: t
         patterns = activation_patterns(model.eval(), grid)
     finally:
         model.train(was_training)
-    return int(torch.unique(patterns.to(torch.uint8), dim=0).shape[0])
+    packed = np.packbits(patterns.cpu().numpy(), axis=1)  # one row of bytes per point: unique rows, fast
+    return int(np.unique(np.ascontiguousarray(packed).view(np.dtype((np.void, max(packed.shape[1], 1))))).shape[0])

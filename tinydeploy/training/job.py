@@ -93,6 +93,7 @@ class LoopState:
     final_total: int = 0  # optimizer steps of the final phase
     final_done: int = 0
     final_start_epoch: float = 0.0
+    regions_end_of_growth: int | None = None  # linear regions when growth stopped (2-D ReLU MLPs)
 
 
 def data_fingerprint(data: Any) -> str:
@@ -331,6 +332,7 @@ class GrowJob:
         loop = self.loop
         loop.phase = "final"
         loop.final_start_epoch = self.trainer.epoch
+        loop.regions_end_of_growth = self._regions().get("linear_regions")
         loop.final_total = round(self.cfg.final_epochs * self.trainer.steps_per_epoch)
         loop.final_done = 0
 
@@ -444,8 +446,7 @@ class GrowJob:
             "epochs": round(self.trainer.epoch, 4), "growth_events": len(self.log), "growth_steps": self.loop.step,
             "phase": self.loop.phase, "stop_reason": self.loop.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
-            **({"linear_regions": self.linear_regions(), "region_grid": RESOLUTION} if "test" in splits
-               and regions_apply(self.model, self.data.input_shape) else {}),
+            **(self._regions() if "test" in splits else {}),
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth,
                             "checkpoint": self.time_checkpoint},
             "processes": self._processes(),
@@ -457,6 +458,15 @@ class GrowJob:
         """Distinct ReLU activation patterns of the current model on a grid over the training inputs' box."""
         X = self.train_set.X
         return count_linear_regions(self.model, X.min(dim=0).values.tolist(), X.max(dim=0).values.tolist())
+
+    def _regions(self) -> dict[str, int]:
+        """{"linear_regions", "linear_regions_end_of_growth", "region_grid"} for 2-D inputs to a ReLU MLP
+        (``tinydeploy.model.regions``), else {}."""
+        if not regions_apply(self.model, self.data.input_shape):
+            return {}
+        end = {} if self.loop.regions_end_of_growth is None else {"linear_regions_end_of_growth":
+                                                                   self.loop.regions_end_of_growth}
+        return {"linear_regions": self.linear_regions(), **end, "region_grid": RESOLUTION}
 
     def checkpoint(self, status: str = "running", full: bool = False) -> dict[str, Any]:
         """Commit one generation of the run directory (rank 0 only); returns the metrics written.
