@@ -18,7 +18,7 @@ Every fixed architecture is trained for the same number of epochs as the TINY ru
 
 Also measured for every grown net: neurons whose whole fan-in (weights and bias) is still exactly
 0 at the end, and neurons never active (ReLU output 0) on the test split. GradMax inserts neurons
-with fan-in 0; with ReLU the subgradient at 0 is 0, so they never receive a gradient and stay dead.
+with fan-in 0; they learn because tinydeploy's ReLU has derivative 1 at 0 (``tinydeploy.growth.gradmax``).
 
 Usage:
     .venv/bin/python benchmarks/growth_quality.py                       # full run

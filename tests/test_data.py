@@ -194,12 +194,13 @@ def _raises(message: str, *args, **kwargs) -> None:
 
 def test_unknown_name_and_missing_file(tmp_path: Path) -> None:
     _raises(
-        "unknown dataset 'iris': use one of digits, mnist1d, mnist5k, moons, spirals, sine, mnist, fashion-mnist, "
-        "cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
+        "unknown dataset 'iris': use one of digits, mnist1d, mnist5k, moons, spirals, sine, sine2d, quadratic2d, mnist, "
+        "fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
         "iris",
     )
     _raises(f"unknown dataset '{tmp_path / 'x.txt'}': use one of digits, mnist1d, mnist5k, moons, spirals, sine, "
-            "mnist, fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
+            "sine2d, quadratic2d, mnist, fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image "
+            "folder",
             str(tmp_path / "x.txt"))
     _raises(f"data file not found: {tmp_path / 'gone.npz'}", str(tmp_path / "gone.npz"))
 

@@ -14,14 +14,13 @@ class ReLU(nn.ReLU):
     A unit whose pre-activation is exactly 0 on every sample (a neuron inserted with fan-in 0, as
     GradMax does) then receives the gradient sigma'(0) * omega^T V on its fan-in and trains, as in the
     GradMax reference code, whose ReLU has grad(f(0)) = 1. Values are those of ``nn.ReLU``; without
-    autograd (inference, tracing for export) it runs ``nn.ReLU``'s own forward, so exported graphs hold
-    a plain Relu.
+    autograd (inference, tracing for export) it is ``torch.relu``, so exported graphs hold a plain Relu.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return super().forward(x)
+        return torch.relu(x)
 
 
 #: The module of each activation name in ``tinydeploy.model.spec.ACTIVATIONS`` (all have sigma(0) = 0;
