@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,10 @@ from tinydeploy.training.job import prepare_grow  # noqa: E402
 NAME = "growth_methods"
 METHODS = {"TINY": "tiny", "GradMax": "gradmax", "NORTH-pre": "north", "Folding": "folding", "Random": "random"}
 REFERENCES = ("random init (Folding width)", "trained from scratch (Folding width)")
+#: The talk's scale (2-2-2 grown to 2-3-2): Folding grown to a few hidden units, and that width from scratch.
+TALK = ("Folding to width w", "trained from scratch (width w)")
+#: Relative cost of one run per dataset (measured), to start the longest first.
+COST = {"mnist1d": 6.0, "digits": 4.0, "spirals": 2.0}
 TWO_D = ("moons", "spirals", "sine2d", "quadratic2d")
 COLORS = {"TINY": "C0", "GradMax": "C1", "NORTH-pre": "C4", "Folding": "C3", "Random": "C2",
           REFERENCES[1]: "C7"}
@@ -78,11 +84,42 @@ def run_one(cfg: GrowConfig) -> dict[str, Any]:
         }
 
 
+def run_task(task: tuple[str, str, int, str, int | None], args) -> list[dict[str, Any]]:
+    """One unit of work for a worker process (1 torch thread): a method's run ("method"; Folding's on 2-D
+    data also trains the same width from scratch), or a fold at the talk's scale ("talk": Folding grown to
+    ``width`` hidden units, against that width freshly initialised and trained from scratch)."""
+    torch.set_num_threads(1)
+    kind, ds, seed, label, width = task
+    if kind == "method":
+        rec = {"label": label, "talk_width": None, **run_one(config(ds, seed, METHODS[label], args))}
+        if label != "Folding" or ds not in TWO_D:
+            return [rec]
+        cfg = config(ds, seed, "tiny", args, init_widths=list(rec["final_widths"]), max_growth_epochs=0.0,
+                     final_epochs=rec["epochs"], max_params=10**9)
+        return [rec, {"label": REFERENCES[1], "talk_width": None, **run_one(cfg)}]
+    budget = width_params(ds, width, args)
+    fold = {"label": TALK[0], "talk_width": width, **run_one(config(ds, seed, "folding", args, max_params=budget))}
+    cfg = config(ds, seed, "tiny", args, init_widths=[width], max_growth_epochs=0.0, final_epochs=fold["epochs"],
+                 max_params=10**9)
+    return [fold, {"label": TALK[1], "talk_width": width, **run_one(cfg)}]
+
+
+def width_params(dataset: str, width: int, args) -> int:
+    """Parameters of the one-hidden-layer net of ``width`` units on ``dataset``."""
+    with tempfile.TemporaryDirectory(prefix="tinybench-") as tmp:
+        job = prepare_grow(config(dataset, 0, "tiny", args, init_widths=[width]), Path(tmp) / "run")
+        return sum(p.numel() for p in job.model.parameters())
+
+
 def config(dataset: str, seed: int, method: str, args, **overrides: Any) -> GrowConfig:
     base: dict[str, Any] = dict(dataset=dataset, seed=seed, method=method, device="cpu", threads=1,
                                 arch="mlp", init_widths=[args.init_width])
     if args.quick:
         base.update(max_growth_epochs=4.0, final_epochs=4.0)
+    if args.growth_epochs is not None:
+        base.update(max_growth_epochs=args.growth_epochs)
+    if args.final_epochs is not None:
+        base.update(final_epochs=args.final_epochs)
     base.update(overrides)
     return GrowConfig(**base)
 
@@ -137,6 +174,37 @@ def region_table(records: list[dict[str, Any]], report: Report, datasets: list[s
     if rows:
         report.table("Linear regions at equal width (per seed)", ["dataset", "Folding width", "Folding (grown)",
                      "random init, same width", "trained from scratch, same width", "Folding > random init"], rows)
+    return out
+
+
+def talk_table(records: list[dict[str, Any]], report: Report, datasets: list[str]) -> dict[str, Any]:
+    """The talk's scale: Folding grown from width 2 to w against width w freshly initialised (before any
+    training) and trained from scratch with as many epochs, per dataset and w. A hidden layer of w ReLU
+    units on 2-D inputs has at most 1 + w + w(w-1)/2 linear regions (w lines in general position)."""
+    out, rows = {}, []
+    for ds in [d for d in datasets if d in TWO_D]:
+        widths = sorted({r["talk_width"] for r in records if r["dataset"] == ds and r["label"] == TALK[0]})
+        for w in widths:
+            fold = [r for r in records if r["dataset"] == ds and r["label"] == TALK[0] and r["talk_width"] == w]
+            fresh = [r for r in records if r["dataset"] == ds and r["label"] == TALK[1] and r["talk_width"] == w]
+            grown, init = [r["regions"] for r in fold], [r["regions_at_init"] for r in fresh]
+            trained = [r["regions"] for r in fresh]
+            wins = sum(g > i for g, i in zip(grown, init))
+            out.setdefault(ds, {})[w] = {
+                "folding_widths": [r["final_widths"][0] for r in fold], "folding": grown, "random_init": init,
+                "trained_from_scratch": trained, "folding_more_than_init": wins,
+                "folding_accuracy": [r["test_accuracy"] for r in fold],
+                "scratch_accuracy": [r["test_accuracy"] for r in fresh]}
+            rows.append([ds, w, 1 + w + w * (w - 1) // 2, " / ".join(str(r["final_widths"][0]) for r in fold),
+                         " / ".join(map(str, grown)),
+                         " / ".join(map(str, init)), " / ".join(map(str, trained)), f"{wins}/{len(grown)}",
+                         fmt_pm([r["test_accuracy"] for r in fold], 100, 1),
+                         fmt_pm([r["test_accuracy"] for r in fresh], 100, 1)])
+    if rows:
+        report.table("Linear regions at the talk's scale: Folding grown from width 2 to w (per seed)",
+                     ["dataset", "w", "at most (w lines in the plane)", "Folding width reached", "Folding regions", "random init, width w",
+                      "trained from scratch, width w", "Folding > random init (seeds)", "Folding test acc %",
+                      "from scratch test acc %"], rows)
     return out
 
 
@@ -200,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="labels among " + ", ".join(METHODS))
     p.add_argument("--init-width", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="4 + 4 epochs: a smoke test, not comparable")
+    p.add_argument("--growth-epochs", type=float, default=None, help="growth phase at most (default: the recipe's)")
+    p.add_argument("--final-epochs", type=float, default=None, help="final phase (default: the recipe's)")
+    p.add_argument("--fold-widths", default="3,6,12", help="the talk's scale: widths Folding grows to on 2-D data")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
     p.add_argument("--name", default=NAME, help="results file stem")
     p.add_argument("--replot", action="store_true", help="only redraw the plot from results/<name>.json")
     args = p.parse_args(argv)
@@ -211,43 +283,45 @@ def main(argv: list[str] | None = None) -> int:
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     labels = [m for m in args.methods.split(",") if m]
+    args.fold_widths = [int(w) for w in args.fold_widths.split(",") if w]
     torch.set_num_threads(1)
     machine = machine_info()
     report = Report(NAME, "Growth methods: TINY vs GradMax vs NORTH-pre vs Folding vs Random")
     records: list[dict[str, Any]] = []
     partial = results_path(f"{NAME}.partial.json")
-    for ds in datasets:
-        for seed in seeds:
-            jobs = [(label, config(ds, seed, METHODS[label], args)) for label in labels]
-            for label, cfg in jobs:
-                rec = {"label": label, **run_one(cfg)}
+    tasks = [("method", ds, seed, label, None) for ds in datasets for seed in seeds for label in labels]
+    if "Folding" in labels:
+        tasks += [("talk", ds, seed, "Folding", width) for ds in datasets if ds in TWO_D for seed in seeds
+                  for width in args.fold_widths]
+    tasks.sort(key=lambda t: -COST.get(t[1], 1.0) * (0.3 if t[0] == "talk" else 1.0))
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for done in as_completed([pool.submit(run_task, task, args) for task in tasks]):
+            for rec in done.result():
                 records.append(rec)
-                print(f"[{report.elapsed:6.0f}s] {ds} seed {seed} {label:10s} acc {100 * rec['test_accuracy']:.1f}% "
-                      f"params {rec['params']:>7,} width {rec['final_widths']} regions {rec['regions']} "
-                      f"stop {rec['stop_reason']} wall {rec['wall_s']:.1f}s zero fan-in {rec['zero_fan_in']}",
-                      flush=True)
-                if label == "Folding" and ds in TWO_D:
-                    fold = rec
-                    cfg = config(ds, seed, "tiny", args, init_widths=list(fold["final_widths"]),
-                                 max_growth_epochs=0.0, final_epochs=fold["epochs"], max_params=10**9)
-                    ref = {"label": REFERENCES[1], **run_one(cfg)}
-                    records.append(ref)
-                    print(f"[{report.elapsed:6.0f}s] {ds} seed {seed} same width from scratch: acc "
-                          f"{100 * ref['test_accuracy']:.1f}% regions at init {ref['regions_at_init']}, trained "
-                          f"{ref['regions']}", flush=True)
-                write_json(partial, {"records": records})
+                print(f"[{report.elapsed:6.0f}s] {rec['dataset']} seed {rec['seed']} {rec['label']:38s} acc "
+                      f"{100 * rec['test_accuracy']:.1f}% params {rec['params']:>7,} width {rec['final_widths']} "
+                      f"regions {rec['regions_at_init']} -> {rec['regions']} stop {rec['stop_reason']} "
+                      f"wall {rec['wall_s']:.1f}s zero fan-in {rec['zero_fan_in']}", flush=True)
+            write_json(partial, {"records": records})
+    records.sort(key=lambda r: (datasets.index(r["dataset"]), r["seed"], r.get("talk_width") or 0, r["label"]))
     summary = summarise(records, report, datasets)
     regions = region_table(records, report, datasets)
+    talk = talk_table(records, report, datasets)
+    probe = config(datasets[0], 0, "tiny", args)
     recipe = RECIPES["mlp"]
+    growth_epochs = recipe["max_growth_epochs"] if probe.max_growth_epochs is None else probe.max_growth_epochs
+    final_epochs = recipe["final_epochs"] if probe.final_epochs is None else probe.final_epochs
     report.note(
         f"Settings: one hidden layer starting at width {args.init_width} for every method; growth at initialisation "
-        f"and every {recipe['grow_every']:g} epoch for at most {recipe['max_growth_epochs']:g} epochs, then "
-        f"{recipe['final_epochs']:g} epochs with cosine decay (Adam lr {GrowConfig().lr:g}, batch "
+        f"and every {recipe['grow_every']:g} epoch for at most {growth_epochs:g} epochs, then "
+        f"{final_epochs:g} epochs with cosine decay (Adam lr {GrowConfig().lr:g}, batch "
         f"{recipe['batch_size']}, weight decay {GrowConfig().weight_decay:g}); at most "
         f"{GrowConfig().neurons_per_step} neurons per step; each dataset's default budget and input noise; "
-        f"1 torch thread" + (" -- QUICK schedule, not comparable" if args.quick else "") + ".")
+        f"1 torch thread per run, {args.jobs} run(s) at a time (wall times include that contention)"
+        + (" -- QUICK schedule, not comparable" if args.quick else "") + ".")
     plot(records, datasets)
-    report.write({"settings": vars(args), "summary": summary, "regions": regions, "records": records}, machine)
+    report.write({"settings": vars(args), "summary": summary, "regions": regions, "talk_scale": talk,
+                  "records": records}, machine)
     partial.unlink(missing_ok=True)
     return 0
 
