@@ -23,6 +23,7 @@ Usage:
     python benchmarks/growth_methods.py                                   # the committed run
     python benchmarks/growth_methods.py --datasets moons --seeds 0 --quick  # smoke test
     python benchmarks/growth_methods.py --replot
+    python benchmarks/growth_methods.py ... --resume                       # finish an interrupted run
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, results_path, save_figure  # noqa: E402
+from common import (Report, accuracy_point, fmt_int, fmt_pm, machine_info, mean_std, params_axes,  # noqa: E402
+                    pyplot, results_path, save_figure)
 
 from tinydeploy.atomic import write_json  # noqa: E402
 from tinydeploy.training.config import DATASET_DEFAULTS, RECIPES, GrowConfig  # noqa: E402
@@ -210,28 +212,15 @@ def talk_table(records: list[dict[str, Any]], report: Report, datasets: list[str
 
 def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter
-
     cols = 3
     rows_n = (len(datasets) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
     for ax, ds in zip(axes.flat, datasets):
         for label in (*METHODS, REFERENCES[1]):
             rs = [r for r in records if r["dataset"] == ds and r["label"] == label]
-            if not rs:
-                continue
-            pm, ps = mean_std(r["params"] for r in rs)
-            am, ast = mean_std(100 * r["test_accuracy"] for r in rs)
-            ax.errorbar(pm, am, xerr=ps, yerr=ast, fmt=MARKERS[label], color=COLORS[label], capsize=3, label=label,
-                        markersize=8)
-            ax.scatter([r["params"] for r in rs], [100 * r["test_accuracy"] for r in rs], s=8, color=COLORS[label],
-                       alpha=0.4)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("parameters (log)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{ds}: mean ± std over seeds")
-        ax.grid(alpha=0.3)
+            if rs:
+                accuracy_point(ax, rs, label, COLORS[label], MARKERS[label])
+        params_axes(ax, "test accuracy (%)", f"{ds}: mean ± std over seeds")
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
@@ -250,12 +239,7 @@ def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
         if refs:
             ax.scatter([r["params"] for r in refs], [r["regions_at_init"] for r in refs], marker="*", color="k",
                        s=60, label=REFERENCES[0])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters (log)")
-        ax.set_ylabel("linear regions, 200 x 200 grid (log)")
-        ax.set_title(f"{ds}: final networks, every seed")
-        ax.grid(alpha=0.3)
+        params_axes(ax, "linear regions, 200 x 200 grid (log)", f"{ds}: final networks, every seed", log_y=True)
     axes[0][0].legend(fontsize=7)
     save_figure(fig, f"{NAME}_regions.png")
 
@@ -274,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
     p.add_argument("--name", default=NAME, help="results file stem")
     p.add_argument("--replot", action="store_true", help="only redraw the plot from results/<name>.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of results/<name>.partial.json (an interrupted run) within --datasets and "
+                        "--seeds, and run only the missing ones")
     args = p.parse_args(argv)
     NAME = args.name
     if args.replot:
@@ -289,10 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(NAME, "Growth methods: TINY vs GradMax vs NORTH-pre vs Folding vs Random")
     records: list[dict[str, Any]] = []
     partial = results_path(f"{NAME}.partial.json")
-    tasks = [("method", ds, seed, label, None) for ds in datasets for seed in seeds for label in labels]
+    if args.resume and partial.is_file():
+        records = [r for r in json.loads(partial.read_text())["records"]
+                   if r["dataset"] in datasets and r["seed"] in seeds]
+    done = {(r["dataset"], r["seed"], r["label"], r["talk_width"]) for r in records}
+    tasks = [("method", ds, seed, label, None) for ds in datasets for seed in seeds for label in labels
+             if (ds, seed, label, None) not in done]
     if "Folding" in labels:
         tasks += [("talk", ds, seed, "Folding", width) for ds in datasets if ds in TWO_D for seed in seeds
-                  for width in args.fold_widths]
+                  for width in args.fold_widths if (ds, seed, TALK[1], width) not in done]
     tasks.sort(key=lambda t: -COST.get(t[1], 1.0) * (0.3 if t[0] == "talk" else 1.0))
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         for done in as_completed([pool.submit(run_task, task, args) for task in tasks]):
