@@ -7,7 +7,8 @@ way neurons are chosen differs:
   ``--init-width`` (default 2, the folding talk's 2-2-2 start);
 * the default MLP recipe (``tinydeploy.training.config.RECIPES["mlp"]``: a growth step at
   initialisation and then every 0.25 epoch for at most 40 epochs, then 60 epochs with cosine decay;
-  Adam, batch 16) and each dataset's default parameter budget and input noise;
+  Adam, batch 16; ``--growth-epochs`` / ``--final-epochs`` shorten both for every method alike) and each
+  dataset's default parameter budget and input noise;
 * each method's own rule for how many neurons a step adds (TINY: its significance test; GradMax: the
   same test on its eigenvalues; NORTH: its activation-orthogonality trigger; Folding: one fold per
   step; Random: the budget), all capped at 16 per step and by the budget; growth stops after 8 steps
@@ -17,10 +18,13 @@ Measured per run: test accuracy, parameters, hidden width, linear regions (disti
 patterns on a 200 x 200 grid over the training inputs' box, 2-D datasets only), wall time, and
 neurons whose fan-in is still exactly 0 at the end. On the 2-D datasets two references at Folding's
 final width: the same network freshly initialised ("random init", before any training) and trained
-from that initialisation with Folding's epoch count ("trained from scratch").
+from that initialisation with Folding's epoch count ("trained from scratch"); and the same at the talk's
+scale (its 2-2-2 grown to 2-3-2): Folding grown from width 2 to each of ``--fold-widths`` units.
+Runs go to ``--jobs`` worker processes, longest first; ``--resume`` finishes an interrupted run.
 
 Usage:
-    python benchmarks/growth_methods.py                                   # the committed run
+    python benchmarks/growth_methods.py                                   # full schedule (~45 min on 2 cores)
+    python benchmarks/growth_methods.py --growth-epochs 20 --final-epochs 30 --jobs 2  # the committed run
     python benchmarks/growth_methods.py --datasets moons --seeds 0 --quick  # smoke test
     python benchmarks/growth_methods.py --replot
     python benchmarks/growth_methods.py ... --resume                       # finish an interrupted run
