@@ -168,7 +168,7 @@ def test_folding_neuron_folds_at_x_f_with_x_t_on_its_active_side():
     w, b = cand.alpha[0, :-1], cand.alpha[0, -1]
     assert abs(float(w @ x_f + b)) < 1e-12 * float(w.norm() * (x_f.norm() + 1))
     assert float(w @ x_t + b) > 1e-3 * float(w.norm() * (x_t - x_f).norm())
-    assert math.isclose(float(w.norm()), float(model[0].weight.norm(dim=1).mean()), rel_tol=1e-9)
+    assert math.isclose(float(w.norm()), float(model[0].weight.detach().norm(dim=1).mean()), rel_tol=1e-9)
     # x_t is a sample of the batch, and x_f lies on the boundary between its class and the rival class
     label, rival = cand.details["label"], cand.details["rival"]
     assert float((X - x_t).norm(dim=1).min()) == 0.0 and label == int(y[(X - x_t).norm(dim=1).argmin()])
