@@ -95,15 +95,13 @@ def test_gradmax_conv_kernels_train():
                           nn.Flatten(), nn.Linear(3, 4)).double()
     X = torch.randn(64, 1, 6, 6, dtype=torch.float64)
     y = (X[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :3].sum((1, 2)) > 0).long()
-    loss_fn = candidates_loss = torch.nn.functional.cross_entropy
-    per_sample = lambda out, t: candidates_loss(out, t, reduction="none")  # noqa: E731
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
     m = moments_for_conv(model, X, y, per_sample)
     cand = gradmax.gradmax(m, 2)
     grown = add_neurons(model, cand, 1.0)
     torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-14)  # extra zero channels: summation order
     _sgd(grown, X, y, per_sample, steps=3, lr=0.5)
     assert cand.n_neurons > 0 and (grown[0].weight[2:].abs().flatten(1).sum(dim=1) > 0).all()
-    del loss_fn
 
 
 def moments_for_conv(model, X, y, loss_fn):
