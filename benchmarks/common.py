@@ -211,3 +211,28 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def accuracy_point(ax: Any, records: Sequence[dict[str, Any]], label: str, color: str, marker: str,
+                   hollow: bool = False) -> None:
+    """One label's test accuracy against parameters: mean ± std over seeds, and each seed faintly."""
+    pm, ps = mean_std(r["params"] for r in records)
+    am, ast = mean_std(100 * r["test_accuracy"] for r in records)
+    ax.errorbar(pm, am, xerr=ps, yerr=ast, fmt=marker, color=color, capsize=3, label=label,
+                markerfacecolor="none" if hollow else color, markersize=8)
+    ax.scatter([r["params"] for r in records], [100 * r["test_accuracy"] for r in records], s=8, color=color,
+               alpha=0.4)
+
+
+def params_axes(ax: Any, ylabel: str, title: str, log_y: bool = False) -> None:
+    """A panel against parameters: log x axis (no minor labels), grid, labels."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("parameters (log)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ Every fixed architecture is trained for the same number of epochs as the TINY ru
 
 Also measured for every grown net: neurons whose whole fan-in (weights and bias) is still exactly
 0 at the end, and neurons never active (ReLU output 0) on the test split. GradMax inserts neurons
-with fan-in 0; with ReLU the subgradient at 0 is 0, so they never receive a gradient and stay dead.
+with fan-in 0; they learn because tinydeploy's ReLU has derivative 1 at 0 (``tinydeploy.growth.gradmax``).
 
 Usage:
     .venv/bin/python benchmarks/growth_quality.py                       # full run
@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Report, fmt_int, fmt_pm, machine_info, mean_std, pyplot, results_path, save_figure,  # noqa: E402
-                    thread_kwargs)
+from common import (Report, accuracy_point, fmt_int, fmt_pm, machine_info, mean_std, params_axes,  # noqa: E402
+                    pyplot, results_path, save_figure, thread_kwargs)
 
 from tinydeploy.atomic import write_json  # noqa: E402
 from tinydeploy.training.config import RECIPES, GrowConfig  # noqa: E402
@@ -200,7 +200,6 @@ def checks(records: list[dict[str, Any]], summary: dict[str, Any], report: Repor
 
 def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter
 
     colors = {"TINY": "C0", "GradMax": "C1", "Random": "C2", "GradMax @ TINY params": "C1",
               "Random @ TINY params": "C2", "FS (TINY arch)": "C3", "Fixed [32,16]": "C4", "Fixed [1000,1000]": "C5"}
@@ -210,21 +209,9 @@ def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
     for ax, ds in zip(axes[0], datasets):
         for label in LABEL_ORDER:
             rs = [r for r in records if r["dataset"] == ds and r["label"] == label]
-            if not rs:
-                continue
-            pm, ps = mean_std(r["params"] for r in rs)
-            am, ast = mean_std(100 * r["test_accuracy"] for r in rs)
-            hollow = label in EQUAL
-            ax.errorbar(pm, am, xerr=ps, yerr=ast, fmt=markers[label], color=colors[label], capsize=3, label=label,
-                        markerfacecolor="none" if hollow else colors[label], markersize=8)
-            ax.scatter([r["params"] for r in rs], [100 * r["test_accuracy"] for r in rs], s=8, color=colors[label],
-                       alpha=0.4)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("parameters (log)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{ds}: mean ± std over seeds")
-        ax.grid(alpha=0.3)
+            if rs:
+                accuracy_point(ax, rs, label, colors[label], markers[label], hollow=label in EQUAL)
+        params_axes(ax, "test accuracy (%)", f"{ds}: mean ± std over seeds")
     handles: dict[str, Any] = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -244,12 +231,7 @@ def plot(records: list[dict[str, Any]], datasets: list[str]) -> None:
                     label=f"{label} (growth phase)")
             ax.plot([r["params"]], [100 * r["test_accuracy"]], markers[label], color=colors[label],
                     label=f"{label} final (test)")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("parameters (log)")
-        ax.set_ylabel("val accuracy during growth (%)")
-        ax.set_title(f"{ds}: growth trajectories, seed {min(r['seed'] for r in records)}")
-        ax.grid(alpha=0.3)
+        params_axes(ax, "val accuracy during growth (%)", f"{ds}: growth trajectories, seed {min(r['seed'] for r in records)}")
     axes[0][-1].legend(fontsize=7)
     save_figure(fig, f"{NAME}_trajectories.png")
 

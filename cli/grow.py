@@ -52,6 +52,8 @@ def _summary(result: GrowResult, console: Console) -> None:
     key = "accuracy" if m["task"] == "classification" else "mse"
     scores = ", ".join(f"{split} {key} {m['metrics'][split][key]:.4f}" for split in ("train", "val", "test"))
     wall = m["wall_time_s"]
+    if "linear_regions" in m:
+        scores += f"\nlinear regions {m['linear_regions']} (distinct ReLU patterns, {m['region_grid']}^2 grid)"
     console.print(f"{scores}\nwall time {wall['total']:.1f} s (training {wall['training']:.1f} s, "
                   f"growth {wall['growth']:.1f} s)\nrun directory: {result.run_dir}\n"
                   f"next: tinydeploy export {result.run_dir} --onnx")
@@ -103,14 +105,15 @@ def _launch(ctx: typer.Context, cfg: GrowConfig, nproc: int, out: Optional[Path]
 @reports_errors
 def grow(
     ctx: typer.Context,
-    dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | mnist5k | moons | spirals | sine | mnist | "
-                                "fashion-mnist | cifar10 | cifar100, a path to a .npz / .csv file, or a folder of "
+    dataset: str = typer.Option(_DEFAULTS.dataset, help="digits | mnist1d | mnist5k | moons | spirals | sine | sine2d | "
+                                "quadratic2d | mnist | fashion-mnist | cifar10 | cifar100, a path to a .npz / .csv file, or a folder of "
                                 "images in class sub-folders."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
     force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
     target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
-    method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | random."),
+    method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | north | folding (shallow "
+                               "ReLU MLPs: one --init-widths value) | random."),
     arch: Optional[str] = typer.Option(None, help="mlp | cnn (default: cnn for images (C,H,W) and signals (C,L), "
                                        "mlp otherwise; --arch cnn shows digits as 1x8x8 and mnist1d as 1x40)."),
     init_widths: Optional[str] = typer.Option(None, help="Initial widths of the growable layers, comma-separated "

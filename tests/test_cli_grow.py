@@ -105,7 +105,11 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--dataset", str(csv), "--target", "nope"], "target column 'nope' not in"),
         (["--activation", "sigmoid"], "activation 'sigmoid' has sigma(0)=0.5, but TINY needs sigma(0)=0"),
         (["--init-widths", "4,x"], "--init-widths must be comma-separated positive integers like 1,1; got '4,x'"),
-        (["--method", "magic"], "unknown method 'magic': use one of tiny, gradmax, random"),
+        (["--method", "magic"], "unknown method 'magic': use one of tiny, gradmax, north, folding, random"),
+        (["--method", "folding"], "--method folding grows shallow ReLU MLPs with one hidden layer, this network is "
+         "Linear - ReLU - Linear - ReLU - Linear: pass --arch mlp --activation relu and one initial width"),
+        (["--method", "folding", "--init-widths", "2", "--dataset", "sine"],
+         "--method folding folds decision boundaries and needs a classification dataset"),
         (["--device", "tpu"], "unknown device 'tpu': use one of auto, cpu, cuda"),
         (["--target-accuracy", "97"], "--target-accuracy is a fraction in (0, 1], got 97.0"),
         (["--dataset", "sine", "--target-accuracy", "0.9"], "--target-accuracy applies to classification"),
@@ -121,6 +125,25 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
         assert not out.exists(), args
+
+
+def test_folding_run_on_2d_data_reports_its_folds_and_linear_regions(tmp_path):
+    from tinydeploy.model.regions import count_linear_regions
+
+    out = tmp_path / "fold"
+    result = CliRunner().invoke(app, ["grow", "--dataset", "sine2d", "--method", "folding", "--init-widths", "2",
+                                      "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    events = [json.loads(line) for line in (out / "growth_log.jsonl").read_text().splitlines()]
+    assert events and all(e["method"] == "folding" and e["neurons_added"] == 1 for e in events)
+    assert {"x_t", "x_f", "fold", "cluster_mean_loss"} <= set(events[0]["details"])
+    run = read_run(out)
+    data = load_dataset(**metrics["data_source"])
+    X = torch.from_numpy(apply_standardizer(data.X_train, run.spec.preprocessing))
+    expected = count_linear_regions(run.model, X.min(0).values.tolist(), X.max(0).values.tolist())
+    assert metrics["linear_regions"] == expected > metrics["final_widths"][0]  # more regions than lines
+    assert f"linear regions {expected} " in result.stdout
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):

@@ -72,6 +72,8 @@ def test_mnist1d_shapes_and_no_global_rng_side_effects() -> None:
         ("moons", "classification", 1000, 500, (2,), 2),
         ("spirals", "classification", 1000, 500, (2,), 2),
         ("sine", "regression", 1000, 250, (1,), 1),
+        ("sine2d", "classification", 1000, 500, (2,), 2),
+        ("quadratic2d", "classification", 1000, 500, (2,), 2),
     ],
 )
 def test_synthetic_datasets(name: str, task: str, n_train: int, n_test: int, shape: tuple, n_outputs: int) -> None:
@@ -101,6 +103,18 @@ def test_every_advertised_name_is_a_dataset_the_loader_knows() -> None:
             assert str(exc).startswith(f"dataset '{name}' is read from disk: pass --data-dir DIR"), str(exc)
             on_disk.append(name)
     assert on_disk == ["mnist", "fashion-mnist", "cifar10", "cifar100"]
+
+
+def test_talk_2d_tasks_follow_their_boundaries() -> None:
+    sine = load_dataset("sine2d")
+    X, y = np.concatenate([sine.X_train, sine.X_val]), np.concatenate([sine.y_train, sine.y_val])
+    assert np.array_equal(y, (X[:, 1] > np.sin(X[:, 0])).astype(np.int64))
+    quad = load_dataset("quadratic2d")
+    X, y = np.concatenate([quad.X_train, quad.X_val]), np.concatenate([quad.y_train, quad.y_val])
+    side = X[:, 1] - (X[:, 0] ** 2 - 1) > 0
+    agree = float((side == (y == 1)).mean())
+    assert 0.8 < agree < 0.97  # the classes overlap near the parabola, and only there
+    assert (side == (y == 1))[np.abs(X[:, 1] - (X[:, 0] ** 2 - 1)) > 1.5].all()
 
 
 # ----- user .npz / .csv files --------------------------------------------------------------------------
@@ -185,12 +199,13 @@ def _raises(message: str, *args, **kwargs) -> None:
 
 def test_unknown_name_and_missing_file(tmp_path: Path) -> None:
     _raises(
-        "unknown dataset 'iris': use one of digits, mnist1d, mnist5k, moons, spirals, sine, mnist, fashion-mnist, "
-        "cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
+        "unknown dataset 'iris': use one of digits, mnist1d, mnist5k, moons, spirals, sine, sine2d, quadratic2d, mnist, "
+        "fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
         "iris",
     )
     _raises(f"unknown dataset '{tmp_path / 'x.txt'}': use one of digits, mnist1d, mnist5k, moons, spirals, sine, "
-            "mnist, fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image folder",
+            "sine2d, quadratic2d, mnist, fashion-mnist, cifar10, cifar100, a path to a .npz or .csv file, or an image "
+            "folder",
             str(tmp_path / "x.txt"))
     _raises(f"data file not found: {tmp_path / 'gone.npz'}", str(tmp_path / "gone.npz"))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from growth_fixtures import moments_for, small_problem
-from tinydeploy.growth import candidates
+from tinydeploy.growth import candidates, gradmax
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.policy import Batch, GrowthSettings, estimation_batch_size, growth_step, neuron_budget
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
@@ -20,12 +20,12 @@ def _candidates(model, X, y, loss_fn, layer=2):
     gen = torch.Generator().manual_seed(3)
     return {
         "tiny": candidates.tiny(m, 3),
-        "gradmax": candidates.gradmax(m, 3),
+        "gradmax": gradmax.gradmax(m, 3),
         "random": candidates.random(m, 3, gen),
     }
 
 
-@pytest.mark.parametrize("method", candidates.METHODS)
+@pytest.mark.parametrize("method", ["tiny", "gradmax", "random"])
 def test_gamma_zero_leaves_the_function_unchanged(method):
     spec, model, X, y, loss_fn = small_problem()
     cand = _candidates(model, X, y, loss_fn)[method]
@@ -42,10 +42,10 @@ def test_gradmax_is_function_preserving_at_insertion():
     grown = add_neurons(model, cand, 1.0)
     torch.testing.assert_close(grown(X), model(X), rtol=0, atol=0)
     rms = float(grown[4].weight.detach()[:, model[4].in_features:].pow(2).mean().sqrt())
-    assert rms == pytest.approx(candidates.GRADMAX_FAN_OUT_RMS, rel=1e-6)
+    assert rms == pytest.approx(gradmax.FAN_OUT_RMS, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", candidates.METHODS)
+@pytest.mark.parametrize("method", ["tiny", "gradmax", "random"])
 @pytest.mark.parametrize("gamma", [0.3, -0.7, 2.0])
 def test_fast_line_search_forward_equals_the_grown_model(method, gamma):
     spec, model, X, y, loss_fn = small_problem()

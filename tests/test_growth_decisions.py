@@ -12,7 +12,7 @@ from growth_fixtures import explicit_activities, moments_for, small_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinydeploy.growth import candidates, linalg
+from tinydeploy.growth import candidates, gradmax, linalg
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.policy import (
     Batch,
@@ -128,7 +128,7 @@ def test_gradmax_fan_out_maximises_the_fan_in_gradient():
     largest that any fan-out of that norm can get."""
     spec, model, X, y, loss_fn = small_problem("tanh")
     m = moments_for(model, X, y, loss_fn, 2)
-    cand = candidates.gradmax(m, max_neurons=3)
+    cand = gradmax.gradmax(m, max_neurons=3)
     K = cand.n_neurons
     assert K >= 1 and cand.searches_amplitude is False and torch.count_nonzero(cand.alpha) == 0
     B_prev, B_h, V = explicit_activities(model, X, y, loss_fn, 2, 4)
@@ -140,7 +140,7 @@ def test_gradmax_fan_out_maximises_the_fan_in_gradient():
     old = model[2].out_features
     gradient = torch.cat([grown[2].weight.grad[old:], grown[2].bias.grad[old:, None]], dim=1)  # (K, d+1)
     torch.testing.assert_close(gradient, -(N_tilde @ cand.omega).T, rtol=1e-7, atol=1e-15)
-    scale = candidates.GRADMAX_FAN_OUT_RMS * math.sqrt(cand.omega.shape[0])  # unit columns rescaled to RMS 1e-3
+    scale = gradmax.FAN_OUT_RMS * math.sqrt(cand.omega.shape[0])  # unit columns rescaled to RMS 1e-3
     torch.testing.assert_close(gradient.pow(2).sum(1), scale**2 * eigenvalues[:K], rtol=1e-7, atol=0)
     torch.testing.assert_close(torch.tensor(cand.lambdas, dtype=F64), eigenvalues[:K].sqrt(), rtol=1e-7, atol=0)
     probes = torch.randn(cand.omega.shape[0], 100, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -153,7 +153,7 @@ def test_gradmax_fan_out_maximises_the_fan_in_gradient():
     assert cand.method == "gradmax" and cand.dW is None and cand.signed_amplitude is False
     assert cand.alpha.dtype == F64 and cand.alpha.shape == (K, m.S.shape[0])
     assert cand.psi == pytest.approx(candidates.tiny(m, 3).psi, rel=1e-12)
-    assert K >= 2 and candidates.gradmax(m, max_neurons=1).n_neurons == 1  # the cap holds below the significant count
+    assert K >= 2 and gradmax.gradmax(m, max_neurons=1).n_neurons == 1  # the cap holds below the significant count
 
 
 def test_random_candidate_is_a_reproducible_unit_rms_gaussian_searched_over_both_signs():
@@ -177,10 +177,10 @@ def test_propose_dispatches_by_name_and_names_the_choices():
     spec, model, X, y, loss_fn = small_problem()
     m = moments_for(model, X, y, loss_fn, 2)
     assert candidates.propose("tiny", m, 3).lambdas == candidates.tiny(m, 3).lambdas
-    assert candidates.propose("gradmax", m, 3).lambdas == candidates.gradmax(m, 3).lambdas
+    assert candidates.propose("gradmax", m, 3).lambdas == gradmax.gradmax(m, 3).lambdas
     drawn = candidates.propose("random", m, 3, torch.Generator().manual_seed(4))
     assert torch.equal(drawn.alpha, candidates.random(m, 3, torch.Generator().manual_seed(4)).alpha)
-    with pytest.raises(ValueError, match="^unknown growth method 'magic': use one of tiny, gradmax, random$"):
+    with pytest.raises(ValueError, match="^unknown growth method 'magic': use one of tiny, gradmax, north, folding, random$"):
         candidates.propose("magic", m, 3)
 
 

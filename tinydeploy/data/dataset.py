@@ -46,6 +46,8 @@ BUILTIN_DATASETS: tuple[str, ...] = (
     "moons",
     "spirals",
     "sine",
+    "sine2d",
+    "quadratic2d",
     "mnist",
     "fashion-mnist",
     "cifar10",

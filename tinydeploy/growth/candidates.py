@@ -1,18 +1,19 @@
-"""Candidate neurons for one growable layer, by method: TINY, GradMax or Random (same interface)."""
+"""Candidate neurons for one growable layer, by method (same interface): TINY and Random here, GradMax,
+NORTH-pre and Growing by Folding in modules of their own (``gradmax``, ``north``, ``folding``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from torch import nn
 
 from tinydeploy.growth import linalg
 from tinydeploy.growth.statistics import LayerMoments
+from tinydeploy.model.losses import LossFn
 
-METHODS = ("tiny", "gradmax", "random")
-
-#: GradMax fan-out scale (App. E.3.1, Eq. 195): root-mean-square of the new fan-out entries.
-GRADMAX_FAN_OUT_RMS = 1e-3
+METHODS = ("tiny", "gradmax", "north", "folding", "random")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class Candidate:
     flatten; ``dW`` (o, h+1) the best update of the consumer's (unfolded) weights with its bias last.
     They are added as (s sqrt|g| alpha, s sqrt|g| omega) and g dW, for an amplitude g chosen by line
     search (s = sign of g).
-    ``gain`` ranks layers when no line search applies: sum lambda_k^2 + Delta_dW for TINY (Eq. 10-12).
+    ``gain`` ranks layers when no line search applies: sum lambda_k^2 + Delta_dW for TINY (Eq. 10-12), the
+    squared gradient norm the new weights receive for the function-preserving methods.
+    ``details``: what the method found (JSON values; the growth log records them).
     """
 
     method: str
@@ -40,13 +43,26 @@ class Candidate:
     gain: float
     signed_amplitude: bool
     searches_amplitude: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_neurons(self) -> int:
         return self.alpha.shape[0]
 
 
-def _gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Context:
+    """What a method may read besides a layer's moments: the current model and the estimation batch the
+    moments came from (inputs as the model sees them, targets) with the per-sample loss. NORTH reads the
+    existing fan-in weights, Folding clusters the samples by their loss."""
+
+    model: nn.Sequential
+    X: torch.Tensor
+    y: torch.Tensor
+    loss_fn: LossFn
+
+
+def gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tensor:
     """N_null = B^t V_gauss^T / n with V_gauss independent of the inputs, drawn at each of the consumer's
     L output positions from N(0, covariance / L) (``covariance`` sums over the positions): N_z (from a
     standard Gaussian Z) mixed by a square root of that covariance."""
@@ -81,7 +97,7 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
-    lambda_null = float(linalg.null_threshold(S_inv_sqrt, _gaussian_like_goal(m, covariance)))
+    lambda_null = float(linalg.null_threshold(S_inv_sqrt, gaussian_like_goal(m, covariance)))
     significant = int((neurons.lambdas > lambda_null).sum())
     kept = neurons.first(min(max_neurons, significant))
     delta_dw = float(torch.trace(dW @ m.N_h))
@@ -97,36 +113,6 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
         psi=psi,
         gain=float((kept.lambdas**2).sum()) + delta_dw,
         signed_amplitude=False,
-    )
-
-
-def gradmax(m: LayerMoments, max_neurons: int) -> Candidate:
-    """GradMax (App. B.1, E.3.1): fan-in 0, fan-out = top eigenvectors of N~^T N~ (unprojected goal),
-    scaled to a small norm. The function is unchanged at insertion, so no amplitude is searched."""
-    psi = bottleneck(m)
-    rank = min(m.N_v.shape)
-    omega, eigenvalues = linalg.gradmax_fan_out(m.N_v, min(max_neurons, rank))
-    null = _gaussian_like_goal(m, m.VV)
-    lambda_null = float(torch.linalg.matrix_norm(null, ord=2))
-    lambdas = eigenvalues.sqrt()
-    k = int((lambdas > lambda_null).sum())
-    omega, lambdas = omega[:, :k], lambdas[:k]
-    if k:
-        omega = omega * (GRADMAX_FAN_OUT_RMS / omega.pow(2).mean().sqrt())
-    omega = fan_out(omega, m)
-    return Candidate(
-        method="gradmax",
-        in_index=m.in_index,
-        out_index=m.out_index,
-        alpha=torch.zeros(k, m.S.shape[0], dtype=m.S.dtype, device=m.S.device),
-        omega=omega,
-        dW=None,
-        lambdas=[float(v) for v in lambdas],
-        lambda_null=lambda_null,
-        psi=psi,
-        gain=float((lambdas**2).sum()),
-        signed_amplitude=False,
-        searches_amplitude=False,
     )
 
 
@@ -176,13 +162,34 @@ def balance(c: Candidate, producer_rms: float, consumer_rms: float) -> Candidate
     return replace(c, alpha=c.alpha * scale[:, None], omega=omega)
 
 
+def check_method(method: str, model: nn.Sequential, growable: list[int], task: str) -> None:
+    """Raise a one-line ``TinyDeployError`` when ``method`` cannot grow this model (before any work)."""
+    if method == "folding":
+        from tinydeploy.growth.folding import check_model
+
+        check_model(model, growable, task)
+
+
 def propose(method: str, m: LayerMoments, max_neurons: int, generator: torch.Generator | None = None,
-            ridge: float = 0.0) -> Candidate:
-    """Dispatch to the candidate function of ``method`` (``ridge``: TINY's, see ``linalg.ridged``)."""
+            ridge: float = 0.0, context: Context | None = None) -> Candidate:
+    """Dispatch to the candidate function of ``method`` (``ridge``: TINY's, see ``linalg.ridged``;
+    ``context``: the model and estimation batch, needed by NORTH and Folding)."""
     if method == "tiny":
         return tiny(m, max_neurons, ridge)
-    if method == "gradmax":
-        return gradmax(m, max_neurons)
     if method == "random":
         return random(m, max_neurons, generator)
+    if method == "gradmax":
+        from tinydeploy.growth.gradmax import gradmax
+
+        return gradmax(m, max_neurons)
+    if method in ("north", "folding") and context is None:
+        raise ValueError(f"growth method '{method}' needs the model and the estimation batch (context)")
+    if method == "north":
+        from tinydeploy.growth.north import north
+
+        return north(m, max_neurons, context, generator)
+    if method == "folding":
+        from tinydeploy.growth.folding import folding
+
+        return folding(m, max_neurons, context, generator)
     raise ValueError(f"unknown growth method '{method}': use one of {', '.join(METHODS)}")

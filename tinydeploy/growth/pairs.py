@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinydeploy.model.build import ACTIVATION_MODULES, GlobalAvgPool
+from tinydeploy.model.build import ELEMENTWISE_TYPES, GlobalAvgPool
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 WEIGHT_TYPES = (nn.Linear, *CONV_TYPES)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 #: Modules that may sit between a producer and its consumer: each acts on every channel on its own.
-BETWEEN_TYPES = (*ACTIVATION_MODULES.values(), *POOL_TYPES, *NORM_TYPES, nn.Flatten, GlobalAvgPool)
+BETWEEN_TYPES = (*ELEMENTWISE_TYPES, *POOL_TYPES, *NORM_TYPES, nn.Flatten, GlobalAvgPool)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def leading_pool(between: nn.Sequential) -> Window | None:
     for module in between:
         if isinstance(module, POOL_TYPES):
             return window_of(module)
-        if not isinstance(module, (*ACTIVATION_MODULES.values(), *NORM_TYPES)):
+        if not isinstance(module, (*ELEMENTWISE_TYPES, *NORM_TYPES)):
             return None
     return None
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tinydeploy.growth.amplitude import line_search
-from tinydeploy.growth.candidates import Candidate, balance, propose
+from tinydeploy.growth.candidates import Candidate, Context, balance, propose
 from tinydeploy.growth.costs import count_macs, count_params, neuron_cost, output_shapes
 from tinydeploy.growth.pairs import CONV_TYPES, pairs_of
 from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, shard_rows
@@ -179,11 +179,12 @@ def growth_step(
     remaining, applied = list(growable), []
     loss_0, metric_0 = evaluate(model)
     for _ in range(s.layers_per_step or len(growable)):
-        moments = _moments(model, remaining, train, loss_fn, s, generator, parallel)
+        moments, batch = _moments(model, remaining, train, loss_fn, s, generator, parallel)
+        context = Context(model, batch.X, batch.y, loss_fn)
         best: tuple[float, Candidate, float, float] | None = None
         for m in moments:
             budget = neuron_budget(model, m.in_index, m.out_index, s, train.X[:1])
-            cand = propose(s.method, m, budget, generator, s.ridge) if budget > 0 else None
+            cand = propose(s.method, m, budget, generator, s.ridge, context) if budget > 0 else None
             if cand is not None and s.balance:
                 cand = balance(cand, _rms(model[m.in_index].weight), _rms(model[m.out_index].weight))
             if cand is None or cand.n_neurons == 0:
@@ -216,12 +217,12 @@ def _estimation_batch(model, indices, train: Batch, s: GrowthSettings, generator
 
 
 def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,
-             parallel: DataParallel | None = None) -> list[LayerMoments]:
+             parallel: DataParallel | None = None) -> tuple[list[LayerMoments], Batch]:
     """Statistics of the layers ``indices``, each layer reading the first samples of the batch it needs
-    (with ``parallel``: this process's rows of every chunk, summed over the processes)."""
+    (with ``parallel``: this process's rows of every chunk, summed over the processes), and that batch."""
     batch, rows = _estimation_batch(model, indices, train, s, generator)
     return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
-                          rows=rows, ridge=s.ridge, **_sharding(parallel))
+                          rows=rows, ridge=s.ridge, **_sharding(parallel)), batch
 
 
 def _bottlenecks(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,

@@ -8,14 +8,32 @@ from torch import nn
 from tinydeploy.errors import SpecError
 from tinydeploy.model.spec import ArchSpec
 
-#: The module of each activation name in ``tinydeploy.model.spec.ACTIVATIONS`` (all have sigma(0) = 0).
+class ReLU(nn.ReLU):
+    """max(x, 0) whose derivative at 0 is 1 (the right derivative) instead of torch's 0.
+
+    A unit whose pre-activation is exactly 0 on every sample (a neuron inserted with fan-in 0, as
+    GradMax does) then receives the gradient sigma'(0) * omega^T V on its fan-in and trains, as in the
+    GradMax reference code, whose ReLU has grad(f(0)) = 1. Values are those of ``nn.ReLU``; without
+    autograd (inference, tracing for export) it is ``torch.relu``, so exported graphs hold a plain Relu.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.relu(x)
+
+
+#: The module of each activation name in ``tinydeploy.model.spec.ACTIVATIONS`` (all have sigma(0) = 0;
+#: every derivative at 0 is non-zero, ReLU's by the convention of ``ReLU``).
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
+    "relu": ReLU,
     "selu": nn.SELU,
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
     "identity": nn.Identity,
 }
+#: Modules that act on each value alone: the activations above, and torch's own ReLU (in models built elsewhere).
+ELEMENTWISE_TYPES: tuple[type[nn.Module], ...] = (*ACTIVATION_MODULES.values(), nn.ReLU)
 CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 POOL_MODULES: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d}
 

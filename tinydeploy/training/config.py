@@ -24,6 +24,8 @@ DATASET_DEFAULTS: dict[str, dict[str, float]] = {
     "moons": {"max_params": 400},
     "spirals": {"max_params": 1500},
     "sine": {"max_params": 300},
+    "sine2d": {"max_params": 400},
+    "quadratic2d": {"max_params": 400},
     "mnist": {"max_params": 60000},
     "fashion-mnist": {"max_params": 60000},
     "cifar10": {"max_params": 200000},

@@ -28,10 +28,12 @@ import torch
 from tinydeploy import __version__
 from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.growth.candidates import check_method
 from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
 from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
+from tinydeploy.model.regions import RESOLUTION, count_linear_regions, regions_apply
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
@@ -91,6 +93,7 @@ class LoopState:
     final_total: int = 0  # optimizer steps of the final phase
     final_done: int = 0
     final_start_epoch: float = 0.0
+    regions_end_of_growth: int | None = None  # linear regions when growth stopped (2-D ReLU MLPs)
 
 
 def data_fingerprint(data: Any) -> str:
@@ -132,6 +135,7 @@ class GrowJob:
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed)
         model = live_initialisation(build_model(self.spec).to(self.device), self.spec.growable_indices,
                                     self.train_set.X)
+        check_method(cfg.method, model, self.spec.growable_indices, self.task)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                input_noise=self.input_noise, max_shift=self.max_shift,
@@ -277,7 +281,7 @@ class GrowJob:
                 "acc_before" if self.task == "classification" else "mse_before": g.metric_before,
                 "acc_after" if self.task == "classification" else "mse_after": g.metric_after,
                 "psi_before": c.psi, "psi_after": g.psi_after, "params": spec.n_params(),
-                "widths": spec.hidden_widths}
+                "widths": spec.hidden_widths, **({"details": c.details} if c.details else {})}
 
     def _budget_left(self) -> bool:
         sample = self.train_set.X[:1]
@@ -328,6 +332,7 @@ class GrowJob:
         loop = self.loop
         loop.phase = "final"
         loop.final_start_epoch = self.trainer.epoch
+        loop.regions_end_of_growth = self._regions().get("linear_regions")
         loop.final_total = round(self.cfg.final_epochs * self.trainer.steps_per_epoch)
         loop.final_done = 0
 
@@ -441,12 +446,27 @@ class GrowJob:
             "epochs": round(self.trainer.epoch, 4), "growth_events": len(self.log), "growth_steps": self.loop.step,
             "phase": self.loop.phase, "stop_reason": self.loop.stop_reason,
             "final_bottleneck": [self.psi.get(i) for i in self.spec.growable_indices],
+            **(self._regions() if "test" in splits else {}),
             "wall_time_s": {"total": wall, "training": self.time_train, "growth": self.time_growth,
                             "checkpoint": self.time_checkpoint},
             "processes": self._processes(),
             "config": self._config, "command": self.command,
             "versions": {"tinydeploy": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
+
+    def linear_regions(self) -> int:
+        """Distinct ReLU activation patterns of the current model on a grid over the training inputs' box."""
+        X = self.train_set.X
+        return count_linear_regions(self.model, X.min(dim=0).values.tolist(), X.max(dim=0).values.tolist())
+
+    def _regions(self) -> dict[str, int]:
+        """{"linear_regions", "linear_regions_end_of_growth", "region_grid"} for 2-D inputs to a ReLU MLP
+        (``tinydeploy.model.regions``), else {}."""
+        if not regions_apply(self.model, self.data.input_shape):
+            return {}
+        end = {} if self.loop.regions_end_of_growth is None else {"linear_regions_end_of_growth":
+                                                                   self.loop.regions_end_of_growth}
+        return {"linear_regions": self.linear_regions(), **end, "region_grid": RESOLUTION}
 
     def checkpoint(self, status: str = "running", full: bool = False) -> dict[str, Any]:
         """Commit one generation of the run directory (rank 0 only); returns the metrics written.

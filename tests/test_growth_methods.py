@@ -1,0 +1,270 @@
+"""The growth methods of the papers (TINY, GradMax, NORTH-pre, Growing by Folding, Random) against the
+properties their papers state: function preservation, GradMax's trainable fan-in, NORTH's
+orthogonal pre-activations, Folding's fold point and typical instance; and linear-region counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from growth_fixtures import explicit_activities, moments_for, small_problem
+from tinydeploy.growth import candidates, folding, gradmax, north
+from tinydeploy.growth.candidates import Context
+from tinydeploy.growth.statistics import with_ones
+from tinydeploy.growth.surgery import add_neurons
+from tinydeploy.model.build import ReLU
+from tinydeploy.model.regions import count_linear_regions
+
+#: The amplitude each method's neurons are added with when the function is unchanged: its paper's.
+AT_INSERTION = {"tiny": 0.0, "random": 0.0, "gradmax": 1.0, "north": 1.0, "folding": 1.0}
+
+
+def _shallow(n: int = 400, seed: int = 0):
+    """A float64 Linear - ReLU - Linear classifier (the only kind Folding grows) on the fixture's problem."""
+    return small_problem(widths=(4,), n=n, seed=seed)
+
+
+def _propose(method: str, model, X, y, loss_fn, layer: int = 0, k: int = 3):
+    m = moments_for(model, X, y, loss_fn, layer)
+    return candidates.propose(method, m, k, torch.Generator().manual_seed(3), context=Context(model, X, y, loss_fn))
+
+
+@pytest.mark.parametrize("method", candidates.METHODS)
+def test_every_method_leaves_the_function_unchanged_where_its_paper_says(method):
+    _, model, X, y, loss_fn = _shallow()
+    cand = _propose(method, model, X, y, loss_fn)
+    assert cand.n_neurons > 0 and cand.method == method
+    grown = add_neurons(model, cand, AT_INSERTION[method])
+    assert grown[0].out_features == model[0].out_features + cand.n_neurons
+    torch.testing.assert_close(grown(X), model(X), rtol=0, atol=0)
+    if method in ("gradmax", "north", "folding"):  # and at any amplitude: one side of each neuron is 0
+        torch.testing.assert_close(add_neurons(model, cand, 3.7)(X), model(X), rtol=0, atol=0)
+
+
+def test_relu_has_derivative_one_at_zero_and_traces_to_a_plain_relu():
+    x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    y = ReLU()(x)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 0.0, 2.0] and x.grad.tolist() == [0.0, 1.0, 1.0]
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(2, 2), ReLU()).eval().requires_grad_(False), torch.ones(1, 2))
+    assert "aten::relu" in str(traced.inlined_graph) and "aten::where" not in str(traced.inlined_graph)
+
+
+# ----- GradMax -----------------------------------------------------------------------------------------
+def _sgd(model, X, y, loss_fn, steps: int, lr: float) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model(X), y).mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(loss_fn(model(X), y).mean())
+
+
+def test_gradmax_fan_in_gets_the_gradient_it_maximised():
+    _, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    cand = gradmax.gradmax(m, 3)
+    grown = add_neurons(model, cand, 1.0)
+    loss_fn(grown(X), y).sum().backward()
+    new_rows = torch.cat([grown[2].weight.grad, grown[2].bias.grad[:, None]], dim=1)[model[2].out_features:]
+    expected = -X.shape[0] * (m.N_v @ cand.omega).T  # d(sum l)/d alpha_k = -n sigma'(0) N~ omega_k
+    torch.testing.assert_close(new_rows, expected, rtol=1e-9, atol=1e-12)
+    assert new_rows.abs().min() > 0
+
+
+def test_gradmax_neurons_train_and_lower_the_loss_faster_than_without_them():
+    _, model, X, y, loss_fn = small_problem(widths=(2, 2), n=600)
+    cand = gradmax.gradmax(moments_for(model, X, y, loss_fn, 2), 4)
+    grown = add_neurons(model, cand, 1.0)
+    k = cand.n_neurons
+    assert k > 0 and torch.count_nonzero(grown[2].weight[-k:]) == 0
+    plain = _sgd(model, X, y, loss_fn, steps=20, lr=0.3)
+    with_new = _sgd(grown, X, y, loss_fn, steps=20, lr=0.3)
+    fan_in = torch.cat([grown[2].weight[-k:], grown[2].bias[-k:, None]], dim=1)
+    assert (fan_in.abs().sum(dim=1) > 1e-8).all()  # every new neuron left 0
+    assert with_new < plain
+
+
+def test_gradmax_conv_kernels_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), ReLU(), nn.AvgPool2d(2), nn.Conv2d(2, 3, 3), ReLU(),
+                          nn.Flatten(), nn.Linear(3, 4)).double()
+    X = torch.randn(64, 1, 6, 6, dtype=torch.float64)
+    y = (X[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :3].sum((1, 2)) > 0).long()
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    m = moments_for_conv(model, X, y, per_sample)
+    cand = gradmax.gradmax(m, 2)
+    grown = add_neurons(model, cand, 1.0)
+    torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-14)  # extra zero channels: summation order
+    _sgd(grown, X, y, per_sample, steps=3, lr=0.5)
+    assert cand.n_neurons > 0 and (grown[0].weight[2:].abs().flatten(1).sum(dim=1) > 0).all()
+
+
+def moments_for_conv(model, X, y, loss_fn):
+    from tinydeploy.growth.statistics import gather_moments
+
+    return gather_moments(model, [0], X, y, loss_fn, chunk_size=16, generator=torch.Generator().manual_seed(0))[0]
+
+
+# ----- NORTH-pre ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [0, 2])
+def test_north_pre_activations_are_orthogonal_to_the_existing_ones_on_the_estimation_batch(layer):
+    _, model, X, y, loss_fn = small_problem(widths=(3, 2))  # layer 2: 2 neurons on 3 inputs + bias
+    m = moments_for(model, X, y, loss_fn, layer)
+    out_index = layer + 2
+    B_prev, _, _ = explicit_activities(model, X, y, loss_fn, layer, out_index)
+    W = north.fan_in_matrix(model[layer])
+    U = torch.randn(B_prev.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    alpha = north.kernel_fan_in(m.S, W, m.S @ U)
+    assert alpha.shape[0] == 2
+    existing, new = W @ B_prev, alpha @ B_prev
+    torch.testing.assert_close(existing, model[layer](with_ones(B_prev[:-1].T)[:, :-1]).T.detach())
+    cosines = (existing / existing.norm(dim=1, keepdim=True)) @ (new / new.norm(dim=1, keepdim=True)).T
+    assert cosines.abs().max() < 1e-10
+    assert abs(float(new[0] @ new[1])) < 1e-10 * float(new[0].norm() * new[1].norm())  # and to each other
+    assert new.norm(dim=1).min() > 1e-3 * existing.norm(dim=1).max()
+
+
+def test_north_candidate_scales_to_the_existing_pre_activations_and_stops_when_the_kernel_is_exhausted():
+    _, model, X, y, loss_fn = small_problem(widths=(3, 4))
+    context = Context(model, X, y, loss_fn)
+    m = moments_for(model, X, y, loss_fn, 2)
+    cand = north.north(m, 16, context, torch.Generator().manual_seed(0))
+    assert cand.details["trigger"] == north.trigger(cand.details["effective_dimension"], 4)
+    W = north.fan_in_matrix(model[2])
+    rms = lambda A: torch.einsum("kd,de,ke->k", A, m.S, A).sqrt()  # noqa: E731
+    torch.testing.assert_close(rms(cand.alpha), rms(W).mean().expand(cand.n_neurons), rtol=1e-9, atol=0)
+    assert torch.count_nonzero(cand.omega) == 0
+    # the layer's 4 pre-activations are linear in its 3 inputs + bias: 4 = D directions, none is left
+    full = north.kernel_fan_in(m.S, W, m.S @ torch.randn(4, 3, dtype=torch.float64))
+    assert full.shape[0] == 0
+
+
+@pytest.mark.parametrize(("count", "width", "expected"), [(1, 1, 1), (2, 2, 1), (9, 10, 0), (10, 10, 1), (19, 20, 1),
+                                                          (18, 20, 0), (100, 100, 10), (0, 3, 0)])
+def test_north_trigger(count, width, expected):
+    assert north.trigger(count, width) == expected
+
+
+def test_north_effective_dimension_counts_singular_values_above_epsilon():
+    H = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.001, 0.0, 0.0]], dtype=torch.float64)
+    H[2] = H[1] * 2  # linearly dependent: two directions
+    assert north.effective_dimension(H @ H.T / 4) == 2
+    assert north.effective_dimension(torch.diag(torch.tensor([1.0, 1e-5], dtype=torch.float64))) == 1
+
+
+# ----- Growing by Folding ------------------------------------------------------------------------------
+def test_folding_neuron_folds_at_x_f_with_x_t_on_its_active_side():
+    _, model, X, y, loss_fn = _shallow()
+    cand = _propose("folding", model, X, y, loss_fn)
+    assert cand.n_neurons == 1 and torch.count_nonzero(cand.omega) == 0
+    x_t, x_f = (torch.tensor(cand.details[k], dtype=torch.float64) for k in ("x_t", "x_f"))
+    w, b = cand.alpha[0, :-1], cand.alpha[0, -1]
+    assert abs(float(w @ x_f + b)) < 1e-12 * float(w.norm() * (x_f.norm() + 1))
+    assert float(w @ x_t + b) > 1e-3 * float(w.norm() * (x_t - x_f).norm())
+    assert math.isclose(float(w.norm()), float(model[0].weight.detach().norm(dim=1).mean()), rel_tol=1e-9)
+    # x_t is a sample of the batch, and x_f lies on the boundary between its class and the rival class
+    label, rival = cand.details["label"], cand.details["rival"]
+    assert float((X - x_t).norm(dim=1).min()) == 0.0 and label == int(y[(X - x_t).norm(dim=1).argmin()])
+    if cand.details["fold"] in ("segment", "boundary"):
+        with torch.no_grad():
+            out = model(x_f[None])[0]
+        assert abs(float(out[label] - out[rival])) < 1e-9
+
+
+def test_kmeans_step_picks_the_planted_high_loss_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0], [3.0, 12.0]], dtype=torch.float64)
+    X = torch.cat([c + 0.5 * torch.randn(40, 2, dtype=torch.float64, generator=generator) for c in centres])
+    losses = torch.full((200,), 0.1, dtype=torch.float64)
+    planted = slice(120, 160)  # the blob at (6, 6)
+    losses[planted] = 2.0
+    losses[0] = 3.0  # one noisy high-loss point elsewhere does not make a kind of mistake
+    typical = folding.typical_instance(X, losses, k=5, generator=torch.Generator().manual_seed(1))
+    members = torch.zeros(200, dtype=torch.bool)
+    members[planted] = True
+    assert torch.equal(typical.cluster, members) and typical.mean_loss == pytest.approx(2.0)
+    blob = X[planted]
+    assert typical.index == 120 + int((blob - blob.mean(dim=0)).norm(dim=1).argmin())
+
+
+def test_weighted_kmeans_centroids_are_weighted_means():
+    X = torch.tensor([[0.0], [1.0], [10.0], [11.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 3.0, 1.0, 1.0], dtype=torch.float64)
+    centroids, labels = folding.weighted_kmeans(X, w, 2, torch.Generator().manual_seed(0))
+    assert sorted(centroids[:, 0].tolist()) == pytest.approx([0.75, 10.5])
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+
+
+def _fold_net(second_unit_weight: float) -> nn.Sequential:
+    """2-D inputs, hidden units relu(x1 + x2) and relu(x1 - 0.5); logits (0, h1 + c h2 - 1): class 1's margin
+    over class 0 is h1 + c h2 - 1."""
+    net = nn.Sequential(nn.Linear(2, 2), ReLU(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([0.0, -0.5], dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor([[0.0, 0.0], [1.0, second_unit_weight]], dtype=torch.float64))
+        net[2].bias.copy_(torch.tensor([0.0, -1.0], dtype=torch.float64))
+    return net
+
+
+def _point(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_fold_point_is_the_talk_closed_form_inside_the_segment():
+    # at x_t = (0, 0.2) unit 2 is off: the segment's boundary is x1 + x2 = 1, closest point (0.4, 0.6), still there
+    x_f, how = folding.fold_point(_fold_net(3.0), _point(0.0, 0.2), 1, 0)
+    assert how == "segment"
+    torch.testing.assert_close(x_f, _point(0.4, 0.6))
+    assert folding.fold_point(_fold_net(3.0), _point(-1.0, -1.0), 1, 0) is None  # every unit off: no boundary
+
+
+def test_fold_point_outside_the_segment_moves_to_the_network_s_boundary():
+    # from x_t = (0.3, 0.1) the segment's closest boundary point (0.6, 0.4) has x1 > 0.5, where unit 2 is on;
+    # with its weight 3 the real margin h1 + 3 h2 - 1 reaches 0 on the way, at (0.54, 0.34)
+    net = _fold_net(3.0)
+    x_f, how = folding.fold_point(net, _point(0.3, 0.1), 1, 0)
+    assert how == "boundary"
+    torch.testing.assert_close(x_f, _point(0.54, 0.34), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        out = net(x_f[None])[0]
+    assert abs(float(out[1] - out[0])) < 1e-12
+    # with weight -3 the margin falls again past x1 = 0.5 and never reaches 0: the talk's point is kept
+    x_f, how = folding.fold_point(_fold_net(-3.0), _point(0.3, 0.1), 1, 0)
+    assert how == "extension"
+    torch.testing.assert_close(x_f, _point(0.6, 0.4))
+
+
+def test_folding_refuses_deep_or_regression_networks_in_one_line():
+    from tinydeploy.errors import TinyDeployError
+
+    _, deep, _, _, _ = small_problem(widths=(3, 4))
+    with pytest.raises(TinyDeployError, match=r"^--method folding grows shallow ReLU MLPs .*--init-widths 2$"):
+        candidates.check_method("folding", deep, [0, 2], "classification")
+    _, shallow, _, _, _ = _shallow()
+    with pytest.raises(TinyDeployError, match="needs a classification dataset"):
+        candidates.check_method("folding", shallow, [0], "regression")
+    candidates.check_method("folding", shallow, [0], "classification")
+    candidates.check_method("tiny", deep, [0, 2], "regression")
+
+
+# ----- linear regions ----------------------------------------------------------------------------------
+def test_region_count_of_three_lines_in_general_position_is_seven():
+    net = nn.Sequential(nn.Linear(2, 3), ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():  # lines x1 = 0, x2 = 0, x1 + x2 = 0.5 all cross inside [-1, 1]^2
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, -0.5], dtype=torch.float64))
+    assert count_linear_regions(net, (-1.0, -1.0), (1.0, 1.0)) == 7
+    assert count_linear_regions(net, (0.6, 0.6), (1.0, 1.0)) == 1  # a box where every unit is on
+    deep = nn.Sequential(nn.Linear(2, 1), ReLU(), nn.Linear(1, 1), ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():  # h2 = relu(relu(x1) - 0.5): a second kink at x1 = 0.5
+        deep[0].weight.copy_(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+        deep[0].bias.zero_()
+        deep[2].weight.fill_(1.0)
+        deep[2].bias.fill_(-0.5)
+    assert count_linear_regions(deep, (-1.0, -1.0), (1.0, 1.0)) == 3
