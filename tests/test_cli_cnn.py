@@ -88,7 +88,8 @@ def test_onnx_runtime_takes_images_and_batches_of_images(cnn_export: Path) -> No
     np.testing.assert_allclose(model.predict(X[0]).outputs, expected[:1], atol=1e-5, rtol=1e-4)
     final_widths = json.loads((cnn_export / "metrics.json").read_text())["final_widths"]
     assert model.describe()["widths"]["hidden"] == final_widths
-    with pytest.raises(InputError, match=r"inputs has shape \[3, 28, 28\]; expected one row of 784 values"):
+    with pytest.raises(InputError, match=r"inputs has shape \[3, 28, 28\]; expected one tensor of shape \[1, 28, 28\] "
+                                         r"or a batch of shape \[batch, 1, 28, 28\] \(or rows of 784 values\)"):
         model.predict(np.zeros((3, 28, 28), dtype=np.float32))
     np.save(cnn_export / "images.npy", X)
     predicted = cli("predict", str(cnn_export / "artifacts"), "--input", str(cnn_export / "images.npy"))
