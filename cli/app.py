@@ -78,8 +78,6 @@ class LazyGroup(PlainHelp, TyperGroup):
         importlib.import_module(module)
         for info in app.registered_commands:
             if (info.name or typer.main.get_command_name(info.callback.__name__)) == name:
-                if info.cls in (None, TyperCommand):
-                    info.cls = PlainCommand
                 command = typer.main.get_command_from_info(
                     info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode
                 )
@@ -106,7 +104,14 @@ class LazyGroup(PlainHelp, TyperGroup):
         return (name if command else None), command, args[1:]
 
 
-app = typer.Typer(
+class App(typer.Typer):
+    """The Typer application whose commands default to ``PlainCommand``."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or PlainCommand, **kwargs)
+
+
+app = App(
     name="tinydeploy",
     no_args_is_help=True,
     add_completion=False,

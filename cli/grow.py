@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
@@ -83,13 +83,14 @@ def _seeds_summary(report: dict, console: Console) -> None:
         s = report["spread"][key]
         console.print(f"{key.replace('_', ' ')} over {len(report['seeds'])} seeds: {s['mean']:.4f} +- {s['std']:.4f} "
                       f"(min {s['min']:.4f}, max {s['max']:.4f})", highlight=False)
-    console.print(f"kept seed {report['kept']} ({report['rule']}); every seed's run: seeds/, summary: seeds.json",
-                  highlight=False)
+    console.print(f"kept seed {report['kept']} (best on validation); every seed's run is in seeds/, the summary in "
+                  "seeds.json", highlight=False)
 
 
 class _Bars:
-    """Progress of one grow: a bar for the growth phase (its epoch limit; it completes when growth
-    stops, whenever that is) and one for the final phase (its fixed number of epochs)."""
+    """Progress of one grow: a bar for the growth phase (out of its epoch limit; when growth stops,
+    whenever that is, it shows the epoch it stopped at as complete) and one for the final phase (its
+    fixed number of epochs). Neither total changes while its phase runs, and neither count passes it."""
 
     def __init__(self, bar: Progress, cfg: GrowConfig, label: str = "") -> None:
         self.bar, self.cfg, self.label = bar, cfg, label
@@ -98,14 +99,14 @@ class _Bars:
         self.final: int | None = None
 
     def __call__(self, p: GrowProgress) -> None:
-        status = f"loss {p.train_loss:.3f} {p.metric_name} {p.val_metric:.4f} widths {p.widths} params {p.params}"
+        status = f"widths {p.widths} params {p.params} loss {p.train_loss:.3f} {p.metric_name} {p.val_metric:.4f}"
         if p.phase == "grow":
             self.bar.update(self.grow, completed=min(p.epoch, self.cfg.max_growth_epochs), status=status)
             return
         if self.final is None:
-            self.bar.update(self.grow, completed=self.cfg.max_growth_epochs or 1,
-                            description=f"{self.label}grown", shown=f" stopped at epoch {p.total_epochs - self.cfg.final_epochs:.2f}",
-                            status="")
+            stopped = p.total_epochs - self.cfg.final_epochs
+            self.bar.update(self.grow, total=max(stopped, 1e-9), completed=stopped, description=f"{self.label}grown",
+                            shown=" (growth stopped)", status="")
             self.final = self.bar.add_task(f"{self.label}final", total=self.cfg.final_epochs or 1,
                                            shown=f"/{self.cfg.final_epochs:g}", status="")
         done = p.epoch - (p.total_epochs - self.cfg.final_epochs)
@@ -265,8 +266,10 @@ def grow(
     _summary(result, Console())
 
 
-_COLUMNS = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed:.2f}{task.fields[shown]}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+#: Phase, bar, epoch and time first, so that the status (the longest, last) is what a narrow terminal cuts.
+_COLUMNS = (TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=14)), BarColumn(bar_width=16),
+            TextColumn("epoch {task.completed:.2f}{task.fields[shown]}", table_column=Column(no_wrap=True, min_width=28)),
+            TimeElapsedColumn(), TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, ratio=1)))
 
 
 def _grow_seeds(cfg: GrowConfig, n_seeds: int, out: Optional[Path], force: bool) -> None:

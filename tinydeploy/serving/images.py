@@ -70,10 +70,15 @@ def decode_image(data: bytes, image: dict[str, Any], name: str = "the image") ->
             decoded.load()
     except ImageError:
         raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(f"{name} is over {Image.MAX_IMAGE_PIXELS:,} pixels (not decoded) but the model takes "
+                         f"{width}x{height}: resize it", "image_size") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} cannot be decoded as an image (not a format Pillow recognises): use a PNG or JPEG "
+                         "file", "undecodable_image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise ImageError(f"{name} cannot be decoded as an image ({reason}): send a PNG or JPEG file",
+        raise ImageError(f"{name} cannot be decoded as an image ({reason}): use a PNG or JPEG file",
                          "undecodable_image") from None
     pixels = np.asarray(decoded.convert(image["mode"]), dtype=np.float32)
     tensor = pixels[None] if image["mode"] == "L" else pixels.transpose(2, 0, 1)
