@@ -58,8 +58,9 @@ def serve_command(
 def predict_command(
     export_dir: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export --onnx' (or a .onnx file)."),
     input: Path = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (--key or first array), numeric .csv "
-                               "(a header naming the columns puts them in the model's order), or for a model grown "
-                               "on images an image file or a folder of images."),
+                               "(a header naming the columns puts them in the model's order), .json (a request body "
+                               "{\"inputs\": ...} as POST /v1/predict takes it), or for a model grown on images an "
+                               "image file or a folder of images."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write .npy (raw outputs), .csv (label + probabilities) or .json (default: CSV to stdout)."
     ),
@@ -77,7 +78,7 @@ def predict_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tinydeploy.serving.batch_io import image_files, read_images, read_table
+    from tinydeploy.serving.batch_io import load_inputs
     from tinydeploy.serving.runtime import NO_VERIFY_WARNING, OnnxModel, csv_lines, write_predictions
 
     if chunk_size < 1:
@@ -88,13 +89,7 @@ def predict_command(
     err = Console(stderr=True)
     if no_verify:
         err.print(NO_VERIFY_WARNING.format(path=model.model_path), markup=False, highlight=False, style="bold red")
-    files, names = image_files(input), None
-    if files is not None:
-        data = read_images(files, model.image if model.input_space == "raw" else None)
-        names = [str(path.relative_to(input)) if input.is_dir() else path.name for path in files]
-    else:
-        values, header = read_table(input, key)
-        data = model.match_columns(values, header, f"--input {input}")
+    data, names = load_inputs(input, model, key)
     batch = model.validate(data)  # whole file checked before any work: errors name the rows
     n = int(batch.shape[0])
     start = time.perf_counter()

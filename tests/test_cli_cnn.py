@@ -130,15 +130,34 @@ def test_digits_as_images_grow_a_cnn_in_process(tmp_path: Path) -> None:
 
 
 # ----- serving the CNN: JSON tensors and image files ------------------------------------------------
-def _png(pixels: np.ndarray, mode: str = "L") -> bytes:
-    """A PNG file of ``pixels`` (uint8 (H, W) or (H, W, 3))."""
+def _png(pixels: np.ndarray, mode: str = "L", kind: str = "PNG") -> bytes:
+    """A PNG (or ``kind``: JPEG) file of ``pixels`` (uint8 (H, W) or (H, W, 3))."""
     import io
 
-    from PIL import Image
-
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buffer, format="PNG")
+    Image.fromarray(pixels, mode=mode).save(buffer, format=kind)
     return buffer.getvalue()
+
+
+def test_jpeg_files_are_read_as_pillow_decodes_them(cnn_export: Path, cnn_client, digits_as_png, tmp_path) -> None:
+    """JPEG is lossy: the answer is the model's on the decoded pixels, by upload and by ``predict``."""
+    import io
+
+    pixels, _ = digits_as_png
+    jpeg = _png(pixels[2], kind="JPEG")
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32)[None, None] / 255
+    assert np.abs(decoded[0, 0] * 255 - pixels[2]).max() > 0  # lossy: not the PNG's pixels
+    frozen, _ = load_frozen(cnn_export / "artifacts")
+    with torch.no_grad():
+        expected = frozen(torch.from_numpy(decoded)).numpy()
+    uploaded = cnn_client.post("/v1/predict", files=[("image", ("digit.jpg", jpeg, "image/jpeg"))])
+    assert uploaded.status_code == 200, uploaded.text
+    np.testing.assert_allclose(uploaded.json()["outputs"], expected, atol=1e-4, rtol=1e-4)
+    (tmp_path / "digit.jpg").write_bytes(jpeg)
+    predicted = cli("predict", str(cnn_export / "artifacts"), "--input", str(tmp_path / "digit.jpg"), "--output",
+                    str(tmp_path / "out.npy"))
+    assert predicted.exit_code == 0, predicted.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

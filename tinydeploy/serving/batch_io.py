@@ -1,9 +1,13 @@
-"""Batch files of ``tinydeploy predict``: inputs from .npy / .npz / .csv tables or image files, and
-predictions written as .npy / .csv / .json (numpy and the standard library; Pillow for images).
+"""Batch files of ``tinydeploy predict``: inputs from .npy / .npz / .csv tables, a .json request body
+or image files, and predictions written as .npy / .csv / .json (numpy and the standard library;
+Pillow for images).
 
 Tables may name their columns (a CSV header, ``feature_names`` in an .npz): ``read_table`` returns
 the names, and ``OnnxModel.match_columns`` puts the columns in the model's order or refuses the file.
-Images are one file or a folder of files, converted as the model's spec says (``images.py``).
+A .json file holds what ``POST /v1/predict`` takes (``{"inputs": ...}``: rows, rows by name, or
+tensors [C, H, W] / [B, C, H, W] for a CNN), bounded like a request: at most ``MAX_JSON_FILE_BYTES``,
+nested no deeper than the model's input, no overlong numbers. Images are one file or a folder of
+files, converted as the model's spec says (``images.py``). ``load_inputs`` picks the reader.
 """
 
 from __future__ import annotations
@@ -22,17 +26,54 @@ from tinydeploy.serving.images import IMAGE_SUFFIXES, decode_image
 if TYPE_CHECKING:
     from tinydeploy.serving.runtime import OnnxModel, Prediction
 
-INPUT_SUFFIXES = (".npy", ".npz", ".csv")
+TABLE_SUFFIXES = (".npy", ".npz", ".csv")
+INPUT_SUFFIXES = (*TABLE_SUFFIXES, ".json")
 OUTPUT_SUFFIXES = (".npy", ".csv", ".json")
 #: Array of an .npz input holding its column names.
 FEATURE_NAMES_KEY = "feature_names"
 #: Largest image file ``read_images`` reads (its pixel size is checked from the header as well).
 MAX_IMAGE_FILE_BYTES = 64 << 20
+#: Largest .json input file (parsed in memory: about 10x its size as Python objects).
+MAX_JSON_FILE_BYTES = 64 << 20
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_inputs(path: str | os.PathLike[str], model: OnnxModel, key: str | None = None) -> tuple[Any, list[str] | None]:
+    """What ``--input`` names, ready for ``model.validate``: (inputs, the name of each row for image files,
+    else None). Image files and folders are decoded; a table's named columns are put in the model's order."""
+    path = Path(path)
+    files = image_files(path)
+    if files is not None:
+        names = [str(p.relative_to(path)) if path.is_dir() else p.name for p in files]
+        return read_images(files, model.image if model.input_space == "raw" else None), names
+    if path.suffix.lower() == ".json":
+        return read_json(path, len(model.input_shape)), None
+    values, header = read_table(path, key)
+    return model.match_columns(values, header, f"--input {path}"), None
+
+
+def read_json(path: str | os.PathLike[str], input_ndim: int) -> Any:
+    """The ``inputs`` of a .json file holding a predict request body, checked like a request (module
+    docstring) before it is parsed; one-line ``TinyDeployError`` naming the file otherwise."""
+    from tinydeploy.serving.limits import Limits, RequestError, parse_predict_body
+
+    path = Path(path)
+    if not path.is_file():
+        raise TinyDeployError(f"--input {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_JSON_FILE_BYTES:
+        raise TinyDeployError(f"--input {path} has {size} bytes, over the limit of {MAX_JSON_FILE_BYTES >> 20} MiB "
+                              "for .json inputs: split it, or save the batch as .npy")
+    limits = Limits(max_batch=size, max_body_bytes=MAX_JSON_FILE_BYTES, max_depth=2 + max(1, input_ndim),
+                    max_numbers=size)
+    try:
+        return parse_predict_body(path.read_bytes(), limits)
+    except RequestError as exc:
+        raise TinyDeployError(f"--input {path}: {exc.message}") from None
 
 
 def read_inputs(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
@@ -49,7 +90,7 @@ def read_table(path: str | os.PathLike[str], key: str | None = None) -> tuple[np
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
+    if suffix not in TABLE_SUFFIXES:
         raise TinyDeployError(f"--input {path}: unsupported file type '{suffix}': use {', '.join(INPUT_SUFFIXES)}, "
                               f"an image ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or a folder of images")
     if not path.is_file():
