@@ -128,3 +128,21 @@ def test_bad_named_rows_get_a_422_listing_the_names(cancer, client: httpx.Client
     answer = client.post("/v1/predict", json={"inputs": [row]})
     assert answer.status_code == 422
     assert answer.json()["error"]["message"].startswith(message)
+
+
+def test_npz_and_json_inputs_are_matched_by_name_too(cancer) -> None:
+    work, features = cancer
+    rows = features.head(12)
+    shuffled = rows[list(reversed(rows.columns))]
+    rows.to_csv(work / "rows12.csv", index=False)
+    np.savez(work / "rows.npz", X=shuffled.to_numpy(), feature_names=np.array(shuffled.columns, dtype=str))
+    (work / "rows.json").write_text(json.dumps({"inputs": shuffled.to_dict(orient="records")}))
+    answers = [cli("predict", work / "run" / "artifacts", "--input", work / name)
+               for name in ("rows12.csv", "rows.npz", "rows.json")]
+    assert [a.exit_code for a in answers] == [0, 0, 0], answers[1].stderr + answers[2].stderr
+    assert answers[0].stdout == answers[1].stdout == answers[2].stdout
+    np.savez(work / "bad.npz", X=shuffled.to_numpy(), feature_names=np.array(["radius", *shuffled.columns[1:]], dtype=str))
+    refused = cli("predict", work / "run" / "artifacts", "--input", work / "bad.npz")
+    assert refused.exit_code == 2 and refused.stderr.strip() == (
+        f"error: --input {work / 'bad.npz'}: missing feature(s) 'worst fractal dimension'; unknown feature(s) 'radius': "
+        "the model takes the 30 columns it was trained on, in any order (GET /v1/metadata lists feature_names)")
