@@ -17,6 +17,7 @@ from cli.main import app
 from tinydeploy.data import load_dataset
 from tinydeploy.data.arrays import infer_task
 from tinydeploy.errors import DataError
+from tinydeploy.export.quantize import QuantizationError, quantize_int8
 from tinydeploy.model.scores import regression_scores
 
 TINY = ["--max-growth-epochs", "0.5", "--final-epochs", "1", "--threads", "1", "--device", "cpu"]
@@ -68,6 +69,13 @@ def test_integer_regression_npz_grows_as_regression_without_options(tmp_path: Pa
     assert scores["frozen"]["mse"] == pytest.approx(test["mse"], rel=1e-4)
     report = cli("report", tmp_path / "run" / "artifacts")
     assert all(f"test {name}" in report.stdout for name in ("mse", "rmse", "mae", "r2"))
+    try:  # the int8 gate reports the same scores (whether or not int8 passes on this briefly trained model)
+        gate = quantize_int8(tmp_path / "run" / "artifacts", latency_iters=3).report["gate"]
+    except QuantizationError as exc:
+        gate = exc.result["gate"]
+    assert gate["scores"]["int8"]["mse"] == gate["int8"] and gate["scores"]["fp32"]["mse"] == gate["fp32"]
+    for name in ("rmse", "mae", "r2"):
+        assert gate["scores"]["fp32"][name] == pytest.approx(scores["artifact"][name], rel=1e-6, abs=1e-9)
 
 
 def test_task_option_overrides_and_the_label_error_suggests_it(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@
 The gate runs both models on the test split of the run's dataset (``load_dataset(**data_source)``
 recorded in parity.json / the run's metrics.json) and passes when, for classification, the int8
 accuracy is at most ``tolerance_pp`` percentage points below fp32 (default 1), or, for regression,
-the int8 MSE is at most ``mse_tolerance`` (relative, default 5%) above fp32. Size and single-thread
+the int8 MSE is at most ``mse_tolerance`` (relative, default 5%) above fp32 (MSE, RMSE, MAE and R^2 of
+both are recorded: ``gate["scores"]``). Size and single-thread
 latency versus fp32 are measured and reported, not gated, and judged (``int8_gain``): on compact
 models int8 is often barely smaller (the graph and metadata dominate the file) and slower (the
 quantize/dequantize steps cost more than the small matrix products save), and the report says so
@@ -37,6 +38,7 @@ import numpy as np
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.export.artifacts import INT8_FILE, PARITY_FILE
+from tinydeploy.model.scores import regression_scores
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
 from tinydeploy.serving.runtime import MODEL_FILE, OnnxModel, resolve_model_path
 
@@ -303,6 +305,7 @@ def quantize_int8(
             gate = {
                 "metric": "mse", "fp32": fp32_metric, "int8": int8_metric, "relative_increase": increase,
                 "tolerance": mse_tolerance, "rule": "(int8 mse - fp32 mse) / fp32 mse <= tolerance",
+                "scores": {"fp32": regression_scores(fp32_out, data.y_test), "int8": regression_scores(int8_out, data.y_test)},
             }
         gate.update({"test_samples": int(len(X_test)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
         say("measuring size and latency")
@@ -330,7 +333,9 @@ def quantize_int8(
             what = (f"accuracy {int8_metric:.4f} vs fp32 {fp32_metric:.4f} (drop {gate.get('drop_pp', 0):.2f} pp > "
                     f"{tolerance_pp:g} pp)" if task == "classification" else
                     f"mse {int8_metric:.4g} vs fp32 {fp32_metric:.4g} (+{100 * gate['relative_increase']:.1f}% > "
-                    f"{100 * mse_tolerance:g}%)")
+                    f"{100 * mse_tolerance:g}%; rmse {gate['scores']['int8']['rmse']:.4g} vs "
+                    f"{gate['scores']['fp32']['rmse']:.4g}, r2 {gate['scores']['int8']['r2']:.4f} vs "
+                    f"{gate['scores']['fp32']['r2']:.4f})")
             raise QuantizationError(f"int8 gate failed: {what}; {INT8_FILE} was not written", report)
         del int8
         os.replace(tmp, directory / INT8_FILE)
