@@ -255,3 +255,34 @@ def test_predict_reads_an_image_or_a_folder_of_images(cnn_export: Path, tmp_path
     assert refused.exit_code == 2 and refused.stderr.strip() == (
         f"error: {folder / 'digit-9.png'} cannot be decoded as an image (not a format Pillow recognises): use a PNG "
         "or JPEG file")
+
+
+def test_a_server_without_pillow_refuses_uploads_and_serves_tensors(cnn_export: Path, digits_as_png) -> None:
+    """An edge install may lack Pillow: uploads get a 415 saying so, JSON tensors are still answered."""
+    import subprocess
+    import sys
+
+    pixels, pngs = digits_as_png
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'PIL':
+            raise ImportError(name + ' is blocked')
+sys.meta_path.insert(0, Block())
+import httpx
+from serving_fixtures import running_server
+from tinydeploy.serving.server import create_app
+with running_server(create_app({str(cnn_export / 'artifacts')!r}, 'cpu', 8)) as base:
+    upload = httpx.post(base + '/v1/predict', files=[('image', ('a.png', {pngs[0]!r}, 'image/png'))])
+    tensor = httpx.post(base + '/v1/predict', json={{'inputs': {(pixels[:1, None] / 255).tolist()!r}}})
+print(upload.status_code, upload.json()['error']['message'])
+print(tensor.status_code)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{repo}:{repo / 'tests'}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ['415 image uploads need Pillow, which this server lacks (pip install pillow): '
+                                        'send application/json {"inputs": [...]}', "200"]
+    assert "Pillow is not installed: image uploads are refused (415)" in done.stderr

@@ -12,7 +12,8 @@ read from files and mnist5k, 16 for sklearn's digits). An image is accepted when
   for a grey model, or any other mode (CMYK, 16-bit, float...), is refused: ``image_mode``.
 
 Each refusal is an ``ImageError`` with that code and a message naming the image and the fix; the
-server answers it with a 4xx. Pillow is imported on first use (the serving stage stays torch-free).
+server answers it with a 4xx. Pillow is imported on first use (the serving stage stays torch-free); a
+server without Pillow refuses uploads with a 415 saying so and still takes JSON tensors.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class ImageError(TinyDeployError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def pillow_available() -> bool:
+    """Whether Pillow can be imported (an edge install may leave it out: image uploads are then refused)."""
+    try:
+        import PIL  # noqa: F401  (the package only: its image modules load on first use)
+    except ImportError:
+        return False
+    return True
 
 
 def image_format(spec: dict[str, Any] | None, input_shape: tuple[int, ...]) -> dict[str, Any] | None:

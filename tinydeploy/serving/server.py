@@ -48,7 +48,7 @@ import numpy as np
 
 from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.serving.images import ImageError, decode_image
+from tinydeploy.serving.images import ImageError, decode_image, pillow_available
 from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S, Limits, RequestError, parse_predict_body
 from tinydeploy.serving.multipart import image_parts, is_multipart
 from tinydeploy.serving.providers import DEFAULT_PROVIDER
@@ -268,8 +268,9 @@ class ModelServer:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             upload = is_multipart(content_type)
             if upload and not self.limits.max_images:
-                raise RequestError(415, "unsupported_media_type", "this model was not grown on images: send "
-                                   'application/json {"inputs": [...]}')
+                why = ("image uploads need Pillow, which this server lacks (pip install pillow)"
+                       if self.model.image and self.model.input_space == "raw" else "this model was not grown on images")
+                raise RequestError(415, "unsupported_media_type", f'{why}: send application/json {{"inputs": [...]}}')
             if not upload and content_type.split(";")[0].strip().lower() != "application/json":
                 kinds = "application/json or multipart/form-data (images)" if self.limits.max_images else "application/json"
                 raise RequestError(415, "unsupported_media_type",
@@ -382,6 +383,10 @@ def create_app(
     model.run(np.zeros((1, *model.input_shape), dtype=np.float32))
     name_bytes = sum(len(json.dumps(name)) + 2 for name in model.feature_names)  # "name": before each value
     images = model.image is not None and model.input_space == "raw"
+    if images and not pillow_available():
+        logger.warning("Pillow is not installed: image uploads are refused (415); JSON tensors are served. "
+                       "pip install pillow to take PNG/JPEG uploads")
+        images = False
     limits = Limits.for_model(len(model.input_shape), model.n_features, int(max_batch), float(body_timeout_s),
                               name_bytes=name_bytes, images=images)
     return ModelServer(model, limits)
