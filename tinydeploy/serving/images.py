@@ -92,7 +92,9 @@ def decode_image(data: bytes, image: dict[str, Any], name: str = "the image") ->
                          "undecodable_image") from None
     pixels = np.asarray(decoded.convert(image["mode"]), dtype=np.float32)
     tensor = pixels[None] if image["mode"] == "L" else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(tensor * np.float32(image["max_value"] / 255.0))
+    # the training loader's arithmetic (data/image_folder.py: 8-bit value / 255 in float32), bit for bit
+    scaled = tensor / np.float32(255.0)
+    return np.ascontiguousarray(scaled if image["max_value"] == 1.0 else scaled * np.float32(image["max_value"]))
 
 
 def _check_mode(mode: str, wanted: str, name: str) -> None:
