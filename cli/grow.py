@@ -163,7 +163,8 @@ def grow(
                                 "fashion-mnist | cifar10 | cifar100, a path to a .npz / .csv file, or a folder of "
                                 "images in class sub-folders."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
-    force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
+    force: bool = typer.Option(False, help="Replace the run in a non-empty --out directory: its files, checkpoints "
+                               "and exports (artifacts/) are removed first."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
     target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
     task: Optional[str] = typer.Option(None, help="classification | regression for a .npz/.csv file (default: text "
