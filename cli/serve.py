@@ -58,8 +58,8 @@ def serve_command(
 def predict_command(
     export_dir: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export --onnx' (or a .onnx file)."),
     input: Path = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (--key or first array), numeric .csv "
-                               "(a header naming the columns puts them in the model's order), .json (a request body "
-                               "{\"inputs\": ...} as POST /v1/predict takes it), or for a model grown on images an "
+                               "(a header naming the columns puts them in the model's order), .json (an object with "
+                               "\"inputs\", as POST /v1/predict takes it), or for a model grown on images an "
                                "image file or a folder of images."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write .npy (raw outputs), .csv (label + probabilities) or .json (default: CSV to stdout)."
