@@ -141,6 +141,11 @@ def test_npz_and_json_inputs_are_matched_by_name_too(cancer) -> None:
                for name in ("rows12.csv", "rows.npz", "rows.json")]
     assert [a.exit_code for a in answers] == [0, 0, 0], answers[1].stderr + answers[2].stderr
     assert answers[0].stdout == answers[1].stdout == answers[2].stdout
+    np.savez(work / "pickled.npz", X=shuffled.to_numpy(), feature_names=shuffled.columns.to_numpy())  # object dtype
+    pickled = cli("predict", work / "run" / "artifacts", "--input", work / "pickled.npz")
+    assert pickled.exit_code == 2 and pickled.stderr.strip() == (
+        f"error: --input {work / 'pickled.npz'}: array 'feature_names' holds Python objects (pickled), which are "
+        "never loaded: save it as numbers or strings, e.g. np.asarray(feature_names, dtype=float) or dtype=str")
     np.savez(work / "bad.npz", X=shuffled.to_numpy(), feature_names=np.array(["radius", *shuffled.columns[1:]], dtype=str))
     refused = cli("predict", work / "run" / "artifacts", "--input", work / "bad.npz")
     assert refused.exit_code == 2 and refused.stderr.strip() == (

@@ -108,6 +108,20 @@ def test_csv_numbers_follow_the_same_rule(tmp_path: Path) -> None:
     assert load_dataset(str(tmp_path / "q.csv"), target="x").task == "classification"  # 13 values, 7+ each
 
 
+def test_pickled_arrays_are_refused_by_name_never_loaded(tmp_path: Path) -> None:
+    """pandas columns saved as they are become object arrays: refused with the array's name and the fix."""
+    X = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    labels = np.array(["yes", "no"] * 30, dtype=object)
+    path = _save_npz(tmp_path / "objects.npz", X, labels)
+    with pytest.raises(DataError, match=rf"^y_train in {path} is an array of Python objects \(pickled\), which "
+                                        r"tinydeploy never loads: save it as numbers or strings, e\.g\. "
+                                        r"np\.asarray\(y_train, dtype=float\) or dtype=str$"):
+        load_dataset(str(path))
+    path = _save_npz(tmp_path / "names.npz", X, np.arange(60) % 2, feature_names=np.array(["a", "b"], dtype=object))
+    with pytest.raises(DataError, match=rf"^feature_names in {path} is an array of Python objects"):
+        load_dataset(str(path))
+
+
 # ----- blank cells -------------------------------------------------------------------------------------
 def test_blank_label_cell_is_refused_with_its_row(tmp_path: Path) -> None:
     lines = ["a,b,label"] + [f"{i},{i % 3},{'yes' if i % 2 else 'no'}" for i in range(30)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,18 @@ def _checked_names(path: Path, names: list[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _npz_array(path: Path, archive: Any, key: str) -> np.ndarray:
+    """One array of an archive; an array of Python objects (pickled: pandas columns saved as they are)
+    is refused by name, never unpickled."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise DataError(f"{key} in {path} is an array of Python objects (pickled), which tinydeploy never loads: "
+                        f"save it as numbers or strings, e.g. np.asarray({key}, dtype=float) or dtype=str") from None
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a ``.npz`` archive (no pickled objects)."""
     try:
@@ -77,7 +90,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise ValueError("not a .npz archive")
         with archive:
-            return {key: archive[key] for key in archive.files}
+            return {key: _npz_array(path, archive, key) for key in archive.files}
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read {path} as .npz ({first_line(exc)}): save it with numpy.savez") from exc
 

@@ -113,8 +113,8 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, list[str] | None
                 raise TinyDeployError(f"--input {path} holds no arrays")
             if key is not None and key not in names:
                 raise TinyDeployError(f"--input {path} has no array '{key}': it holds {', '.join(names)}")
-            values = archive[key if key is not None else names[0]]
-            columns = archive[FEATURE_NAMES_KEY] if FEATURE_NAMES_KEY in archive.files else None
+            values = _npz_array(path, archive, key if key is not None else names[0])
+            columns = _npz_array(path, archive, FEATURE_NAMES_KEY) if FEATURE_NAMES_KEY in archive.files else None
     except TinyDeployError:
         raise
     except (ValueError, OSError) as exc:
@@ -122,6 +122,18 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, list[str] | None
     if columns is not None and (columns.dtype.kind != "U" or columns.ndim != 1):
         raise TinyDeployError(f"--input {path}: {FEATURE_NAMES_KEY} must be a 1-D array of strings")
     return values, None if columns is None else [str(c) for c in columns]
+
+
+def _npz_array(path: Path, archive: Any, key: str) -> np.ndarray:
+    """One array of an .npz input; an array of Python objects is refused by name, never unpickled."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise TinyDeployError(f"--input {path}: array '{key}' holds Python objects (pickled), which are never "
+                              f"loaded: save it as numbers or strings, e.g. np.asarray({key}, dtype=float) or "
+                              "dtype=str") from None
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
