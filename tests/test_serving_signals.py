@@ -107,8 +107,8 @@ def test_predict_reads_a_json_request_body(signal_export: Path, expected, tmp_pa
 
 @pytest.mark.parametrize(("body", "message"), [
     ('{"rows": []}', 'the body has no "inputs" field (found keys: \'rows\'): send {"inputs": [...]}'),
-    ('{"inputs": [[[[[0]]]]]}', "the body nests 6 levels deep, over the limit of 4: send {\"inputs\": [row, ...]} with "
-                                "plain rows of numbers"),
+    ('{"inputs": [[[[[0]]]]]}', ("the body nests 6 levels deep, over the limit of 4: send {\"inputs\": [row, ...]} "
+                                 "with plain rows of numbers")),
     ('{"inputs": [1, 2,', "the request body is not valid JSON: Expecting value at line 1 column 18"),
 ])
 def test_a_bad_json_input_file_is_one_line_error(signal_export: Path, tmp_path: Path, body: str, message: str) -> None:
