@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from tinydeploy import __version__
 from tinydeploy.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, TinyDeployError, exit_code
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "app", "fail", "reports_errors"]
@@ -38,7 +39,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(TyperGroup):
+class PlainHelp:
+    """Help that shows switches as switches (``--onnx``, not ``--onnx <bool>``, which suggests a value)
+    and required arguments as ``RUN_DIR`` in the usage line (not ``{run_dir}``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece[1:-1].upper() if piece.startswith("{") and piece.endswith("}") else piece
+                for piece in super().collect_usage_pieces(ctx)]  # type: ignore[misc]
+
+
+class PlainCommand(PlainHelp, TyperCommand):
+    """A command with ``PlainHelp``."""
+
+
+class LazyGroup(PlainHelp, TyperGroup):
     """A command group that imports a command's module only when that command is used."""
 
     _listing = False
@@ -83,7 +104,14 @@ class LazyGroup(TyperGroup):
         return (name if command else None), command, args[1:]
 
 
-app = typer.Typer(
+class App(typer.Typer):
+    """The Typer application whose commands default to ``PlainCommand``."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or PlainCommand, **kwargs)
+
+
+app = App(
     name="tinydeploy",
     no_args_is_help=True,
     add_completion=False,
@@ -92,9 +120,21 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinydeploy {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _tinydeploy() -> None:
-    """Grow compact neural networks with TINY and ship them to edge devices."""
+def _tinydeploy(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version, metavar="",
+                                 help="Print the version and exit."),
+) -> None:
+    """Grow compact neural networks with TINY and ship them to edge devices.
+
+    Example: tinydeploy grow --dataset data.csv --target label --out runs/mine && tinydeploy export runs/mine
+    """
 
 
 F = TypeVar("F", bound=Callable[..., Any])

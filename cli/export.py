@@ -19,12 +19,12 @@ from rich.table import Table
 from cli.app import EXIT_CHECK_FAILED, app, fail, reports_errors
 from tinydeploy.export.artifacts import FORMATS, OPTIONAL_FORMATS, TRUST_HELP, parse_formats
 from tinydeploy.export.parity import DEFAULT_ATOL, DEFAULT_RTOL
-from tinydeploy.serving.providers import PROVIDER_CHOICES
+from tinydeploy.serving.providers import DEFAULT_PROVIDER, PROVIDER_HELP
 
 if TYPE_CHECKING:
     from tinydeploy.export.parity import FormatParity
 
-_PROVIDER_HELP = f"onnxruntime execution provider for the parity gate: {', '.join(PROVIDER_CHOICES)}."
+_PROVIDER_HELP = PROVIDER_HELP.replace("provider:", "provider of the parity gate:")
 
 
 def _size(n_bytes: int | None) -> str:
@@ -48,19 +48,31 @@ def _runtime(result: FormatParity) -> str:
 
 
 def _parity_table(results: list[FormatParity], sizes: dict[str, int] | None = None, hash_only: tuple[str, ...] = ()) -> Table:
-    """One row per format: size, runtime, max abs diff, test metric of artifact and frozen model, verdict;
-    then one row per artifact checked by hash only (not loaded)."""
-    metric = next((r.metric["name"] for r in results if r.metric), "accuracy")
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in ("format", "size", "runtime", "max |diff|", metric[:3], "frozen", "parity"):
+    """One row per format: size, runtime, max abs diff, test scores of the artifact (accuracy next to
+    the frozen model's; or RMSE and R^2, with the frozen model's RMSE, MAE and R^2 in the caption: the
+    table fits 80 columns), verdict; then one row per artifact checked by hash only (not loaded)."""
+    regression = next((r.metric["scores"] for r in results if r.metric.get("scores")), None)
+    scores = ("rmse", "r2") if regression else ("acc", "frozen")
+    caption = None
+    if regression:
+        frozen = regression["frozen"]
+        caption = f"frozen model on the test split: rmse {frozen['rmse']:.4g}, mae {frozen['mae']:.4g}, r2 {frozen['r2']:.4f}"
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, caption=caption, caption_justify="left")
+    for column in ("format", "size", "runtime", "max |diff|", *scores, "parity"):
         table.add_column(column, justify="left" if column in ("format", "runtime") else "right", no_wrap=True)
     for r in results:
-        values = (f"{r.metric['artifact']:.4f}", f"{r.metric['frozen']:.4f}") if r.metric else ("-", "-")
+        if r.metric and regression:
+            mine = r.metric["scores"]["artifact"]
+            values: tuple[str, ...] = (f"{mine['rmse']:.4g}", f"{mine['r2']:.4f}")
+        elif r.metric:
+            values = (f"{r.metric['artifact']:.4f}", f"{r.metric['frozen']:.4f}")
+        else:
+            values = ("-",) * len(scores)
         diff = f"{r.max_abs_diff:.1e}" if r.checks else "-"
         verdict = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
         table.add_row(r.format, _size((sizes or {}).get(r.format)), _runtime(r), diff, *values, verdict)
     for fmt in hash_only:
-        table.add_row(fmt, _size((sizes or {}).get(fmt)), "not loaded", "-", "-", "-", "[yellow]HASH[/yellow]")
+        table.add_row(fmt, _size((sizes or {}).get(fmt)), "not loaded", "-", *("-",) * len(scores), "[yellow]HASH[/yellow]")
     return table
 
 
@@ -92,13 +104,18 @@ def export_command(
     ),
     atol: float = typer.Option(DEFAULT_ATOL, "--atol", help="Absolute tolerance of the parity gate."),
     rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help="Relative tolerance of the parity gate."),
-    provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+    provider: str = typer.Option(DEFAULT_PROVIDER, "--provider", help=_PROVIDER_HELP),
     quantize: Optional[str] = typer.Option(
         None, "--quantize", help="'int8': also write model.int8.onnx, kept only within 1 accuracy point of fp32 (needs ONNX)."
     ),
     triton: Optional[Path] = typer.Option(None, "--triton", help="Also write a Triton model repository entry under this directory."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing export directory whole (files this "
+                               "export does not write are removed)."),
 ) -> None:
-    """Freeze a grown run, export it, check every artifact's parity, write reports and a manifest."""
+    """Freeze a grown run, export it, check every artifact's parity, write reports and a manifest.
+
+    Example: tinydeploy export runs/digits --onnx --torchscript --pt2 --quantize int8
+    """
     from tinydeploy.export.parity import ParityError
     from tinydeploy.export.pipeline import export_run
 
@@ -113,6 +130,7 @@ def export_command(
         result = export_run(
             run_dir, out, chosen, opset, not no_preprocessing, atol, rtol, command, provider,
             progress=lambda message: progress.print(f"{message}...", markup=False, highlight=False, style="dim"),
+            force=force,
         )
     except ParityError as exc:
         console.print(_parity_table(exc.results))
@@ -120,7 +138,10 @@ def export_command(
     onnx_note = f", opset {result.opset}" if result.opset else ""
     inputs = "standardised features" if no_preprocessing else "raw features"
     where = shlex.quote(str(result.out_dir))
-    _line(console, f"Exported {run_dir} -> {result.out_dir} (inputs: {inputs}{onnx_note})")
+    for warning in result.warnings:
+        progress.print(f"warning: {warning}", markup=False, highlight=False, style="bold yellow")
+    _line(console, f"Exported {run_dir} -> {result.out_dir} (inputs: {inputs}{onnx_note})"
+                   + ("" if result.run_status == "complete" else f" [run status: {result.run_status}]"))
     console.print(_parity_table(result.parity, result.sizes))
     _line(console, f"Export complete ({result.seconds:.1f}s), every format within atol {atol:g} + rtol {rtol:g} x |frozen|")
     _line(console, f"Width report: {result.out_dir / 'width_report.md'}")
@@ -134,9 +155,13 @@ def export_command(
             report = quantize_int8(result.out_dir, command=command).report
         except QuantizationError as exc:
             fail(str(exc), EXIT_CHECK_FAILED)
-        gate, size = report["gate"], report["size"]
-        _line(console, f"int8:         {result.out_dir / 'model.int8.onnx'} {gate['metric']} {gate['int8']:.4f} vs fp32 "
-                       f"{gate['fp32']:.4f}, {_size(size['int8_bytes'])} vs {_size(size['fp32_bytes'])} (parity.json: int8)")
+        gate = report["gate"]
+        scores = f"{gate['metric']} {gate['int8']:.4g} vs fp32 {gate['fp32']:.4g}"
+        if report["gains"]:
+            _line(console, f"int8:         {result.out_dir / 'model.int8.onnx'} ({scores}): {report['verdict']}")
+        else:
+            progress.print(f"note: int8 brings no gain: {result.out_dir / 'model.int8.onnx'} passes the accuracy gate "
+                           f"({scores}) but {report['verdict']}", markup=False, highlight=False, style="yellow")
     if triton:
         from tinydeploy.export.triton import write_triton_repo
 
@@ -149,7 +174,7 @@ def verify_command(
     directory: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export'."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: the one the export used)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: the one the export used)."),
-    provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+    provider: str = typer.Option(DEFAULT_PROVIDER, "--provider", help=_PROVIDER_HELP),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
     hashes_only: bool = typer.Option(
         False, "--hashes-only", help="Check the manifest hashes only (no artifact is loaded; no torch needed)."
@@ -160,6 +185,8 @@ def verify_command(
     Every file must be listed in manifest.json and match its sha256; symbolic links are refused.
     safetensors and ONNX are reloaded and gated. model.ts and model.pt2 can run code when loaded, so
     they are checked by hash only unless --trust-pickle is given.
+
+    Example: tinydeploy verify runs/digits/artifacts --hashes-only
     """
     from tinydeploy.export.parity import ParityError
     from tinydeploy.export.verify import verify_export
@@ -189,7 +216,10 @@ def verify_command(
 def report_command(
     directory: Path = typer.Argument(..., help="Export directory or run directory."),
 ) -> None:
-    """Print the per-layer width report."""
+    """Print the per-layer width report.
+
+    Example: tinydeploy report runs/digits/artifacts
+    """
     from tinydeploy.export.width_report import report_table
 
     typer.echo(report_table(directory))

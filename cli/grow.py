@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
@@ -41,22 +41,79 @@ def _recipe_help(text: str, key: str) -> str:
     return f"{text} (default: {RECIPES['mlp'][key]:g} for MLPs, {RECIPES['cnn'][key]:g} for CNNs)."
 
 
+def _scores(m: dict, split: str) -> str:
+    """'accuracy 0.9611' or 'rmse 53.2, mae 43.1, r2 0.47' for one split of a run's metrics."""
+    values = m["metrics"][split]
+    if m["task"] == "classification":
+        return f"accuracy {values['accuracy']:.4f}"
+    if "rmse" not in values:
+        return f"mse {values['mse']:.4g}"
+    return f"rmse {values['rmse']:.4g}, mae {values['mae']:.4g}, r2 {values['r2']:.4f}"
+
+
 def _summary(result: GrowResult, console: Console) -> None:
     m = result.metrics
-    table = Table(title=f"grown {m['dataset']} network ({m['method']}, stop: {m['stop_reason']})")
+    console.print(f"grown {m['dataset']} network ({m['method']}, stop: {m['stop_reason']})", highlight=False)
+    table = Table()
     for column in ("", "widths", "params", "MACs"):
         table.add_column(column)
     table.add_row("initial", str(m["initial_widths"]), str(m["initial_params"]), "")
     table.add_row("final", str(m["final_widths"]), str(m["params"]), str(m["macs"]))
     console.print(table)
-    key = "accuracy" if m["task"] == "classification" else "mse"
-    scores = ", ".join(f"{split} {key} {m['metrics'][split][key]:.4f}" for split in ("train", "val", "test"))
+    for split in ("train", "val", "test"):
+        console.print(f"{split:5} {_scores(m, split)}", highlight=False)
     wall = m["wall_time_s"]
     if "linear_regions" in m:
-        scores += f"\nlinear regions {m['linear_regions']} (distinct ReLU patterns, {m['region_grid']}^2 grid)"
-    console.print(f"{scores}\nwall time {wall['total']:.1f} s (training {wall['training']:.1f} s, "
-                  f"growth {wall['growth']:.1f} s)\nrun directory: {result.run_dir}\n"
-                  f"next: tinydeploy export {result.run_dir} --onnx")
+        console.print(f"linear regions {m['linear_regions']} (distinct ReLU patterns, {m['region_grid']}^2 grid)",
+                      highlight=False)
+    console.print(f"wall time {wall['total']:.1f} s (training {wall['training']:.1f} s, growth {wall['growth']:.1f} s)\n"
+                  f"run directory: {result.run_dir}\nnext: tinydeploy export {result.run_dir} --onnx", highlight=False)
+
+
+def _seeds_summary(report: dict, console: Console) -> None:
+    """One row per seed, then the spread of the validation and test scores and the seed kept."""
+    table = Table(title=None)
+    keys = [k for k in report["runs"][0] if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in
+            ("accuracy", "rmse", "r2")]
+    for column in ("seed", "widths", "params", *(k.replace("_", " ") for k in keys)):
+        table.add_column(column)
+    for row in report["runs"]:
+        mark = " (kept)" if row["seed"] == report["kept"] else ""
+        table.add_row(f"{row['seed']}{mark}", str(row["final_widths"]), str(row["params"]),
+                      *(f"{row[k]:.4f}" for k in keys))
+    console.print(table)
+    for key in keys:
+        s = report["spread"][key]
+        console.print(f"{key.replace('_', ' ')} over {len(report['seeds'])} seeds: {s['mean']:.4f} +- {s['std']:.4f} "
+                      f"(min {s['min']:.4f}, max {s['max']:.4f})", highlight=False)
+    console.print(f"kept seed {report['kept']} (best on validation); every seed's run is in seeds/, the summary in "
+                  "seeds.json", highlight=False)
+
+
+class _Bars:
+    """Progress of one grow: a bar for the growth phase (out of its epoch limit; when growth stops,
+    whenever that is, it shows the epoch it stopped at as complete) and one for the final phase (its
+    fixed number of epochs). Neither total changes while its phase runs, and neither count passes it."""
+
+    def __init__(self, bar: Progress, cfg: GrowConfig, label: str = "") -> None:
+        self.bar, self.cfg, self.label = bar, cfg, label
+        self.grow = bar.add_task(f"{label}growing", total=cfg.max_growth_epochs or 1, shown=f"/{cfg.max_growth_epochs:g}",
+                                 status="")
+        self.final: int | None = None
+
+    def __call__(self, p: GrowProgress) -> None:
+        status = f"widths {p.widths} params {p.params} loss {p.train_loss:.3f} {p.metric_name} {p.val_metric:.4f}"
+        if p.phase == "grow":
+            self.bar.update(self.grow, completed=min(p.epoch, self.cfg.max_growth_epochs), status=status)
+            return
+        if self.final is None:
+            stopped = p.total_epochs - self.cfg.final_epochs
+            self.bar.update(self.grow, total=max(stopped, 1e-9), completed=stopped, description=f"{self.label}grown",
+                            shown=" (growth stopped)", status="")
+            self.final = self.bar.add_task(f"{self.label}final", total=self.cfg.final_epochs or 1,
+                                           shown=f"/{self.cfg.final_epochs:g}", status="")
+        done = p.epoch - (p.total_epochs - self.cfg.final_epochs)
+        self.bar.update(self.final, completed=min(done, self.cfg.final_epochs), status=status)
 
 
 def _given(ctx: typer.Context) -> dict[str, object]:
@@ -109,9 +166,13 @@ def grow(
                                 "quadratic2d | mnist | fashion-mnist | cifar10 | cifar100, a path to a .npz / .csv file, or a folder of "
                                 "images in class sub-folders."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<dataset>-<timestamp>)."),
-    force: bool = typer.Option(False, help="Overwrite a non-empty --out directory."),
+    force: bool = typer.Option(False, help="Replace the run in a non-empty --out directory: its files, checkpoints "
+                               "and exports (artifacts/) are removed first."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding torchvision's MNIST/CIFAR files."),
     target: Optional[str] = typer.Option(None, help="Label column of a .csv dataset."),
+    task: Optional[str] = typer.Option(None, help="classification | regression for a .npz/.csv file (default: text "
+                                       "labels and at most max(10, n/5) distinct whole numbers are classes, other "
+                                       "numbers a regression target)."),
     method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | north | folding (shallow "
                                "ReLU MLPs: one --init-widths value) | random."),
     arch: Optional[str] = typer.Option(None, help="mlp | cnn (default: cnn for images (C,H,W) and signals (C,L), "
@@ -159,10 +220,15 @@ def grow(
                                            "training phases (one is also written after every growth step)."),
     nproc: Optional[int] = typer.Option(None, help="Grow with N processes (torchrun; gloo on CPU, NCCL with one GPU "
                                         "per process); --batch-size stays the global batch."),
+    seeds: int = typer.Option(1, help="Grow this many runs (seeds --seed, --seed+1, ...), keep the best on "
+                              "validation in --out and report the spread of their scores."),
 ) -> None:
-    """Start at width 1 and grow a compact MLP or CNN with TINY while it trains; write a run directory."""
+    """Start at width 1 and grow a compact MLP or CNN with TINY while it trains; write a run directory.
+
+    Example: tinydeploy grow --dataset data.csv --target label --out runs/mine --seeds 3
+    """
     cfg = GrowConfig(
-        dataset=dataset, data_dir=data_dir, target=target, split_seed=split_seed, method=method, arch=arch,
+        dataset=dataset, data_dir=data_dir, target=target, task=task, split_seed=split_seed, method=method, arch=arch,
         init_widths=_optional_list(init_widths, "--init-widths"),
         conv_kernels=_optional_list(conv_kernels, "--conv-kernels"),
         conv_strides=_optional_list(conv_strides, "--conv-strides"),
@@ -174,6 +240,11 @@ def grow(
         weight_decay=weight_decay, input_noise=input_noise, max_shift=max_shift, ridge=ridge, balance=balance,
         device=device, threads=threads, seed=seed, checkpoint_every=checkpoint_every,
     )
+    if seeds != 1:
+        if resume is not None or nproc is not None:
+            raise TinyDeployError("--seeds grows several runs in one process: drop --resume and --nproc (resume a "
+                                  "seed's run with 'tinydeploy grow --resume OUT/seeds/seed-S')")
+        return _grow_seeds(cfg, seeds, out, force)
     if nproc is not None:
         return _launch(ctx, cfg, nproc, out, resume, force)
     command = shlex.join(["tinydeploy", *sys.argv[1:]])
@@ -191,19 +262,38 @@ def grow(
     console = Console(stderr=True)
     for notice in job.notices:
         console.print(f"[yellow]note:[/yellow] {notice}")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed:.2f}/{task.total:.0f}"),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("grow", total=job.cfg.max_growth_epochs + job.cfg.final_epochs, status="")
-
-        def show(p: GrowProgress) -> None:
-            bar.update(task, description=p.phase, completed=p.epoch, total=max(p.total_epochs, p.epoch),
-                       status=f"loss {p.train_loss:.3f} {p.metric_name} {p.val_metric:.4f} "
-                              f"widths {p.widths} params {p.params}")
-
-        result = job.run(show)
+    with Progress(*_COLUMNS, console=console, transient=False) as bar:
+        result = job.run(_Bars(bar, job.cfg))
     if result.metrics["status"] == "interrupted":
         console.print(f"interrupted at epoch {result.metrics['epochs']:.2f}; resume with: "
                       f"tinydeploy grow --resume {result.run_dir}")
         raise typer.Exit(130)
     _summary(result, Console())
+
+
+#: Phase, bar, epoch and time first, so that the status (the longest, last) is what a narrow terminal cuts.
+_COLUMNS = (TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=14)), BarColumn(bar_width=16),
+            TextColumn("epoch {task.completed:.2f}{task.fields[shown]}", table_column=Column(no_wrap=True, min_width=28)),
+            TimeElapsedColumn(), TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, ratio=1)))
+
+
+def _grow_seeds(cfg: GrowConfig, n_seeds: int, out: Optional[Path], force: bool) -> None:
+    """--seeds N: every seed's progress, then its table, the spread and the kept run's summary."""
+    from tinydeploy.training.seeds import grow_seeds
+
+    console = Console(stderr=True)
+    out = out if out is not None else default_run_dir(cfg.dataset)
+    with Progress(*_COLUMNS, console=console, transient=False) as bar:
+        bars: dict[int, _Bars] = {}
+
+        def start(k: int, resolved: GrowConfig) -> None:
+            bars[k] = _Bars(bar, resolved, f"seed {resolved.seed} ")
+
+        def progress(k: int, p: GrowProgress) -> None:
+            bars[k](p)
+
+        result, report = grow_seeds(cfg, out, n_seeds, force=force, command=shlex.join(["tinydeploy", *sys.argv[1:]]),
+                                    on_progress=progress, on_start=start)
+    stdout = Console()
+    _seeds_summary(report, stdout)
+    _summary(result, stdout)

@@ -17,9 +17,9 @@ from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.export.artifacts import TRUST_HELP
 from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S
-from tinydeploy.serving.providers import PROVIDER_CHOICES
+from tinydeploy.serving.providers import DEFAULT_PROVIDER, PROVIDER_HELP
 
-_PROVIDER_HELP = f"onnxruntime execution provider: {', '.join(PROVIDER_CHOICES)} (auto = CUDA only where it really loads)."
+_PROVIDER_HELP = PROVIDER_HELP
 #: Inputs with more rows than this get a progress bar.
 _PROGRESS_ROWS = 8192
 _NO_VERIFY_HELP = ("Skip manifest.json: load model.onnx without checking any hash (unsafe: tampered or truncated "
@@ -32,7 +32,7 @@ def serve_command(
     export_dir: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export --onnx' (or a .onnx file)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
+    provider: str = typer.Option(DEFAULT_PROVIDER, "--provider", help=_PROVIDER_HELP),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes (each loads the model; metrics are per worker)."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Largest batch accepted per request (larger gets 413)."),
     body_timeout: float = typer.Option(
@@ -44,6 +44,8 @@ def serve_command(
 
     The directory must hold a manifest.json whose hashes match (written by 'tinydeploy export');
     requests are bounded before they are parsed (body size and time, JSON depth, numbers, batch).
+
+    Example: tinydeploy serve runs/digits/artifacts --port 8000
     """
     from tinydeploy.serving.server import serve
 
@@ -55,22 +57,29 @@ def serve_command(
 @reports_errors
 def predict_command(
     export_dir: Path = typer.Argument(..., help="Export directory written by 'tinydeploy export --onnx' (or a .onnx file)."),
-    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (--key or first array) or numeric .csv (optional header)."),
+    input: Path = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (--key or first array), numeric .csv "
+                               "(a header naming the columns puts them in the model's order), .json (an object with "
+                               "\"inputs\", as POST /v1/predict takes it), or for a model grown on images an "
+                               "image file or a folder of images."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write .npy (raw outputs), .csv (label + probabilities) or .json (default: CSV to stdout)."
     ),
     key: Optional[str] = typer.Option(None, "--key", help="Array to read from an .npz input (default: the first)."),
-    provider: str = typer.Option("auto", "--provider", help=_PROVIDER_HELP),
+    provider: str = typer.Option(DEFAULT_PROVIDER, "--provider", help=_PROVIDER_HELP),
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Rows per onnxruntime call."),
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY_HELP),
 ) -> None:
-    """Batch inference on a file of raw inputs, in chunks, with a progress bar on large inputs."""
+    """Batch inference on a file of raw inputs, in chunks, with a progress bar on large inputs.
+
+    Example: tinydeploy predict runs/digits/artifacts --input rows.csv --output predictions.csv
+    """
     import sys
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tinydeploy.serving.runtime import NO_VERIFY_WARNING, OnnxModel, csv_lines, read_inputs, write_predictions
+    from tinydeploy.serving.batch_io import load_inputs
+    from tinydeploy.serving.runtime import NO_VERIFY_WARNING, OnnxModel, csv_lines, write_predictions
 
     if chunk_size < 1:
         raise TinyDeployError(f"--chunk-size must be at least 1, got {chunk_size}")
@@ -80,7 +89,7 @@ def predict_command(
     err = Console(stderr=True)
     if no_verify:
         err.print(NO_VERIFY_WARNING.format(path=model.model_path), markup=False, highlight=False, style="bold red")
-    data = read_inputs(input, key)
+    data, names = load_inputs(input, model, key)
     batch = model.validate(data)  # whole file checked before any work: errors name the rows
     n = int(batch.shape[0])
     start = time.perf_counter()
@@ -93,9 +102,9 @@ def predict_command(
         prediction = model.predict_chunks(batch, chunk_size)
     seconds = time.perf_counter() - start
     if output is None:
-        sys.stdout.write("".join(csv_lines(prediction, model)))
+        sys.stdout.write("".join(csv_lines(prediction, model, names)))
     else:
-        write_predictions(output, prediction, model)
+        write_predictions(output, prediction, model, names)
     where = f" -> {output}" if output is not None else ""
     err.print(
         f"predicted {n} rows in {seconds:.3f}s ({n / max(seconds, 1e-9):,.0f} rows/s) on "
@@ -112,11 +121,14 @@ def bench_command(
     iters: int = typer.Option(200, "--iters", help="Timed calls per engine and batch size (interleaved)."),
     warmup: int = typer.Option(20, "--warmup", help="Untimed calls per engine and batch size first."),
     threads: int = typer.Option(1, "--threads", help="Threads of every engine (onnxruntime intra-op and torch)."),
-    provider: str = typer.Option("cpu", "--provider", help=_PROVIDER_HELP),
+    provider: str = typer.Option(DEFAULT_PROVIDER, "--provider", help=_PROVIDER_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
 ) -> None:
-    """Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side."""
+    """Latency p50/p95/p99 and throughput: onnxruntime vs PyTorch eager vs TorchScript (vs int8), side by side.
+
+    Example: tinydeploy bench runs/digits/artifacts --batch-sizes 1,64 --trust-pickle
+    """
     from rich import box
     from rich.console import Console
     from rich.table import Table

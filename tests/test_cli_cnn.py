@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -88,7 +88,8 @@ def test_onnx_runtime_takes_images_and_batches_of_images(cnn_export: Path) -> No
     np.testing.assert_allclose(model.predict(X[0]).outputs, expected[:1], atol=1e-5, rtol=1e-4)
     final_widths = json.loads((cnn_export / "metrics.json").read_text())["final_widths"]
     assert model.describe()["widths"]["hidden"] == final_widths
-    with pytest.raises(InputError, match=r"inputs has shape \[3, 28, 28\]; expected one row of 784 values"):
+    with pytest.raises(InputError, match=r"inputs has shape \[3, 28, 28\]; expected one tensor of shape \[1, 28, 28\] "
+                                         r"or a batch of shape \[batch, 1, 28, 28\] \(or rows of 784 values\)"):
         model.predict(np.zeros((3, 28, 28), dtype=np.float32))
     np.save(cnn_export / "images.npy", X)
     predicted = cli("predict", str(cnn_export / "artifacts"), "--input", str(cnn_export / "images.npy"))
@@ -126,3 +127,162 @@ def test_digits_as_images_grow_a_cnn_in_process(tmp_path: Path) -> None:
     result = job.run()
     assert result.spec.has_convolutions and 57 < result.metrics["params"] <= 1500
     assert result.metrics["metrics"]["test"]["accuracy"] > 0.3
+
+
+# ----- serving the CNN: JSON tensors and image files ------------------------------------------------
+def _png(pixels: np.ndarray, mode: str = "L", kind: str = "PNG") -> bytes:
+    """A PNG (or ``kind``: JPEG) file of ``pixels`` (uint8 (H, W) or (H, W, 3))."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def test_jpeg_files_are_read_as_pillow_decodes_them(cnn_export: Path, cnn_client, digits_as_png, tmp_path) -> None:
+    """JPEG is lossy: the answer is the model's on the decoded pixels, by upload and by ``predict``."""
+    import io
+
+    pixels, _ = digits_as_png
+    jpeg = _png(pixels[2], kind="JPEG")
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32)[None, None] / 255
+    assert np.abs(decoded[0, 0] * 255 - pixels[2]).max() > 0  # lossy: not the PNG's pixels
+    frozen, _ = load_frozen(cnn_export / "artifacts")
+    with torch.no_grad():
+        expected = frozen(torch.from_numpy(decoded)).numpy()
+    uploaded = cnn_client.post("/v1/predict", files=[("image", ("digit.jpg", jpeg, "image/jpeg"))])
+    assert uploaded.status_code == 200, uploaded.text
+    np.testing.assert_allclose(uploaded.json()["outputs"], expected, atol=1e-4, rtol=1e-4)
+    (tmp_path / "digit.jpg").write_bytes(jpeg)
+    predicted = cli("predict", str(cnn_export / "artifacts"), "--input", str(tmp_path / "digit.jpg"), "--output",
+                    str(tmp_path / "out.npy"))
+    assert predicted.exit_code == 0, predicted.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def digits_as_png() -> tuple[np.ndarray, list[bytes]]:
+    """Five mnist5k test digits as 8-bit grey pixels, and as PNG files."""
+    pixels = np.round(load_dataset("mnist5k").X_test[:5, 0] * 255).astype(np.uint8)
+    return pixels, [_png(p) for p in pixels]
+
+
+@pytest.fixture(scope="module")
+def cnn_client(cnn_export: Path):
+    import httpx
+    from serving_fixtures import running_server
+
+    from tinydeploy.serving.server import create_app
+
+    with running_server(create_app(cnn_export / "artifacts", "cpu", 8)) as base:
+        with httpx.Client(base_url=base, timeout=30.0) as client:
+            yield client
+
+
+def _upload(client, files: list[tuple[str, bytes]], field: str = "image"):
+    return client.post("/v1/predict", files=[(field, (name, data, "image/png")) for name, data in files])
+
+
+def test_server_answers_png_uploads_and_json_tensors(cnn_export: Path, cnn_client, digits_as_png) -> None:
+    pixels, pngs = digits_as_png
+    frozen, _ = load_frozen(cnn_export / "artifacts")
+    images = pixels[:, None].astype(np.float32) / 255  # the raw values the PNGs decode to (mnist5k: pixel / 255)
+    with torch.no_grad():
+        expected = frozen(torch.from_numpy(images)).numpy()
+    uploaded = _upload(cnn_client, [(f"{i}.png", data) for i, data in enumerate(pngs)])
+    assert uploaded.status_code == 200, uploaded.text
+    np.testing.assert_allclose(uploaded.json()["outputs"], expected, atol=1e-4, rtol=1e-4)
+    assert uploaded.json()["labels"] == [str(i) for i in expected.argmax(axis=1)]
+    one = cnn_client.post("/v1/predict", json={"inputs": images[0].tolist()})  # [C, H, W]
+    batch = cnn_client.post("/v1/predict", json={"inputs": images[:3].tolist()})  # [B, C, H, W]
+    assert one.status_code == batch.status_code == 200
+    np.testing.assert_allclose(one.json()["outputs"], expected[:1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(batch.json()["outputs"], expected[:3], atol=1e-4, rtol=1e-4)
+    meta = cnn_client.get("/v1/metadata").json()
+    assert meta["image"] == {"mode": "L", "size": [28, 28], "max_value": 1.0} and meta["max_images"] == 8
+
+
+def _bomb_header() -> bytes:
+    """A 69-byte PNG that claims 100,000 x 100,000 grey pixels (a decompression bomb's header; never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_each_bad_image_input_gets_its_4xx(cnn_client, digits_as_png) -> None:
+    pixels, pngs = digits_as_png
+    cases = {
+        "shape": (cnn_client.post("/v1/predict", json={"inputs": (pixels[0] / 255).tolist()}), 422),
+        "image_mode": (_upload(cnn_client, [("colour.png", _png(np.stack([pixels[0]] * 3, -1), "RGB"))]), 422),
+        "image_size": (_upload(cnn_client, [("big.png", _png(np.zeros((32, 32), np.uint8)))]), 422),
+        "undecodable_image": (_upload(cnn_client, [("junk.png", b"\x89PNG not really")]), 422),
+        "unknown_field": (_upload(cnn_client, [("a.png", pngs[0])], field="picture"), 422),
+        "too_many_images": (_upload(cnn_client, [(f"{i}.png", pngs[0]) for i in range(9)]), 413),
+        "image_too_large": (_upload(cnn_client, [("huge.png", pngs[0] + b"\0" * (1 << 18))]), 413),
+        "upload_too_large": (cnn_client.post("/v1/predict", content=b"x" * (9 * ((1 << 18) + 1024) + 1),
+                                             headers={"Content-Type": "multipart/form-data; boundary=b"}), 413),
+    }
+    for code, (answer, status) in cases.items():
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
+    bomb = _upload(cnn_client, [("bomb.png", _bomb_header())]).json()["error"]
+    assert bomb["code"] == "image_size" and bomb["message"] == (
+        f"image 0 ('bomb.png') is over {Image.MAX_IMAGE_PIXELS:,} pixels (not decoded) but the model takes 28x28: "
+        "resize it")
+    mode = cases["image_mode"][0].json()["error"]["message"]
+    assert mode == "image 0 ('colour.png') has mode RGB but the model takes grey (L) images: convert it to grey"
+
+
+def test_predict_reads_an_image_or_a_folder_of_images(cnn_export: Path, tmp_path: Path, digits_as_png) -> None:
+    _, pngs = digits_as_png
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, data in enumerate(pngs):
+        (folder / f"digit-{i}.png").write_bytes(data)
+    whole = cli("predict", str(cnn_export / "artifacts"), "--input", str(folder))
+    single = cli("predict", str(cnn_export / "artifacts"), "--input", str(folder / "digit-3.png"))
+    assert whole.exit_code == single.exit_code == 0, whole.stderr
+    rows = whole.stdout.strip().splitlines()
+    assert rows[0].startswith("input,label,p_0") and [r.split(",")[0] for r in rows[1:]] == [
+        f"digit-{i}.png" for i in range(5)]
+    assert single.stdout.strip().splitlines()[1] == rows[4]
+    (folder / "digit-9.png").write_bytes(b"not an image")
+    refused = cli("predict", str(cnn_export / "artifacts"), "--input", str(folder))
+    assert refused.exit_code == 2 and refused.stderr.strip() == (
+        f"error: {folder / 'digit-9.png'} cannot be decoded as an image (not a format Pillow recognises): use a PNG "
+        "or JPEG file")
+
+
+def test_a_server_without_pillow_refuses_uploads_and_serves_tensors(cnn_export: Path, digits_as_png) -> None:
+    """An edge install may lack Pillow: uploads get a 415 saying so, JSON tensors are still answered."""
+    import subprocess
+    import sys
+
+    pixels, pngs = digits_as_png
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'PIL':
+            raise ImportError(name + ' is blocked')
+sys.meta_path.insert(0, Block())
+import httpx
+from serving_fixtures import running_server
+from tinydeploy.serving.server import create_app
+with running_server(create_app({str(cnn_export / 'artifacts')!r}, 'cpu', 8)) as base:
+    upload = httpx.post(base + '/v1/predict', files=[('image', ('a.png', {pngs[0]!r}, 'image/png'))])
+    tensor = httpx.post(base + '/v1/predict', json={{'inputs': {(pixels[:1, None] / 255).tolist()!r}}})
+print(upload.status_code, upload.json()['error']['message'])
+print(tensor.status_code)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{repo}:{repo / 'tests'}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ['415 image uploads need Pillow, which this server lacks (pip install pillow): '
+                                        'send application/json {"inputs": [...]}', "200"]
+    assert "Pillow is not installed: image uploads are refused (415)" in done.stderr

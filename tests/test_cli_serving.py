@@ -148,6 +148,9 @@ def test_export_quantize_and_triton_options(trained_run: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     parity = json.loads((out / "parity.json").read_text())
     assert parity["int8"]["passed"] and (out / "model.int8.onnx").is_file()
+    said = " ".join(result.output.split())  # the summary states the measured verdict, a gain or none
+    assert parity["int8"]["verdict"] in said
+    assert ("note: int8 brings no gain" in said) == (not parity["int8"]["gains"])
     assert "model.int8.onnx" in verify_manifest(out)["files"]
     assert (repo / "tinydeploy_digits" / "config.pbtxt").is_file()
     assert (repo / "tinydeploy_digits" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()

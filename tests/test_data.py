@@ -15,6 +15,10 @@ from tinydeploy.data import BUILTIN_DATASETS, Dataset, apply_standardizer, fit_s
 from tinydeploy.errors import DataError
 
 
+#: Appended to label errors of user files whose task was inferred (not given with --task).
+HINT = "; if y is a quantity rather than a class label, pass --task regression"
+
+
 def _assert_same(a: Dataset, b: Dataset) -> None:
     for key in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
@@ -231,17 +235,17 @@ def test_npz_errors(tmp_path: Path) -> None:
          "X_train has 3 NaN/inf value(s): remove or impute them"),
         (dict(good, y_test=np.array([0.5, np.inf] * 5)), "y_test has 5 NaN/inf value(s): remove or impute them"),
         (dict(good, y_train=np.arange(40) % 2 * 2, y_test=np.arange(10) % 2 * 2),
-         "classification labels must be 0..C-1 with every class in y_train (found 0, 2): relabel them"),
+         "classification labels must be 0..C-1 with every class in y_train (found 0, 2): relabel them" + HINT),
         (dict(good, y_test=np.arange(10) % 2 - 1),
-         "classification labels must be 0..C-1 with every class in y_train (found -1, 0, 1): relabel them"),
+         "classification labels must be 0..C-1 with every class in y_train (found -1, 0, 1): relabel them" + HINT),
         (dict(good, y_train=np.zeros(40, int), y_test=np.zeros(10, int)),
-         "y_train has a single class: classification needs at least 2 classes"),
+         "y_train has a single class: classification needs at least 2 classes" + HINT),
         (dict(good, y_train=np.r_[np.zeros(39, int), 1]),
          "class '1' has 1 sample(s) in y_train: a stratified split needs at least 2 per class "
-         "(add samples or drop the class)"),
+         "(add samples or drop the class)" + HINT),
         (dict(good, y_train=np.r_[np.arange(10), np.arange(10)], X_train=good["X_train"][:20]),
          "y_train has 20 samples: too few to split into 16 + 4 with each of the 10 classes on both sides "
-         "(add samples)"),
+         "(add samples)" + HINT),
     ]
     for arrays, message in cases:
         _raises(message, _save_npz(path, **arrays))
@@ -261,9 +265,12 @@ def test_csv_errors(tmp_path: Path) -> None:
     _raises(f"target column 'label' not in {path}: columns are a, b, y", str(path), target="label")
     _raises(f"feature column 'b' in {path} is not numeric: encode it as numbers or drop it",
             _write_csv(path, "a,b,y\n" + body.replace(",0,", ",zero,")), target="y")
-    _raises("X has 1 NaN/inf value(s): remove or impute them",
+    _raises(f"{path} row 32: the feature column 'a' is blank: fill it in or drop the row",
             _write_csv(path, "a,b,y\n" + body + ",1,0\n"), target="y")
-    _raises("y has 1 NaN/inf value(s): remove or impute them", _write_csv(path, "a,b,y\n" + body + "1,1,\n"), target="y")
+    _raises(f"{path} row 32: the label column 'y' is blank: fill it in or drop the row",
+            _write_csv(path, "a,b,y\n" + body + "1,1,\n"), target="y")
+    _raises("X has 1 NaN/inf value(s): remove or impute them", _write_csv(path, "a,b,y\n" + body + "nan,1,0\n"),
+            target="y")
     _raises(f"{path} row 3 has 2 fields but the header has 3",
             _write_csv(path, "a,b,y\n1,2,0\n1,2\n" + body), target="y")
     _raises(f"{path} has no data rows: a .csv dataset needs a header row and one row per sample",
@@ -273,7 +280,7 @@ def test_csv_errors(tmp_path: Path) -> None:
     _raises(f"{path} has duplicate column names: make every header cell unique",
             _write_csv(path, "a,a,y\n" + body), target="y")
     _raises("class 'rare' has 1 sample(s) in y: a stratified split needs at least 2 per class "
-            "(add samples or drop the class)",
+            "(add samples or drop the class)" + HINT,
             _write_csv(path, "a,b,y\n" + _csv_rows(30, lambda i: "rare" if i == 0 else "common")), target="y")
 
 

@@ -201,7 +201,7 @@ def test_failed_export_keeps_the_previous_export(trained_run: Path, tmp_path: Pa
     before = read_manifest(out)["files"]
     monkeypatch.setattr(tinydeploy.export.formats, "save_torchscript", lambda frozen, path, metadata: path.write_bytes(b"junk"))
     with pytest.raises(ParityError, match=r"torchscript \(cannot load or run it .*; nothing was published$"):
-        export_run(trained_run, out, formats=("torchscript", "pt2"))
+        export_run(trained_run, out, formats=("torchscript", "pt2"), force=True)
     assert read_manifest(out)["files"] == before and not (out / "model.pt2").exists()
     verify_manifest(out)
 
@@ -210,7 +210,11 @@ def test_reexport_replaces_files_of_the_previous_export(trained_run: Path, tmp_p
     out = tmp_path / "out"
     export_run(trained_run, out, formats=("torchscript",))
     assert (out / "model.ts").is_file()
-    export_run(trained_run, out, formats=("pt2",))
+    with pytest.raises(TinyDeployError, match=r"already holds an export \(arch.json, model.safetensors, model.ts, "
+                                              r"parity.json, width_report.json, width_report.md, \.\.\.\): pass --force"):
+        export_run(trained_run, out, formats=("pt2",))
+    assert (out / "model.ts").is_file()  # nothing deleted by the refused export
+    export_run(trained_run, out, formats=("pt2",), force=True)
     assert not (out / "model.ts").exists() and "model.ts" not in read_manifest(out)["files"]
     assert "model.pt2" in read_manifest(out)["files"]
     verify_manifest(out)

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"data", "model", "growth"},
     "export": {"data", "model", "training", "serving"},
     "serving": set(),
+    "estimators": {"data", "model", "growth", "training", "export", "serving"},
 }
 
 

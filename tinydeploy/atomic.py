@@ -1,14 +1,20 @@
 """Atomic writes: a file is written to a temporary name in the same directory, then renamed; a whole
-directory is built beside its target, then swapped in (``replace_directory``)."""
+directory is built beside its target, then swapped in (``replace_directory``).
+
+Files get the usual mode of a new file, 0666 minus the umask (0644 under the common 022), like
+``open(path, "w")``: the temporary file is created with that mode (not ``mkstemp``'s private 0600,
+which the rename would carry onto the published file), and given it again before the rename, since
+some writers (safetensors) replace the file they are handed with one of mode 0600."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,15 +24,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(final)
+    mode = stat.S_IMODE(os.stat(tmp_path).st_mode)  # 0666 minus the umask
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_file(final: Path) -> Path:
+    """Create an empty, not yet existing file beside ``final`` with mode 0666 minus the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        candidate = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(candidate, flags, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -63,7 +63,7 @@ def _hook(kill_at: int, after: bool, log: list[str], renames: bool = False) -> N
 
 
 def _export(run_dir: Path, out: Path) -> None:
-    export_run(run_dir, out, formats=(), preprocessing=False, command="crash test")
+    export_run(run_dir, out, formats=(), preprocessing=False, command="crash test", force=True)
 
 
 def _in_child(target: Callable[[], Any]) -> tuple[int, str]:

@@ -12,15 +12,20 @@ User data rules (every violation raises a one-line ``DataError``):
 * an image folder: a directory with one sub-folder of images per class (``image_folder``).
 * ``.csv``: a header row; ``target`` names the label column, every other column is a numeric
   feature (blank cells count as NaN). 20% of the rows become the test split.
-* Task: classification when ``y`` is a single column of integer values (integer dtype, or floats
-  that are all whole numbers, or, in a CSV, any non-numeric text); regression otherwise.
+* ``.npz`` may also hold ``feature_names`` (one string per column of a 2-D X); a CSV's header names
+  its feature columns. The names go into the spec, so ``predict`` and the server can match inputs by name.
+* Task: ``task`` ("classification" | "regression", ``--task``) when given; otherwise text labels
+  are classes, and numbers are class labels when they are one column of whole numbers with at most
+  max(10, n / 5) distinct values over the n samples (``arrays.infer_task``), a regression target
+  otherwise (fractions, several columns, or many distinct whole numbers like sklearn's diabetes).
 * Classification labels: in a ``.npz`` they must already be ``0..C-1`` with every class present in
   ``y_train`` (class names ``"0".."C-1"``); in a CSV the sorted distinct values (numbers or text)
   are mapped to ``0..C-1`` and named after themselves.
 * ``as_images`` (a CNN's inputs): X must be (n, C, L) or (n, C, H, W); the built-in digits become
   1x8x8 images and mnist1d 1x40 signals.
 * At least 10 training samples, at least 2 classes, at least 2 samples per class (stratified
-  splits), no NaN/inf anywhere.
+  splits), no NaN/inf anywhere; in a CSV no blank cell (refused with its row number).
+* ``arrays_dataset`` builds the same ``Dataset`` from arrays in memory (the scikit-learn estimators).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tinydeploy.data.arrays import RawSplit, check_finite, preview, stratified_split
+from tinydeploy.data.arrays import LabelError, RawSplit, check_finite, preview, stratified_split
 from tinydeploy.data.builtin import CHANNEL_SHAPES, LOCAL_LOADERS
 from tinydeploy.data.image_folder import is_image_folder, load_image_folder
 from tinydeploy.data.torchvision_sets import TORCHVISION_CLASSES, load_torchvision
@@ -54,6 +59,7 @@ BUILTIN_DATASETS: tuple[str, ...] = (
     "cifar100",
 )
 MIN_TRAIN_SAMPLES = 10
+TASKS = ("classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Dataset:
     source: dict[str, Any]
     #: Image data: {"mode": "L" | "RGB", "size": [H, W], "max_value": m}, raw value = pixel / 255 * m.
     image: dict[str, Any] | None = None
+    #: One name per feature column (CSV header, ``feature_names`` of a .npz, DataFrame columns), or ().
+    feature_names: tuple[str, ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -91,16 +99,22 @@ def load_dataset(
     split_seed: int = 0,
     val_fraction: float = 0.2,
     as_images: bool = False,
+    task: str | None = None,
+    stratify: bool = True,
 ) -> Dataset:
     """Load a built-in dataset (see ``BUILTIN_DATASETS``), a ``.npz``/``.csv`` file or an image folder.
 
     ``data_dir`` is where the torchvision image sets live; ``target`` names the label column of a
     CSV. ``split_seed`` fixes every random split, so equal arguments give equal datasets, and the
     returned ``source`` reloads exactly this dataset via ``load_dataset(**source)``. ``as_images``
-    asks for CNN inputs, (n, C, L) or (n, C, H, W) (see the module docstring).
+    asks for CNN inputs, (n, C, L) or (n, C, H, W) (see the module docstring). ``task`` overrides the
+    task inferred from a user file's targets (``--task``); ``stratify=False`` carves the validation split
+    at random rather than per class (``arrays_dataset`` falls back to it for classes too rare to stratify).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if task is not None and task not in TASKS:
+        raise DataError(f"unknown --task '{task}': use classification or regression")
     source = {
         "name": name,
         "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None,
@@ -110,6 +124,10 @@ def load_dataset(
     }
     if as_images:
         source["as_images"] = True
+    if task is not None:
+        source["task"] = task
+    if not stratify:
+        source["stratify"] = False
     if name in LOCAL_LOADERS:
         split = LOCAL_LOADERS[name](split_seed)
     elif name in TORCHVISION_CLASSES:
@@ -125,10 +143,50 @@ def load_dataset(
             )
         path = user_file(name)
         source["name"] = str(path)
-        split = load_npz(path) if path.suffix.lower() == ".npz" else load_csv(path, target, split_seed)
+        try:
+            split = load_npz(path, task) if path.suffix.lower() == ".npz" else load_csv(path, target, split_seed, task)
+            return _finish(_as_images(split) if as_images else split, source)
+        except LabelError as exc:
+            if task is not None:
+                raise
+            raise LabelError(f"{exc}; if y is a quantity rather than a class label, pass --task regression") from None
+    if task is not None and task != split.task:
+        raise DataError(f"--task {task}: '{name}' is a {split.task} dataset; --task applies to your .npz/.csv files: "
+                        "drop it")
     if as_images:
         split = _as_images(split)
     return _finish(split, source)
+
+
+def arrays_dataset(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    task: str,
+    classes: tuple[str, ...] = (),
+    feature_names: tuple[str, ...] = (),
+    split_seed: int = 0,
+    val_fraction: float = 0.2,
+    name: str = "arrays",
+) -> Dataset:
+    """A ``Dataset`` from arrays in memory (labels 0..C-1 for ``classes``), validated like a file.
+
+    The validation split is carved from ``X`` as for every dataset, per class where every class has
+    enough samples, else at random (``source["stratify"]`` False). There is no separate test split:
+    the test split *is* the validation split. ``source`` names no file: a run grown on arrays records
+    the file it saves them to (``GrowingClassifier.save``)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task '{task}': use classification or regression")
+    placeholder = RawSplit(name, task, X, y, X[:1], y[:1], classes, feature_names=tuple(feature_names))
+    source: dict[str, Any] = {"name": name, "data_dir": None, "target": None, "split_seed": int(split_seed),
+                              "val_fraction": float(val_fraction), "task": task}
+    try:
+        data = _finish(placeholder, source)
+    except LabelError:
+        if task != "classification" or len(np.unique(y)) < 2:
+            raise
+        data = _finish(placeholder, {**source, "stratify": False})
+    return replace(data, X_test=data.X_val, y_test=data.y_val)
 
 
 def _as_images(split: RawSplit) -> RawSplit:
@@ -155,7 +213,8 @@ def _finish(split: RawSplit, source: dict[str, Any]) -> Dataset:
     else:
         y_train, y_test, classes = _targets("y_train", split.y_train), _targets("y_test", split.y_test), ()
     X_train, X_val, y_train, y_val = stratified_split(
-        split.X_train.astype(np.float32), y_train, source["val_fraction"], source["split_seed"], classes, "y_train"
+        split.X_train.astype(np.float32), y_train, source["val_fraction"], source["split_seed"],
+        classes if source.get("stratify", True) else (), "y_train"
     )
     return Dataset(
         name=split.name,
@@ -170,6 +229,7 @@ def _finish(split: RawSplit, source: dict[str, Any]) -> Dataset:
         input_shape=tuple(int(s) for s in X_train.shape[1:]),
         source=source,
         image=split.image,
+        feature_names=split.feature_names,
     )
 
 
@@ -201,11 +261,11 @@ def _class_labels(split: RawSplit) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     found = np.union1d(y_train, y_test)
     n_classes = len(split.classes) or int(found.max()) + 1
     if found.min() < 0 or found.max() >= n_classes or len(np.unique(y_train)) != n_classes:
-        raise DataError(
+        raise LabelError(
             f"classification labels must be 0..C-1 with every class in y_train (found {preview(found)}): relabel them"
         )
     if n_classes < 2:
-        raise DataError("y_train has a single class: classification needs at least 2 classes")
+        raise LabelError("y_train has a single class: classification needs at least 2 classes")
     return y_train, y_test, split.classes or tuple(str(c) for c in range(n_classes))
 
 

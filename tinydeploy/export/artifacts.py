@@ -35,6 +35,8 @@ INT8_FILE = "model.int8.onnx"
 #: Metadata key saying whether the artifact expects raw features ("raw") or standardised ones.
 INPUTS_KEY = "tinydeploy.inputs"
 SPEC_KEY = "tinydeploy.spec"
+#: Metadata key listing the input features' names (JSON list; empty when the data had no names).
+FEATURE_NAMES_KEY = "tinydeploy.feature_names"
 METADATA_KEYS = [
     SPEC_KEY,
     "tinydeploy.spec_sha256",
@@ -43,6 +45,7 @@ METADATA_KEYS = [
     "tinydeploy.classes",
     "tinydeploy.preprocessing",
     INPUTS_KEY,
+    FEATURE_NAMES_KEY,
 ]
 
 

@@ -17,6 +17,7 @@ from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.export.artifacts import (  # noqa: F401  (re-exported names)
     CODE_FORMATS,
+    FEATURE_NAMES_KEY,
     FORMATS,
     INPUTS_KEY,
     METADATA_KEYS,
@@ -53,6 +54,7 @@ def artifact_metadata(spec: ArchSpec, preprocessing_included: bool) -> dict[str,
         "tinydeploy.classes": json.dumps(list(spec.classes)),
         "tinydeploy.preprocessing": json.dumps(spec.preprocessing, sort_keys=True),
         INPUTS_KEY: "raw" if preprocessing_included and spec.preprocessing else "standardized",
+        FEATURE_NAMES_KEY: json.dumps(list(spec.feature_names)),
     }
 
 

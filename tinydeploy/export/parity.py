@@ -9,7 +9,8 @@ random batches of 1, 7 and the test-split size drawn per feature from N(mean, st
 split with a fixed seed, all in the space the artifact expects (raw features unless exported with
 ``--no-preprocessing``). Reported per check: max/mean absolute difference, max relative difference
 ``|a - b| / max(|b|, 1e-12)``, argmax agreement (classification); per format: the task metric
-(accuracy or MSE) on the test split for the artifact and the frozen model.
+(accuracy, or MSE with RMSE, MAE and R^2 under ``scores``) on the test split for the artifact and the
+frozen model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.model.scores import regression_scores
 
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
@@ -118,11 +120,14 @@ def run_gate(
     """Run ``predict`` on every input batch and compare with the frozen model's ``reference`` outputs."""
     outputs = {name: predict(x) for name, x in inputs.items()}
     checks = {name: compare(outputs[name], reference[name], atol, rtol, task) for name in inputs}
-    metric = {
+    metric: dict[str, Any] = {
         "name": "accuracy" if task == "classification" else "mse",
         "artifact": task_metric(task, outputs[TEST_CHECK], y_test),
         "frozen": task_metric(task, reference[TEST_CHECK], y_test),
     }
+    if task != "classification":
+        metric["scores"] = {"artifact": regression_scores(outputs[TEST_CHECK], y_test),
+                            "frozen": regression_scores(reference[TEST_CHECK], y_test)}
     passed = spec_matches and all(check["passed"] for check in checks.values())
     return FormatParity(fmt, file, passed, runtime, checks, metric, spec_matches)
 

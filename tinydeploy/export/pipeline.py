@@ -7,6 +7,11 @@ passed the parity gate and the width report agrees with the exported weights is 
 deleted. A reader therefore sees the whole old or the whole new export at every instant, and a
 failure or a kill at any point publishes nothing; staging directories of dead exports are removed by
 the next export to the same target.
+
+An existing export directory is replaced only with ``force`` (``--force``), and then whole: files of
+the earlier export that this one does not write are gone, never silently mixed or kept. A run that did
+not complete (interrupted, or still running) is exported from its last checkpoint with a warning,
+and its status is recorded in the manifest (``run_status``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ from tinydeploy.export.parity import (
 from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
 from tinydeploy.model.freeze import freeze
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, directory_entries, read_manifest, write_manifest
-from tinydeploy.serving.providers import choose_providers
-from tinydeploy.training.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
+from tinydeploy.serving.providers import DEFAULT_PROVIDER, choose_providers
+from tinydeploy.training.rundir import ARCH_FILE, EXPORT_DIR, METRICS_FILE, Run, read_run
 
-ARTIFACTS_DIR = "artifacts"
+ARTIFACTS_DIR = EXPORT_DIR
 #: Suffix of the name the previous export is moved to where no atomic exchange exists.
 OLD_SUFFIX = "-old"
 
@@ -59,10 +64,14 @@ class ExportResult:
     opset: int | None
     seconds: float
     sizes: dict[str, int] = field(default_factory=dict)
+    #: Things the user should know, one line each (e.g. the run did not complete).
+    warnings: list[str] = field(default_factory=list)
+    run_status: str = "complete"
 
 
-def check_output_dir(out_dir: Path, run_dir: Path) -> None:
-    """Fail up front, in one line, if ``out_dir`` cannot hold an export (nothing is touched)."""
+def check_output_dir(out_dir: Path, run_dir: Path, force: bool = False) -> None:
+    """Fail up front, in one line, if ``out_dir`` cannot hold an export (nothing is touched): it holds
+    an export and ``force`` is not given, or files no export wrote."""
     if out_dir.resolve() == run_dir.resolve():
         raise TinyDeployError(f"--out {out_dir} is the run directory itself: choose another directory")
     if out_dir.is_symlink():
@@ -95,6 +104,10 @@ def check_output_dir(out_dir: Path, run_dir: Path) -> None:
             f"{out_dir} holds {', '.join(foreign[:5])}, which no export wrote; an export replaces the whole "
             "directory: move them out or choose another --out"
         )
+    if not force:
+        shown = ", ".join(sorted(listed)[:6]) + (", ..." if len(listed) > 6 else "")
+        raise TinyDeployError(f"{out_dir} already holds an export ({shown}): pass --force to replace it whole "
+                              "(files this export does not write are removed), or choose another --out")
 
 
 def staging_name(out_dir: Path) -> str:
@@ -199,35 +212,43 @@ def export_run(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     command: str = "",
-    provider: str = "cpu",
+    provider: str = DEFAULT_PROVIDER,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Export the run in ``run_dir`` (safetensors always, plus ``formats``) to ``out_dir``.
 
     Raises ``ParityError`` (carrying every format's measurements) when an artifact fails the gate;
-    nothing is published then. ``provider`` picks onnxruntime's execution provider for the gate.
+    nothing is published then. ``provider`` picks onnxruntime's execution provider for the gate;
+    ``force`` replaces an existing export directory (see the module docstring).
     """
     start = time.perf_counter()
     chosen = ("safetensors", *parse_formats(formats))
     choose_providers(provider)
     run = read_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.path / ARTIFACTS_DIR
-    check_output_dir(out, run.path)
+    warnings = []
+    if run.status != "complete":
+        epochs = run.metrics.get("epochs")
+        at = f" at epoch {epochs:g}" if isinstance(epochs, (int, float)) else ""
+        warnings.append(f"the run in {run.path} is {run.status}{at}: this exports its last checkpoint, not a finished "
+                        f"model; finish it with 'tinydeploy grow --resume {run.path}' and export again")
     if opset is not None and "onnx" not in chosen:
         raise TinyDeployError(f"opset {opset} was given but ONNX is not among the formats: add onnx or drop the opset")
     opset = check_opset(opset) if "onnx" in chosen else None
     if "data_source" not in run.metrics:
         raise TinyDeployError(f"{run.path / METRICS_FILE} has no 'data_source': re-run 'tinydeploy grow'")
+    check_output_dir(out, run.path, force)
 
     remove_stale_staging(out)
     staging = _make_staging(out)
     try:
         results, report = _stage(staging, run, chosen, opset, preprocessing, atol, rtol, provider, progress or (lambda _: None))
-        write_manifest(staging, command, str(run.path.resolve()))
+        write_manifest(staging, command, str(run.path.resolve()), run_status=run.status)
         replace_directory(staging, out, staging.with_name(staging.name + OLD_SUFFIX))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     files = {fmt: out / FORMATS[fmt] for fmt in chosen}
     sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
-    return ExportResult(out, files, results, report, opset, time.perf_counter() - start, sizes)
+    return ExportResult(out, files, results, report, opset, time.perf_counter() - start, sizes, warnings, run.status)

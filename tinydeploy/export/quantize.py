@@ -12,10 +12,14 @@
 The gate runs both models on the test split of the run's dataset (``load_dataset(**data_source)``
 recorded in parity.json / the run's metrics.json) and passes when, for classification, the int8
 accuracy is at most ``tolerance_pp`` percentage points below fp32 (default 1), or, for regression,
-the int8 MSE is at most ``mse_tolerance`` (relative, default 5%) above fp32. Size and single-thread
-latency versus fp32 are measured and reported, not gated. The model is quantized to a temporary name
-and renamed to ``model.int8.onnx`` only when the gate passes; the results are merged into
-parity.json under ``"int8"`` and manifest.json gets the new hashes.
+the int8 MSE is at most ``mse_tolerance`` (relative, default 5%) above fp32 (MSE, RMSE, MAE and R^2 of
+both are recorded: ``gate["scores"]``). Size and single-thread
+latency versus fp32 are measured and reported, not gated, and judged (``int8_gain``): on compact
+models int8 is often barely smaller (the graph and metadata dominate the file) and slower (the
+quantize/dequantize steps cost more than the small matrix products save), and the report says so
+plainly (``gains``, ``verdict``). The model is quantized to a temporary name and renamed to
+``model.int8.onnx`` only when the gate passes; the results are merged into parity.json under
+``"int8"`` and manifest.json gets the new hashes.
 """
 
 from __future__ import annotations
@@ -34,12 +38,17 @@ import numpy as np
 from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.export.artifacts import INT8_FILE, PARITY_FILE
+from tinydeploy.model.scores import regression_scores
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
 from tinydeploy.serving.runtime import MODEL_FILE, OnnxModel, resolve_model_path
 
 METHODS = ("dynamic", "static")
 DEFAULT_TOLERANCE_PP = 1.0
 DEFAULT_MSE_TOLERANCE = 0.05
+#: int8 counts as a gain when its file is at most this fraction of fp32's, or its median latency at
+#: some measured batch size is at most this fraction of fp32's.
+GAIN_SIZE_RATIO = 0.75
+GAIN_LATENCY_RATIO = 0.9
 QUANT_KEY = "tinydeploy.quantization"
 
 
@@ -296,6 +305,7 @@ def quantize_int8(
             gate = {
                 "metric": "mse", "fp32": fp32_metric, "int8": int8_metric, "relative_increase": increase,
                 "tolerance": mse_tolerance, "rule": "(int8 mse - fp32 mse) / fp32 mse <= tolerance",
+                "scores": {"fp32": regression_scores(fp32_out, data.y_test), "int8": regression_scores(int8_out, data.y_test)},
             }
         gate.update({"test_samples": int(len(X_test)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
         say("measuring size and latency")
@@ -318,11 +328,14 @@ def quantize_int8(
             },
             "sha256": int8.sha256,
         }
+        report["gains"], report["verdict"] = int8_gain(report)
         if not passed:
             what = (f"accuracy {int8_metric:.4f} vs fp32 {fp32_metric:.4f} (drop {gate.get('drop_pp', 0):.2f} pp > "
                     f"{tolerance_pp:g} pp)" if task == "classification" else
                     f"mse {int8_metric:.4g} vs fp32 {fp32_metric:.4g} (+{100 * gate['relative_increase']:.1f}% > "
-                    f"{100 * mse_tolerance:g}%)")
+                    f"{100 * mse_tolerance:g}%; rmse {gate['scores']['int8']['rmse']:.4g} vs "
+                    f"{gate['scores']['fp32']['rmse']:.4g}, r2 {gate['scores']['int8']['r2']:.4f} vs "
+                    f"{gate['scores']['fp32']['r2']:.4f})")
             raise QuantizationError(f"int8 gate failed: {what}; {INT8_FILE} was not written", report)
         del int8
         os.replace(tmp, directory / INT8_FILE)
@@ -331,6 +344,21 @@ def quantize_int8(
         tmp.unlink(missing_ok=True)
     _record(directory, report, command)
     return QuantizeResult(directory / INT8_FILE, report)
+
+
+def int8_gain(report: dict[str, Any]) -> tuple[bool, str]:
+    """(whether int8 gains anything over fp32, one sentence saying what) from a report's size and latency."""
+    size = report["size"]
+    latency = {name: entry["ratio"] for name, entry in report["latency_p50_ms"].items() if isinstance(entry, dict)}
+    smaller = size["ratio"] <= GAIN_SIZE_RATIO
+    faster = [name.replace("_", " ") for name, ratio in latency.items() if ratio <= GAIN_LATENCY_RATIO]
+    measured = (f"{size['int8_bytes'] / 1024:.1f} KB vs {size['fp32_bytes'] / 1024:.1f} KB, median latency "
+                + ", ".join(f"{ratio:.2f}x fp32 at {name.replace('_', ' ')}" for name, ratio in latency.items()))
+    if not smaller and not faster:
+        return False, (f"int8 gains nothing on this model ({measured}): serve {MODEL_FILE}; int8 pays off on wider "
+                       "layers, where the weights dominate the file and the products the time")
+    gains = (["smaller"] if smaller else []) + ([f"faster at {', '.join(faster)}"] if faster else [])
+    return True, f"int8 is {' and '.join(gains)} ({measured})"
 
 
 def _record(directory: Path, report: dict[str, Any], command: str) -> None:

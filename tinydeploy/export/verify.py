@@ -26,7 +26,7 @@ from tinydeploy.serving.providers import choose_providers
 #: Datasets whose files are Python pickles (torchvision's CIFAR batches): code runs when they load.
 PICKLED_DATASETS = ("cifar10", "cifar100")
 _SOURCE_KEYS = {"name": str, "data_dir": (str, type(None)), "target": (str, type(None)), "split_seed": int,
-                "val_fraction": float}
+                "val_fraction": float, "task": str, "as_images": bool, "stratify": bool}
 
 
 @dataclass
@@ -46,7 +46,7 @@ def check_data_source(source: Any, trust_pickle: bool) -> dict[str, Any]:
     if not isinstance(source, dict) or set(source) - set(_SOURCE_KEYS) or "name" not in source:
         raise IntegrityError(f"{PARITY_FILE}: inputs.data_source is malformed: re-run 'tinydeploy export'")
     for key, kind in _SOURCE_KEYS.items():
-        if key in source and (not isinstance(source[key], kind) or isinstance(source[key], bool)):
+        if key in source and (not isinstance(source[key], kind) or (isinstance(source[key], bool) and kind is not bool)):
             raise IntegrityError(f"{PARITY_FILE}: inputs.data_source.{key} has the wrong type: re-run 'tinydeploy export'")
     if source["name"] in PICKLED_DATASETS and not trust_pickle:
         raise IntegrityError(

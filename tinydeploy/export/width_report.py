@@ -17,6 +17,7 @@ from typing import Any
 
 from tinydeploy.atomic import write_json, write_text
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.model.scores import score_names
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.serving.manifest import read_file
 
@@ -118,8 +119,9 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
             "reference": _layer_costs(reference_spec, index) if reference_spec else None,
         })
     test_metrics = metrics.get("metrics", {}).get("test", {})
+    scores = score_names(spec.task)
     totals: dict[str, Any] = {
-        "final": {**_net_totals(spec), f"test_{metric}": test_metrics.get(metric)},
+        "final": {**_net_totals(spec), **{f"test_{name}": test_metrics.get(name) for name in scores}},
         "initial": _net_totals(initial_spec),
         "reference": None,
     }
@@ -139,6 +141,7 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
         "dataset": metrics.get("dataset", spec.dataset),
         "task": spec.task,
         "metric": metric,
+        "scores": list(scores),
         "layers": layers,
         "totals": totals,
         "growth_steps": steps,
@@ -212,18 +215,22 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _report_scores(report: dict[str, Any]) -> list[str]:
+    """The test scores a report shows (reports written before RMSE/MAE/R^2 existed show their one metric)."""
+    return list(report.get("scores") or [report["metric"]])
+
+
 def _total_rows(report: dict[str, Any]) -> list[list[str]]:
-    metric = f"test_{report['metric']}"
     rows = []
     for name in ("final", "initial", "reference"):
         net = report["totals"].get(name)
         if not net:
             continue
-        value = net.get(metric)
+        values = [net.get(f"test_{score}") for score in _report_scores(report)]
         params, macs = net.get("params"), net.get("macs")
         rows.append([
             name, str(net.get("hidden_widths")), "-" if params is None else f"{params:,}",
-            "-" if macs is None else f"{macs:,}", "-" if value is None else f"{value:.4g}",
+            "-" if macs is None else f"{macs:,}", *("-" if value is None else f"{value:.4g}" for value in values),
         ])
     return rows
 
@@ -241,7 +248,8 @@ def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str
 
 
 def _total_header(report: dict[str, Any]) -> list[str]:
-    return ["net", "widths" if _has_convs(report) else "hidden widths", "params", "MACs", f"test {report['metric']}"]
+    return ["net", "widths" if _has_convs(report) else "hidden widths", "params", "MACs",
+            *(f"test {score}" for score in _report_scores(report))]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -14,6 +14,10 @@ Layer kinds (JSON objects with a ``kind``):
 * ``flatten``: (C, ...) -> (C * ...), channel-major as ``torch.flatten``;
 * ``global_avgpool``: (C, ...) -> (C,), the mean over every spatial position.
 
+``feature_names`` (optional) names the input features of a flat input, in order (a CSV header):
+clients may then send features by name. It is serialised only when present, so specs without names
+keep their JSON (and hashes).
+
 A growable layer's width (``out_features`` or ``out_channels``) is what growth changes; between it
 and the next weight layer (its consumer) only activations, pooling and flatten may sit. Specs
 written before convolutions existed (flatten / linear / activation) are valid specs of this format.
@@ -102,6 +106,7 @@ class ArchSpec:
     preprocessing: dict[str, Any] | None = None
     dataset: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    feature_names: tuple[str, ...] = ()
 
     # ----- construction -------------------------------------------------------------------------
     @staticmethod
@@ -304,7 +309,13 @@ class ArchSpec:
         self.shapes()
         if self.task == "classification" and self.classes and len(self.classes) != self.n_outputs:
             raise SpecError(f"{len(self.classes)} class names for {self.n_outputs} outputs")
+        if self.feature_names and (len(self.feature_names) != self.n_features
+                                   or len(set(self.feature_names)) != len(self.feature_names)):
+            raise SpecError(f"{len(self.feature_names)} feature names for {self.n_features} features: they must be "
+                            "distinct, one per feature")
+
     def to_dict(self) -> dict[str, Any]:
+        names = {"feature_names": list(self.feature_names)} if self.feature_names else {}
         return {
             "format": SPEC_FORMAT,
             "task": self.task,
@@ -314,6 +325,7 @@ class ArchSpec:
             "classes": list(self.classes),
             "preprocessing": self.preprocessing,
             "extra": dict(self.extra),
+            **names,
         }
 
     def to_json(self) -> str:
@@ -337,6 +349,7 @@ class ArchSpec:
                 preprocessing=data.get("preprocessing"),
                 dataset=data.get("dataset", ""),
                 extra=dict(data.get("extra", {})),
+                feature_names=tuple(str(n) for n in data.get("feature_names", [])),
             )
             spec.validate()
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

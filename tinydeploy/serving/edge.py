@@ -13,7 +13,7 @@ import sys
 
 from tinydeploy.errors import TinyDeployError, exit_code
 from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S
-from tinydeploy.serving.providers import PROVIDER_CHOICES
+from tinydeploy.serving.providers import DEFAULT_PROVIDER, PROVIDER_CHOICES, PROVIDER_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("export_dir", help="export directory written by 'tinydeploy export --onnx' (or a .onnx file)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default=DEFAULT_PROVIDER, help=PROVIDER_HELP)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch per request (default 1024)")
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,

@@ -14,6 +14,12 @@ The body is then parsed by ``json.loads`` (numbers by its C scanner, all of them
 and Infinity literals are refused, and values beyond float32 are refused by the model's input
 validation. Each violation is a ``RequestError`` with a 4xx status, a stable ``code`` and a message
 naming the limit.
+
+Rows sent by name (``{"inputs": [{"mean radius": 17.99, ...}]}``) fit the same bounds: the object of
+a row is the row's nesting level, names are strings (blanked, never counted as values), and the body
+limit grows by the bytes of the names (``name_bytes``). Image uploads (multipart, ``multipart.py``)
+have their own bounds: ``max_images`` parts of at most ``max_image_bytes`` each, ``max_upload_bytes``
+in all.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ MAX_NUMBER_CHARS = 64
 #: Bytes of request body allowed per input value (JSON text of a float plus separator), and a floor.
 BYTES_PER_VALUE = 32
 MIN_BODY_BYTES = 1 << 20
+#: Images per upload at most (and at most --max-batch), and bytes per encoded image: a floor, plus 4
+#: bytes per raw value (an encoded 8-bit image is rarely larger than its raw pixels).
+MAX_IMAGES = 32
+MIN_IMAGE_BYTES = 1 << 18
+#: Bytes of multipart framing (boundaries, part headers) allowed per image.
+PART_OVERHEAD_BYTES = 1024
 #: Seconds a client gets to send the whole body once the headers are in.
 DEFAULT_BODY_TIMEOUT_S = 10.0
 
@@ -63,23 +75,35 @@ class Limits:
     max_numbers: int
     max_number_chars: int = MAX_NUMBER_CHARS
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    #: Image uploads: 0 when the model takes no images.
+    max_images: int = 0
+    max_image_bytes: int = 0
+    max_upload_bytes: int = 0
 
     @classmethod
     def for_model(
-        cls, input_ndim: int, n_features: int, max_batch: int, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+        cls, input_ndim: int, n_features: int, max_batch: int, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        *, name_bytes: int = 0, images: bool = False,
     ) -> "Limits":
-        """Limits that every valid request for a model with this input fits exactly."""
+        """Limits that every valid request for a model with this input fits exactly; ``name_bytes`` is the
+        length of a row sent by name beyond its numbers (the names, quoted, with their colons), ``images``
+        whether the model takes image uploads."""
+        max_images = min(max_batch, MAX_IMAGES) if images else 0
+        max_image_bytes = max(MIN_IMAGE_BYTES, 4 * n_features) if images else 0
         return cls(
             max_batch=max_batch,
-            max_body_bytes=max(MIN_BODY_BYTES, max_batch * n_features * BYTES_PER_VALUE + 4096),
-            # {"inputs": [rows...]}: 1 for the object, 1 for the batch, one per input dimension
+            max_body_bytes=max(MIN_BODY_BYTES, max_batch * (n_features * BYTES_PER_VALUE + name_bytes) + 4096),
+            # {"inputs": [rows...]}: 1 for the object, 1 for the batch, one per input dimension (or the row's object)
             max_depth=2 + max(1, input_ndim),
             max_numbers=max_batch * n_features,
             body_timeout_s=body_timeout_s,
+            max_images=max_images,
+            max_image_bytes=max_image_bytes,
+            max_upload_bytes=max_images * (max_image_bytes + PART_OVERHEAD_BYTES),
         )
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "max_batch": self.max_batch,
             "max_body_bytes": self.max_body_bytes,
             "max_json_depth": self.max_depth,
@@ -87,6 +111,10 @@ class Limits:
             "max_number_chars": self.max_number_chars,
             "body_timeout_s": self.body_timeout_s,
         }
+        if self.max_images:
+            described.update({"max_images": self.max_images, "max_image_bytes": self.max_image_bytes,
+                              "max_upload_bytes": self.max_upload_bytes})
+        return described
 
 
 def _depth(brackets: bytes) -> int:

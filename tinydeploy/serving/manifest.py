@@ -73,13 +73,29 @@ class FileRefused(IntegrityError):
         self.reason = reason
 
 
-def _refusal(directory: Path, name: str, exc: OSError) -> FileRefused:
+class Unreadable(TinyDeployError):
+    """A file of a model directory exists but this user may not read it (not a sign of tampering)."""
+
+
+def _refusal(directory: Path, name: str, exc: OSError) -> TinyDeployError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Unreadable(f"cannot read {directory / name}: permission denied for user {_user()}; make the directory "
+                          f"readable by that user (chmod -R a+rX {directory})")
     if exc.errno in (errno.ELOOP, errno.EMLINK) or (exc.errno == errno.ENOTDIR and "/" in name):
         return FileRefused(directory, name, "is a symbolic link (or lies under one)",
                            "tinydeploy reads only regular files inside the model directory; replace the link with the file")
     if exc.errno == errno.ENOENT:
         return FileRefused(directory, name, "is missing")
     return FileRefused(directory, name, f"cannot be read ({exc.strerror or exc})")
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return "running this process"
 
 
 def open_inside(directory: str | os.PathLike[str], name: str) -> int:
@@ -194,8 +210,10 @@ def export_files(directory: Path) -> list[str]:
     return files
 
 
-def build_manifest(directory: str | os.PathLike[str], command: str, source: str) -> dict[str, Any]:
-    """The manifest of ``directory`` as it is now."""
+def build_manifest(directory: str | os.PathLike[str], command: str, source: str,
+                   run_status: str | None = None) -> dict[str, Any]:
+    """The manifest of ``directory`` as it is now; ``run_status`` is the status of the exported run
+    ("complete", or "interrupted"/"running" for a run exported from a checkpoint)."""
     directory = Path(directory)
     files = {}
     for name in export_files(directory):
@@ -206,14 +224,16 @@ def build_manifest(directory: str | os.PathLike[str], command: str, source: str)
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "source_run": source,
+        **({"run_status": run_status} if run_status is not None else {}),
         "versions": package_versions(),
         "files": files,
     }
 
 
-def write_manifest(directory: str | os.PathLike[str], command: str, source: str) -> dict[str, Any]:
+def write_manifest(directory: str | os.PathLike[str], command: str, source: str,
+                   run_status: str | None = None) -> dict[str, Any]:
     """Hash every file of ``directory`` and write manifest.json atomically."""
-    manifest = build_manifest(directory, command, source)
+    manifest = build_manifest(directory, command, source, run_status)
     write_json(Path(directory) / MANIFEST_FILE, manifest)
     return manifest
 

@@ -15,9 +15,14 @@ An :class:`OnnxModel` is opened from an export directory (or a bare ``model.onnx
   ``tinydeploy.serving.providers``) and the session's real providers are checked after it is created;
 * inputs are validated against the model's declared input (shape, numeric dtype, finite values,
   non-empty batch): a violation raises :class:`InputError`, which a server maps to a 4xx answer;
-* one row (1-D with ``n_features`` values, or exactly ``input_shape``) or a batch is accepted and
-  the answer is always batched: ``outputs`` has shape ``[batch, n_outputs]``; classifiers also get
-  ``labels`` (class names of the argmax) and ``probabilities`` (softmax of the logits).
+* one row (1-D with ``n_features`` values, or exactly ``input_shape``: [C, H, W] or [C, L] for a
+  CNN) or a batch (``[batch, n_features]`` or ``[batch, *input_shape]``) is accepted, and the answer
+  is always batched: ``outputs`` has shape ``[batch, n_outputs]``; classifiers also get ``labels``
+  (class names of the argmax) and ``probabilities`` (softmax of the logits);
+* a model with feature names (``feature_names``, from a CSV header) also takes rows as objects
+  ``{name: value}`` in any order, and ``match_columns`` reorders a named table
+  (``tinydeploy.serving.features``); a model grown on images records their format (``image``), and
+  image files are converted to its input tensors by ``tinydeploy.serving.images``.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import numpy as np
 import onnxruntime as ort
 
 from tinydeploy.errors import IntegrityError, TinyDeployError
+from tinydeploy.serving.features import FeatureMismatch, column_order, rows_by_name
+from tinydeploy.serving.images import image_format
 from tinydeploy.serving.manifest import read_file, read_verified, sha256_bytes, verify_manifest
 from tinydeploy.serving.onnx_scan import MalformedModel, external_tensors
-from tinydeploy.serving.providers import CUDA, choose_providers, quiet_session_options
+from tinydeploy.serving.providers import CUDA, DEFAULT_PROVIDER, choose_providers, quiet_session_options
 
 MODEL_FILE = "model.onnx"
 ARCH_FILE = "arch.json"
 SPEC_KEY = "tinydeploy.spec"
 CLASSES_KEY = "tinydeploy.classes"
 TASK_KEY = "tinydeploy.task"
+FEATURE_NAMES_KEY = "tinydeploy.feature_names"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Printed by ``serve`` and ``predict`` when the manifest check is skipped.
 NO_VERIFY_WARNING = (
@@ -145,7 +153,7 @@ class OnnxModel:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        provider: str = "auto",
+        provider: str = DEFAULT_PROVIDER,
         *,
         model_file: str = MODEL_FILE,
         verify: bool = True,
@@ -260,6 +268,18 @@ class OnnxModel:
             int(layer["out_features"] if layer.get("kind") == "linear" else layer["out_channels"])
             for layer in layers if layer.get("kind") in ("linear", "conv") and layer.get("growable")
         ]
+        names = json.loads(props[FEATURE_NAMES_KEY]) if FEATURE_NAMES_KEY in props else (self.spec or {}).get(
+            "feature_names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TinyDeployError(f"{self.model_path}: metadata '{FEATURE_NAMES_KEY}' is not a list of strings: "
+                                  "re-export the run")
+        if names and (len(names) != self.n_features or len(set(names)) != len(names)):
+            raise TinyDeployError(f"{self.model_path}: {len(names)} feature names for {self.n_features} inputs: "
+                                  "re-export the run")
+        #: Names of the input features in order (empty when the model was grown on unnamed arrays).
+        self.feature_names: list[str] = names
+        #: The image format the model was grown on ({"mode", "size", "max_value"}), None if it takes no images.
+        self.image: dict[str, Any] | None = image_format(self.spec, self.input_shape)
         if self.spec and "input_shape" in self.spec:
             declared = tuple(int(s) for s in self.spec["input_shape"])
             if math.prod(declared) != self.n_features:
@@ -282,6 +302,8 @@ class OnnxModel:
             "classes": list(self.classes),
             "input_space": self.input_space,
             "input": {"name": self.input_name, "dtype": "float32", "shape": ["batch", *self.input_shape]},
+            "feature_names": list(self.feature_names),
+            "image": self.image,
             "output": {"name": self.output_name, "dtype": "float32", "shape": ["batch", self.n_outputs]},
             "widths": {"hidden": self.hidden_widths, "linear": self.layer_widths},
             "spec": self.spec,
@@ -292,17 +314,40 @@ class OnnxModel:
         }
 
     # ----- validation and inference ----------------------------------------------------------------
+    def _expected(self, single: bool = False) -> str:
+        """What inputs the model takes, for error messages."""
+        shape, n = self.input_shape, self.n_features
+        dims = ", ".join(map(str, shape))
+        if len(shape) > 1:
+            return f"expected one tensor of shape {list(shape)} or a batch of shape [batch, {dims}] (or rows of {n} values)"
+        if single:
+            return f"expected one row of {n} values or a batch [[...], ...] of shape [batch, {dims}]"
+        return f"expected one row of {n} values (or shape {list(shape)}) or a batch of shape [batch, {dims}]"
+
+    def match_columns(self, values: np.ndarray, names: list[str] | None, where: str) -> np.ndarray:
+        """The columns of a table named ``names`` (a CSV header) in the model's feature order; refused with
+        every missing or unknown name listed. Unnamed tables, and models without names, keep their order."""
+        if not names or not self.feature_names:
+            return values
+        try:
+            return np.asarray(values)[:, column_order(self.feature_names, names, where)]
+        except FeatureMismatch as exc:
+            raise InputError(str(exc), "features") from None
+
     def validate(self, inputs: Any, *, max_batch: int | None = None) -> np.ndarray:
-        """Return ``inputs`` as a C-contiguous float32 batch ``[batch, *input_shape]`` or raise InputError."""
+        """Return ``inputs`` as a C-contiguous float32 batch ``[batch, *input_shape]`` or raise InputError.
+
+        Rows may be sent by name (an object, or a list of objects) when the model has feature names."""
+        if isinstance(inputs, dict) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], dict)):
+            try:
+                inputs = rows_by_name([inputs] if isinstance(inputs, dict) else inputs, self.feature_names)
+            except FeatureMismatch as exc:
+                raise InputError(str(exc), "features") from None
         x = _as_numeric_array(inputs)
         shape = self.input_shape
         n = self.n_features
         if x.ndim == 0:
-            raise InputError(
-                f"inputs is a single number; expected one row of {n} values or a batch [[...], ...] "
-                f"of shape [batch, {', '.join(map(str, shape))}]",
-                "shape",
-            )
+            raise InputError(f"inputs is a single number; {self._expected(single=True)}", "shape")
         if x.shape == shape or (x.ndim == 1 and x.shape[0] == n):
             batch = x.reshape((1, *shape))
         elif x.ndim >= 2 and tuple(x.shape[1:]) == shape:
@@ -312,11 +357,7 @@ class OnnxModel:
         else:
             if x.size == 0:
                 raise InputError("inputs is empty: send at least one row", "empty")
-            raise InputError(
-                f"inputs has shape {list(x.shape)}; expected one row of {n} values "
-                f"(or shape {list(shape)}) or a batch of shape [batch, {', '.join(map(str, shape))}]",
-                "shape",
-            )
+            raise InputError(f"inputs has shape {list(x.shape)}; {self._expected()}", "shape")
         if batch.shape[0] == 0:
             raise InputError("inputs is an empty batch: send at least one row", "empty")
         if max_batch is not None and batch.shape[0] > max_batch:
@@ -420,134 +461,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# ----- batch files (tinydeploy predict) -----------------------------------------------------------
-INPUT_SUFFIXES = (".npy", ".npz", ".csv")
-OUTPUT_SUFFIXES = (".npy", ".csv", ".json")
-
-
-def read_inputs(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
-    """Read a batch of inputs from .npy, .npz (array ``key`` or the first one) or numeric .csv.
-
-    A CSV may start with one header row (detected: a first row that is not all numbers); every other
-    cell must be a number. Errors are one-line ``TinyDeployError``s naming the file and the problem.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise TinyDeployError(f"--input {path}: unsupported file type '{suffix}': use {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise TinyDeployError(f"--input {path} does not exist")
-    if suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise TinyDeployError(f"--input {path} is not a readable .npy array ({_first_line(exc)})") from exc
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if not names:
-                    raise TinyDeployError(f"--input {path} holds no arrays")
-                if key is not None and key not in names:
-                    raise TinyDeployError(f"--input {path} has no array '{key}': it holds {', '.join(names)}")
-                return archive[key if key is not None else names[0]]
-        except TinyDeployError:
-            raise
-        except (ValueError, OSError) as exc:
-            raise TinyDeployError(f"--input {path} is not a readable .npz archive ({_first_line(exc)})") from exc
-    return _read_csv(path)
-
-
-def _read_csv(path: Path) -> np.ndarray:
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-    if not rows:
-        raise TinyDeployError(f"--input {path} has no rows")
-
-    def numeric(row: list[str]) -> bool:
-        try:
-            [float(cell) for cell in row]
-        except ValueError:
-            return False
-        return True
-
-    first = 0 if numeric(rows[0]) else 1
-    body = rows[first:]
-    if not body:
-        raise TinyDeployError(f"--input {path} has a header but no data rows")
-    width = len(body[0])
-    values = np.empty((len(body), width), dtype=np.float64)
-    for i, row in enumerate(body):
-        line = i + first + 1
-        if len(row) != width:
-            raise TinyDeployError(f"--input {path}: row {line} has {len(row)} values, expected {width} like the first data row")
-        try:
-            values[i] = [float(cell) for cell in row]
-        except ValueError:
-            bad = next(cell for cell in row if not _is_float(cell))
-            raise TinyDeployError(f"--input {path}: row {line} has a non-numeric value {bad!r}") from None
-    return values
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def write_predictions(path: str | os.PathLike[str], prediction: Prediction, model: OnnxModel) -> Path:
-    """Write predictions atomically: .npy (raw outputs), .csv (label + probabilities, or outputs), .json."""
-    from tinydeploy.atomic import atomic_path
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise TinyDeployError(f"--output {path}: unsupported file type '{suffix}': use {', '.join(OUTPUT_SUFFIXES)}")
-    with atomic_path(path) as tmp:
-        if suffix == ".npy":
-            with open(tmp, "wb") as handle:
-                np.save(handle, prediction.outputs)
-        elif suffix == ".json":
-            document = {"model_sha256": model.sha256, "task": model.task, "classes": model.classes, **prediction.to_dict()}
-            tmp.write_text(json.dumps(document, allow_nan=False) + "\n", encoding="utf-8")
-        else:
-            tmp.write_text("".join(csv_lines(prediction, model)), encoding="utf-8")
-    return path
-
-
-def csv_lines(prediction: Prediction, model: OnnxModel) -> list[str]:
-    """CSV text lines: ``label,p_<class>...`` for classifiers, ``output_0,...`` otherwise."""
-    if prediction.labels is not None and prediction.probabilities is not None:
-        header = ["label", *(f"p_{c}" for c in model.classes)]
-        lines = [",".join(_csv_cell(h) for h in header) + "\n"]
-        for label, probs in zip(prediction.labels, prediction.probabilities.tolist()):
-            lines.append(",".join([_csv_cell(label), *(f"{p:.6g}" for p in probs)]) + "\n")
-        return lines
-    width = prediction.outputs.shape[1]
-    lines = [",".join(f"output_{i}" for i in range(width)) + "\n"]
-    lines += [",".join(f"{v:.9g}" for v in row) + "\n" for row in prediction.outputs.tolist()]
-    return lines
-
-
-def _csv_cell(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
-
-
-def load(path: str | os.PathLike[str], provider: str = "auto", **kwargs: Any) -> OnnxModel:
+def load(path: str | os.PathLike[str], provider: str = DEFAULT_PROVIDER, **kwargs: Any) -> OnnxModel:
     """Open an export directory or a model.onnx path (see :class:`OnnxModel`)."""
     return OnnxModel(path, provider, **kwargs)
 
 
-def predict(path: str | os.PathLike[str], inputs: Any, provider: str = "auto") -> Prediction:
+def predict(path: str | os.PathLike[str], inputs: Any, provider: str = DEFAULT_PROVIDER) -> Prediction:
     """One-shot convenience: open the model and predict ``inputs``."""
     return OnnxModel(path, provider).predict(inputs)
 
 
+from tinydeploy.serving.batch_io import csv_lines, read_inputs, write_predictions  # noqa: E402  (re-exported)
+
 __all__: Sequence[str] = (
+    "csv_lines",
     "read_inputs",
     "write_predictions",
     "InputError",

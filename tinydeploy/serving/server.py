@@ -3,8 +3,11 @@
 Endpoints (every error answer is JSON ``{"error": {"status", "code", "message"}}``):
 
 * ``POST /v1/predict`` with ``Content-Type: application/json`` and ``{"inputs": [...]}`` (one row
-  or a batch of rows of RAW features). Answers ``outputs`` (``[batch, n_outputs]``), and for
-  classifiers ``labels``, ``indices`` and ``probabilities`` (softmax), always batched.
+  or a batch of rows of RAW features; a tensor [C, H, W] or a batch [B, C, H, W] for a CNN; rows as
+  objects ``{name: value}`` when the model has feature names), or, for a model grown on images,
+  ``multipart/form-data`` with one file field ``image`` per image (PNG, JPEG, ...; ``multipart.py``,
+  ``images.py``). Answers ``outputs`` (``[batch, n_outputs]``), and for classifiers ``labels``,
+  ``indices`` and ``probabilities`` (softmax), always batched.
 * ``GET /v1/metadata``: spec, classes, widths, sha256 of the model, providers in use, limits.
 * ``GET /healthz``: liveness and readiness (the model is loaded and ran once at startup), and the
   pid of the worker process that answered.
@@ -45,7 +48,10 @@ import numpy as np
 
 from tinydeploy import __version__
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.serving.images import ImageError, decode_image, pillow_available
 from tinydeploy.serving.limits import DEFAULT_BODY_TIMEOUT_S, Limits, RequestError, parse_predict_body
+from tinydeploy.serving.multipart import image_parts, is_multipart
+from tinydeploy.serving.providers import DEFAULT_PROVIDER
 from tinydeploy.serving.runtime import NO_VERIFY_WARNING, InputError, OnnxModel
 
 DEFAULT_HOST = "127.0.0.1"
@@ -260,37 +266,46 @@ class ModelServer:
         headers = dict(scope.get("headers") or [])
         try:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            if content_type.split(";")[0].strip().lower() != "application/json":
+            upload = is_multipart(content_type)
+            if upload and not self.limits.max_images:
+                why = ("image uploads need Pillow, which this server lacks (pip install pillow)"
+                       if self.model.image and self.model.input_space == "raw" else "this model was not grown on images")
+                raise RequestError(415, "unsupported_media_type", f'{why}: send application/json {{"inputs": [...]}}')
+            if not upload and content_type.split(";")[0].strip().lower() != "application/json":
+                kinds = "application/json or multipart/form-data (images)" if self.limits.max_images else "application/json"
                 raise RequestError(415, "unsupported_media_type",
-                                   f"Content-Type must be application/json, got {content_type[:60] or 'none'!r}")
-            body = await self._read_body(headers.get(b"content-length"), receive)
+                                   f"Content-Type must be {kinds}, got {content_type[:60] or 'none'!r}")
+            body = await self._read_body(headers.get(b"content-length"), receive, upload)
         except RequestError as exc:
             # A stalled body (408): drop the connection. Otherwise uvicorn reads and discards the rest of
             # the body after the answer (closing now would reset the connection under the client's answer).
             return await _respond(send, exc.status, _error(exc.status, exc.code, exc.message), close=exc.status == 408)
+        work = (lambda: self._answer_upload(body, content_type)) if upload else (lambda: self._answer(body))
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(None, self._answer, body)
+            answer = await asyncio.get_running_loop().run_in_executor(None, work)
         except RequestError as exc:
             return await _respond(send, exc.status, _error(exc.status, exc.code, exc.message))
         return await _respond(send, 200, answer)
 
-    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes:
-        limit = self.limits.max_body_bytes
+    async def _read_body(self, declared: bytes | None, receive: Receive, upload: bool = False) -> bytes:
+        limit = self.limits.max_upload_bytes if upload else self.limits.max_body_bytes
+        code = "upload_too_large" if upload else "body_too_large"
+        fix = (f"send at most {self.limits.max_images} images of at most {self.limits.max_image_bytes} bytes"
+               if upload else f"send at most {self.limits.max_batch} rows per request")
         if declared is not None:
             if not declared.strip().isdigit():
                 raise RequestError(400, "bad_content_length", f"Content-Length {declared[:40].decode('latin-1')!r} is not an integer")
             if int(declared) > limit:
-                raise RequestError(413, "body_too_large", f"the body has {int(declared)} bytes, over the limit of "
-                                   f"{limit} bytes: send at most {self.limits.max_batch} rows per request")
+                raise RequestError(413, code, f"the body has {int(declared)} bytes, over the limit of {limit} bytes: {fix}")
         timeout = self.limits.body_timeout_s
         received: list[bytes] = []
         try:  # one deadline for the whole body: a client trickling bytes cannot extend it
-            return await asyncio.wait_for(self._receive_body(receive, limit, received), timeout)
+            return await asyncio.wait_for(self._receive_body(receive, limit, received, code, fix), timeout)
         except asyncio.TimeoutError:
             raise RequestError(408, "body_timeout", f"the body did not arrive within the limit of {timeout:g} s "
                                f"(got {sum(map(len, received))} bytes): send the whole body at once") from None
 
-    async def _receive_body(self, receive: Receive, limit: int, chunks: list[bytes]) -> bytes:
+    async def _receive_body(self, receive: Receive, limit: int, chunks: list[bytes], code: str, fix: str) -> bytes:
         size = 0
         while True:
             message = await receive()
@@ -299,15 +314,27 @@ class ModelServer:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, "body_too_large", f"the body is over the limit of {limit} bytes: "
-                                   f"send at most {self.limits.max_batch} rows per request")
+                raise RequestError(413, code, f"the body is over the limit of {limit} bytes: {fix}")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    def _answer_upload(self, body: bytes, content_type: str) -> bytes:
+        """Decode the images of a multipart upload (in a worker thread) and answer them like a JSON batch."""
+        tensors = []
+        for index, (filename, data) in enumerate(image_parts(body, content_type, self.limits)):
+            try:
+                tensors.append(decode_image(data, self.model.image, f"image {index} ({filename[:60]!r})"))
+            except ImageError as exc:
+                raise RequestError(422, exc.code, str(exc)) from None
+        return self._run(np.stack(tensors))
+
     def _answer(self, body: bytes) -> bytes:
         """Parse, validate and run one predict body (in a worker thread); the JSON answer."""
-        inputs = parse_predict_body(body, self.limits)
+        return self._run(parse_predict_body(body, self.limits))
+
+    def _run(self, inputs: Any) -> bytes:
+        """Validate and run ``inputs``; the JSON answer."""
         try:
             prediction = self.model.predict(inputs, max_batch=self.limits.max_batch)
         except InputError as exc:
@@ -331,7 +358,7 @@ class ServeOptions:
     """What a server process needs to build its application (passed to uvicorn workers as JSON)."""
 
     export_dir: str
-    provider: str = "auto"
+    provider: str = DEFAULT_PROVIDER
     max_batch: int = DEFAULT_MAX_BATCH
     verify: bool = True
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
@@ -339,7 +366,7 @@ class ServeOptions:
 
 def create_app(
     export_dir: str | os.PathLike[str],
-    provider: str = "auto",
+    provider: str = DEFAULT_PROVIDER,
     max_batch: int = DEFAULT_MAX_BATCH,
     *,
     model: OnnxModel | None = None,
@@ -354,7 +381,14 @@ def create_app(
     model = model or OnnxModel(export_dir, provider, verify=verify)
     # One run at startup: a model that cannot execute fails here, not on the first request.
     model.run(np.zeros((1, *model.input_shape), dtype=np.float32))
-    limits = Limits.for_model(len(model.input_shape), model.n_features, int(max_batch), float(body_timeout_s))
+    name_bytes = sum(len(json.dumps(name)) + 2 for name in model.feature_names)  # "name": before each value
+    images = model.image is not None and model.input_space == "raw"
+    if images and not pillow_available():
+        logger.warning("Pillow is not installed: image uploads are refused (415); JSON tensors are served. "
+                       "pip install pillow to take PNG/JPEG uploads")
+        images = False
+    limits = Limits.for_model(len(model.input_shape), model.n_features, int(max_batch), float(body_timeout_s),
+                              name_bytes=name_bytes, images=images)
     return ModelServer(model, limits)
 
 
@@ -372,7 +406,7 @@ def serve(
     export_dir: str | os.PathLike[str],
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    provider: str = "auto",
+    provider: str = DEFAULT_PROVIDER,
     workers: int = 1,
     max_batch: int = DEFAULT_MAX_BATCH,
     log_level: str = "info",

@@ -36,7 +36,8 @@ def conv_blocks(cfg: GrowConfig, input_shape: tuple[int, ...]) -> list[ConvBlock
 
 def initial_spec(cfg: GrowConfig, data: Dataset, prep: dict[str, Any]) -> ArchSpec:
     """The spec at the initial widths (``cfg`` resolved to an architecture): an MLP, or a CNN of
-    ``conv_blocks`` + ``hidden_layers`` linear layers; image data records its format in ``extra``."""
+    ``conv_blocks`` + ``hidden_layers`` linear layers; image data records its format in ``extra``, named
+    features their names (``feature_names``)."""
     common = {"task": data.task, "input_shape": data.input_shape, "n_outputs": data.n_outputs,
               "activation": cfg.activation, "classes": data.classes, "preprocessing": prep, "dataset": data.name}
     if cfg.arch == "mlp":
@@ -50,6 +51,7 @@ def initial_spec(cfg: GrowConfig, data: Dataset, prep: dict[str, Any]) -> ArchSp
                                   f"blocks and {hidden} hidden linear layer(s): give {len(blocks) + hidden}")
         spec = ArchSpec.cnn(blocks=blocks, conv_widths=widths[: len(blocks)], hidden_widths=widths[len(blocks):],
                             transition=cfg.transition, **common)
+    spec = replace(spec, feature_names=data.feature_names) if data.feature_names else spec
     return replace(spec, extra={"image": data.image}) if data.image else spec
 
 

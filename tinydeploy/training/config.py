@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.candidates import METHODS
-from tinydeploy.model.spec import TRANSITIONS, check_activation
+from tinydeploy.model.spec import TASKS, TRANSITIONS, check_activation
 
 ARCHS = ("mlp", "cnn")
 
@@ -61,6 +61,7 @@ class GrowConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     target: str | None = None
+    task: str | None = None
     split_seed: int = 0
     val_fraction: float = 0.2
     method: str = "tiny"
@@ -100,6 +101,8 @@ class GrowConfig:
         if self.method not in METHODS:
             raise TinyDeployError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         check_activation(self.activation)
+        if self.task is not None and self.task not in TASKS:
+            raise TinyDeployError(f"unknown --task '{self.task}': use classification or regression")
         if self.arch is not None and self.arch not in ARCHS:
             raise TinyDeployError(f"unknown --arch '{self.arch}': use mlp or cnn")
         if self.init_widths is not None and (not self.init_widths or min(self.init_widths) < 1):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tinydeploy import __version__
-from tinydeploy.data import apply_standardizer, fit_standardizer, load_dataset
+from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.candidates import check_method
 from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
@@ -34,6 +34,7 @@ from tinydeploy.growth.surgery import carry_optimizer_state
 from tinydeploy.model.build import build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss, task_metric
 from tinydeploy.model.regions import RESOLUTION, count_linear_regions, regions_apply
+from tinydeploy.model.scores import regression_scores
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
@@ -46,6 +47,7 @@ from tinydeploy.training.rundir import (
     HISTORY_FILE,
     Checkpoint,
     RunWriter,
+    foreign_export,
     read_checkpoint,
 )
 from tinydeploy.training.trainer import Trainer, evaluate
@@ -74,7 +76,7 @@ class Progress:
 
 @dataclass
 class GrowResult:
-    run_dir: Path
+    run_dir: Path | None
     spec: ArchSpec
     metrics: dict[str, Any]
     growth_log: list[dict[str, Any]]
@@ -107,16 +109,20 @@ def data_fingerprint(data: Any) -> str:
 
 
 class GrowJob:
-    """State of one grow run: data on device, trainer, log, timers, run-directory writes."""
+    """State of one grow run: data on device, trainer, log, timers, run-directory writes.
 
-    def __init__(self, cfg: GrowConfig, run_dir: Path, command: str, parallel: ProcessGroup | None = None):
+    ``data`` is the dataset to grow on (default: ``load_dataset`` as ``cfg`` says); with ``run_dir``
+    None nothing is written and the result stays in memory (the scikit-learn estimators)."""
+
+    def __init__(self, cfg: GrowConfig, run_dir: Path | None, command: str, parallel: ProcessGroup | None = None,
+                 data: Dataset | None = None):
         self.cfg, self.run_dir, self.command = cfg, run_dir, command
         self.parallel = parallel
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
-        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target,
-                                 split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                                 as_images=cfg.arch == "cnn")
+        self.data = data if data is not None else load_dataset(
+            cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
+            val_fraction=cfg.val_fraction, as_images=cfg.arch == "cnn", task=cfg.task)
         self.arch = cfg.arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
@@ -239,6 +245,14 @@ class GrowJob:
             batch = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
             cached = self._evaluations[split] = (key, evaluate(self.model, batch.X, batch.y, self.loss_fn, self.task))
         return cached[1]
+
+    @torch.no_grad()
+    def _regression_scores(self, split: str, chunk: int = 8192) -> dict[str, float]:
+        """MSE, RMSE, MAE and R^2 of the current model on a split (``model.scores.regression_scores``)."""
+        batch = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        self.model.eval()
+        out = torch.cat([self.model(batch.X[i : i + chunk]) for i in range(0, batch.X.shape[0], chunk)])
+        return regression_scores(out.double().cpu().numpy(), batch.y.double().cpu().numpy())
 
     def _metric_key(self, split: str) -> str:
         return f"{split}_accuracy" if self.task == "classification" else f"{split}_mse"
@@ -392,7 +406,7 @@ class GrowJob:
         torch.set_num_threads(self.cpu_threads())
         self.started = self._last_checkpoint = time.perf_counter()
         try:
-            if self.is_main:
+            if self.is_main and self.run_dir is not None:
                 self.writer = RunWriter(self.run_dir)
                 if self.resumed is not None:
                     self.writer.reopen(self.resumed)
@@ -414,7 +428,7 @@ class GrowJob:
                         f"the last checkpoint is kept: resume with 'tinydeploy grow --resume {self.run_dir}'") from None
             status = "complete" if self.loop.phase == "done" else "interrupted"
             metrics = self.checkpoint(status)
-            if self.is_main:
+            if self.writer is not None:
                 self.writer.publish(metrics, self.history)
             if self.parallel is not None:
                 self.parallel.close()
@@ -434,6 +448,8 @@ class GrowJob:
         for name in splits:
             loss, metric = self._evaluate(name)
             results[name] = {"loss": loss, "accuracy" if self.task == "classification" else "mse": metric}
+            if self.task != "classification":
+                results[name].update(self._regression_scores(name))
         wall = self.wall_before + time.perf_counter() - self.started
         return {
             "status": status, "dataset": self.data.name, "task": self.task, "arch": self.arch,
@@ -475,6 +491,8 @@ class GrowJob:
         test splits are evaluated at ``full`` checkpoints (the timed ones, the first and the last)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
+        if self.writer is None and self.parallel is None:  # in memory: nothing to save, the last metrics to return
+            return self.metrics(status) if status != "running" else metrics
         resume = self.resume_state()  # every process: the trainer gathers their running loss sums
         if self.writer is not None:
             full = full or status != "running"
@@ -569,11 +587,16 @@ def default_run_dir(dataset: str) -> Path:
 
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse to mix a new run into a non-empty directory unless ``force``; refuse a file path."""
+    """Refuse to mix a new run into a non-empty directory unless ``force`` (which clears what the earlier
+    run owned, its exports included: ``rundir.clear_run_dir``); refuse a file path."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TinyDeployError(f"--out {run_dir} is a file: pass a directory path")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
         raise TinyDeployError(f"--out {run_dir} is not empty: pass a new directory or --force to overwrite")
+    problem = foreign_export(run_dir) if run_dir.is_dir() else None
+    if problem:
+        raise TinyDeployError(f"--force over {run_dir}: {problem}; --force removes only what a run owns (its files, "
+                              "checkpoints and exports): move it out or pass a new --out")
 
 
 def make_run_dir(run_dir: Path) -> None:

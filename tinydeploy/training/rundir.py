@@ -13,6 +13,13 @@ Layout::
     model.safetensors, arch.json, metrics.json
                                    written when the run stops (complete or interrupted): the last
                                    generation's weights and spec, and its metrics with the history inline
+    artifacts/                     the default export directory (``tinydeploy export RUN``)
+    seeds/, seeds.json             ``grow --seeds N``: every seed's run, and the spread of their scores
+    data.npz                       a run grown on arrays in memory (the scikit-learn estimators): the
+                                   arrays, so that export can gate the model on them like on a file
+
+``grow --force`` over a run directory removes all of these (``clear_run_dir``) and nothing else; an
+``artifacts/`` that is not an export written by tinydeploy (no manifest.json) is refused instead.
 
 A reader goes through the commit log (``read_run``, ``read_checkpoint``), so weights, spec, metrics,
 resume state and logs always belong to the same step. A crash at any instant leaves a complete
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +59,14 @@ HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 COMMIT_LOG = "checkpoints.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+#: The default export directory of a run, and its manifest (the mark of a directory written by ``export``).
+EXPORT_DIR = "artifacts"
+EXPORT_MANIFEST = "manifest.json"
+#: ``grow --seeds N``: one run directory per seed, and the summary of the seeds.
+SEEDS_DIR = "seeds"
+SEEDS_FILE = "seeds.json"
+#: The arrays of a run grown in memory (``tinydeploy.estimators``), saved with it.
+DATA_FILE = "data.npz"
 #: Format of the commit log's lines and of the generation files; bumped on incompatible changes.
 RUN_FORMAT = "tinydeploy-run/1"
 #: Generations kept besides the last durable one: the current one and the one before.
@@ -134,13 +150,10 @@ class RunWriter:
 
     # ----- starting ---------------------------------------------------------------------------
     def start(self) -> None:
-        """A new run (the directory was checked to be empty, or --force was given): no logs, no generations."""
-        for name in (COMMIT_LOG, MODEL_FILE, ARCH_FILE, METRICS_FILE, *LOGS):
-            (self.run_dir / name).unlink(missing_ok=True)
-        checkpoints = self.run_dir / CHECKPOINTS_DIR
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        for child in checkpoints.glob("*.safetensors"):
-            child.unlink()
+        """A new run (the directory was checked to be empty, or --force was given): nothing of an earlier
+        run is left (``clear_run_dir``), then empty logs."""
+        clear_run_dir(self.run_dir)
+        (self.run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
         self._open()
 
     def reopen(self, ckpt: Checkpoint) -> None:
@@ -245,6 +258,32 @@ class RunWriter:
         save_model(self.run_dir / MODEL_FILE, ckpt.model, ckpt.spec, {"tinydeploy.kind": "run"})
         write_json(self.run_dir / ARCH_FILE, ckpt.spec.to_dict())
         write_json(self.run_dir / METRICS_FILE, {**metrics, "history": history})
+
+
+def foreign_export(run_dir: Path) -> str | None:
+    """Why ``run_dir/artifacts`` must not be removed by ``grow --force`` (None when it may: absent, empty,
+    or an export directory written by tinydeploy)."""
+    path = run_dir / EXPORT_DIR
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        return f"{path} is not a directory"
+    if path.is_dir() and any(path.iterdir()) and not (path / EXPORT_MANIFEST).is_file():
+        return f"{path} holds files but no {EXPORT_MANIFEST}, so no tinydeploy export wrote it"
+    return None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove everything a run owns in ``run_dir`` (its files, checkpoints, seeds and default export
+    directory), nothing else; ``foreign_export`` must have been checked."""
+    problem = foreign_export(run_dir)
+    if problem:
+        raise TinyDeployError(f"{problem}: --force removes only what a run owns; move it out of {run_dir}")
+    for name in (COMMIT_LOG, MODEL_FILE, ARCH_FILE, METRICS_FILE, SEEDS_FILE, DATA_FILE, *LOGS):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (CHECKPOINTS_DIR, SEEDS_DIR, EXPORT_DIR):
+        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+            shutil.rmtree(run_dir / name)
+    for entry in run_dir.glob(f".tinydeploy-staging-{EXPORT_DIR}-*"):  # leftovers of killed exports
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -1,0 +1,150 @@
+"""User files as a new user brings them: the task (auto-detected or --task), feature names from a CSV
+header or an .npz, blank cells refused with their row, and regression scored with RMSE, MAE and R^2
+from metrics.json to the export's parity and report (real files, real grows on the CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+from typer.testing import CliRunner
+
+from cli.main import app
+from tinydeploy.data import load_dataset
+from tinydeploy.data.arrays import infer_task
+from tinydeploy.errors import DataError
+from tinydeploy.export.quantize import QuantizationError, quantize_int8
+from tinydeploy.model.scores import regression_scores
+
+TINY = ["--max-growth-epochs", "0.5", "--final-epochs", "1", "--threads", "1", "--device", "cpu"]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _save_npz(path: Path, X: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> Path:
+    n = int(len(X) * 0.8)
+    np.savez(path, X_train=X[:n], y_train=y[:n], X_test=X[n:], y_test=y[n:], **extra)
+    return path
+
+
+# ----- the task ----------------------------------------------------------------------------------------
+def test_task_rule_on_labels_and_quantities() -> None:
+    diabetes = load_diabetes().target  # 214 distinct whole numbers among 442 samples
+    assert np.array_equal(diabetes, np.round(diabetes)) and infer_task(diabetes) == "regression"
+    assert infer_task(np.arange(300) % 10) == "classification"  # 10 values: always labels
+    assert infer_task(np.arange(1000) % 100) == "classification"  # 100 values, 10 samples each
+    assert infer_task(np.arange(400) % 100) == "regression"  # 100 values, 4 samples each
+    assert infer_task(np.array([0.5, 1.0, 2.0] * 10)) == "regression"
+    assert infer_task(np.zeros((30, 2))) == "regression"
+
+
+def test_integer_regression_npz_grows_as_regression_without_options(tmp_path: Path) -> None:
+    """sklearn's diabetes saved as .npz: whole-number targets, a regression (issue 15 acceptance)."""
+    data = load_diabetes()
+    path = _save_npz(tmp_path / "diabetes.npz", data.data.astype(np.float32), data.target,
+                     feature_names=np.array(data.feature_names))
+    grown = cli("grow", "--dataset", path, "--out", tmp_path / "run", *TINY)
+    assert grown.exit_code == 0, grown.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["task"] == "regression"
+    test = metrics["metrics"]["test"]
+    assert test["rmse"] == pytest.approx(np.sqrt(test["mse"])) and -5 < test["r2"] <= 1 and test["mae"] > 0
+    assert "test  rmse" in grown.stdout and ", r2 " in grown.stdout
+    arch = json.loads((tmp_path / "run" / "arch.json").read_text())
+    assert arch["feature_names"] == list(data.feature_names)
+    exported = cli("export", tmp_path / "run", "--onnx")
+    assert exported.exit_code == 0, exported.stderr
+    header = next(line for line in exported.stdout.splitlines() if line.startswith("format"))
+    assert header.split()[-3:] == ["rmse", "r2", "parity"]
+    assert "frozen model on the test split: rmse " in exported.stdout
+    parity = json.loads((tmp_path / "run" / "artifacts" / "parity.json").read_text())
+    scores = parity["formats"]["onnx"]["metric"]["scores"]
+    assert scores["artifact"]["r2"] == pytest.approx(scores["frozen"]["r2"], abs=1e-5)
+    assert scores["frozen"]["mse"] == pytest.approx(test["mse"], rel=1e-4)
+    report = cli("report", tmp_path / "run" / "artifacts")
+    assert all(f"test {name}" in report.stdout for name in ("mse", "rmse", "mae", "r2"))
+    try:  # the int8 gate reports the same scores (whether or not int8 passes on this briefly trained model)
+        gate = quantize_int8(tmp_path / "run" / "artifacts", latency_iters=3).report["gate"]
+    except QuantizationError as exc:
+        gate = exc.result["gate"]
+    assert gate["scores"]["int8"]["mse"] == gate["int8"] and gate["scores"]["fp32"]["mse"] == gate["fp32"]
+    for name in ("rmse", "mae", "r2"):
+        assert gate["scores"]["fp32"][name] == pytest.approx(scores["artifact"][name], rel=1e-6, abs=1e-9)
+
+
+def test_task_option_overrides_and_the_label_error_suggests_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3)).astype(np.float32)
+    y = (np.arange(400) % 7) + 3  # 7 whole numbers 3..9: taken for labels, but not 0..C-1
+    path = _save_npz(tmp_path / "counts.npz", X, y)
+    with pytest.raises(DataError, match=r"labels must be 0\.\.C-1 .*relabel them; if y is a quantity rather than a "
+                                        r"class label, pass --task regression$"):
+        load_dataset(str(path))
+    assert load_dataset(str(path), task="regression").task == "regression"
+    assert load_dataset(str(path), task="regression").source["task"] == "regression"
+    fractions = _save_npz(tmp_path / "fractions.npz", X, rng.normal(size=400))
+    with pytest.raises(DataError, match=r"--task classification: y_train/y_test in .* are not one column of whole "
+                                        r"numbers, so they cannot be class labels"):
+        load_dataset(str(fractions), task="classification")
+    refused = cli("grow", "--dataset", "sine", "--task", "classification", "--out", tmp_path / "r")
+    assert refused.exit_code == 2 and refused.stderr.strip() == (
+        "error: --task classification: 'sine' is a regression dataset; --task applies to your .npz/.csv files: drop it")
+    bad = cli("grow", "--dataset", path, "--task", "ranking", "--out", tmp_path / "r")
+    assert bad.exit_code == 2 and "unknown --task 'ranking': use classification or regression" in bad.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_csv_numbers_follow_the_same_rule(tmp_path: Path) -> None:
+    rows = "\n".join(f"{i % 13},{(i * 37) % 200}" for i in range(100))
+    (tmp_path / "q.csv").write_text("x,y\n" + rows + "\n")
+    data = load_dataset(str(tmp_path / "q.csv"), target="y")  # 100 distinct values among 100 rows
+    assert data.task == "regression" and data.feature_names == ("x",)
+    assert load_dataset(str(tmp_path / "q.csv"), target="x").task == "classification"  # 13 values, 7+ each
+
+
+def test_pickled_arrays_are_refused_by_name_never_loaded(tmp_path: Path) -> None:
+    """pandas columns saved as they are become object arrays: refused with the array's name and the fix."""
+    X = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    labels = np.array(["yes", "no"] * 30, dtype=object)
+    path = _save_npz(tmp_path / "objects.npz", X, labels)
+    with pytest.raises(DataError, match=rf"^y_train in {path} is an array of Python objects \(pickled\), which "
+                                        r"tinydeploy never loads: save it as numbers or strings, e\.g\. "
+                                        r"np\.asarray\(y_train, dtype=float\) or dtype=str$"):
+        load_dataset(str(path))
+    path = _save_npz(tmp_path / "names.npz", X, np.arange(60) % 2, feature_names=np.array(["a", "b"], dtype=object))
+    with pytest.raises(DataError, match=rf"^feature_names in {path} is an array of Python objects"):
+        load_dataset(str(path))
+
+
+# ----- blank cells -------------------------------------------------------------------------------------
+def test_blank_label_cell_is_refused_with_its_row(tmp_path: Path) -> None:
+    lines = ["a,b,label"] + [f"{i},{i % 3},{'yes' if i % 2 else 'no'}" for i in range(30)]
+    lines[8] = "7,1,"  # line 9 of the file: a blank text label
+    path = tmp_path / "blank.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{path} row 9: the label column 'label' is blank: fill it in or drop the row$"):
+        load_dataset(str(path), target="label")
+    lines[8], lines[20] = "7,1,yes", " ,1,no"  # a blank feature cell, line 21
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{path} row 21: the feature column 'a' is blank: fill it in or drop the row$"):
+        load_dataset(str(path), target="label")
+
+
+# ----- scores ------------------------------------------------------------------------------------------
+def test_regression_scores_equal_scikit_learn_metrics() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(50, 2))
+    out = y + rng.normal(scale=0.3, size=(50, 2))
+    scores = regression_scores(out, y)
+    assert scores["mse"] == pytest.approx(mean_squared_error(y, out))
+    assert scores["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, out)))
+    assert scores["mae"] == pytest.approx(mean_absolute_error(y, out))
+    assert scores["r2"] == pytest.approx(r2_score(y, out))
+    constant = np.ones((10, 1))
+    assert regression_scores(constant, constant)["r2"] == 1.0 and regression_scores(constant * 2, constant)["r2"] == 0.0
