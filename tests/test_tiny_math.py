@@ -42,7 +42,7 @@ def test_eq_9_bottleneck_drops_by_sum_of_squared_lambdas(activation):
     dW = linalg.best_update(m.S_h, m.N_h)
     psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
     V_proj = V - dW @ B_h
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     assert len(neurons.lambdas) >= 2
     for k in range(1, len(neurons.lambdas) + 1):
         first = neurons.first(k)
@@ -57,7 +57,7 @@ def test_new_neurons_pre_activation_variations_are_orthogonal():
     B_prev, _, _ = explicit_activities(model, X, y, loss_fn, 2, 4)
     m = moments_for(model, X, y, loss_fn, 2)
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     variations = [torch.outer(neurons.omega[:, k], neurons.alpha[k] @ B_prev) for k in range(len(neurons.lambdas))]
     gram = torch.tensor([[float((a * b).sum()) for b in variations] for a in variations], dtype=torch.float64)
     off_diagonal = gram - torch.diag(torch.diag(gram))
@@ -71,7 +71,7 @@ def test_prop_3_4_alphas_solve_the_generalised_eigenproblem():
     m = moments_for(model, X, y, loss_fn, 0)  # inputs are Gaussian: S is positive definite
     assert torch.linalg.eigvalsh(m.S).min() > 1e-3
     dW = linalg.best_update(m.S_h, m.N_h)
-    N = linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
+    N = m.projected_cross_moment(dW)
     neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
     for k, lam in enumerate(neurons.lambdas):
         alpha = neurons.alpha[k]
@@ -95,7 +95,7 @@ def test_eq_10_first_order_loss_decrease_with_linear_activation():
 
 def _all_neurons(m):
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     return {"alpha": neurons.alpha, "omega": neurons.omega, "lambdas": [float(v) for v in neurons.lambdas], "dW": dW}
 
 
@@ -120,10 +120,10 @@ def test_rank_is_bounded_by_fan_in_and_next_width():
     spec, model, X, y, loss_fn = small_problem(widths=(1, 1))
     m = moments_for(model, X, y, loss_fn, 0)  # next layer has width 1
     dW = linalg.best_update(m.S_h, m.N_h)
-    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW)).lambdas) == 1
+    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW)).lambdas) == 1
     m2 = moments_for(model, X, y, loss_fn, 2)  # fan-in 1 (+ bias): at most 2 neurons
     dW2 = linalg.best_update(m2.S_h, m2.N_h)
-    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m2.S), linalg.projected_cross_moment(m2.N_v, m2.S_ph, dW2)).lambdas) <= 2
+    assert len(linalg.new_neurons(linalg.psd_inverse_sqrt(m2.S), m2.projected_cross_moment(dW2)).lambdas) <= 2
 
 
 def test_psd_inverse_sqrt_cuts_null_directions():

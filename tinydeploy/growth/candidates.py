@@ -50,16 +50,18 @@ def _gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tens
     """N_null = B^t V_gauss^T / n with V_gauss independent of the inputs, drawn at each of the consumer's
     L output positions from N(0, covariance / L) (``covariance`` sums over the positions): N_z (from a
     standard Gaussian Z) mixed by a square root of that covariance."""
-    L = linalg.psd_sqrt(covariance / m.out_positions)
+    L = linalg.psd_factor(covariance / m.out_positions)
     if m.taps == 1:
         return m.N_z @ L.T
     N_z = m.N_z.reshape(m.N_z.shape[0], m.n_outputs, m.taps)
     return torch.einsum("dcp,mc->dmp", N_z, L).reshape(m.N_z.shape[0], -1)
 
 
-def bottleneck(m: LayerMoments) -> float:
-    """Psi with the paper's dW* (pseudo-inverse, no ridge), Eq. 4 + Prop. 3.1."""
-    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, linalg.best_update(m.S_h, m.N_h)))
+def bottleneck(m: LayerMoments, dW: torch.Tensor | None = None) -> float:
+    """Psi with the paper's dW* (pseudo-inverse, no ridge; pass it as ``dW`` when already computed),
+    Eq. 4 + Prop. 3.1."""
+    dW = linalg.best_update(m.S_h, m.N_h) if dW is None else dW
+    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
 
 
 def fan_out(columns: torch.Tensor, m: LayerMoments) -> torch.Tensor:
@@ -75,8 +77,8 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     (earlier appendix D.3). For a conv pair the kernels are alpha_k (C_prev, k, k) and omega_k
     (C_next, k', k') and the bottleneck drops by at least sum lambda_k^2 (Eq. 71). ``ridge``: see
     ``linalg.ridged`` (0: the paper's formulas)."""
-    dW = linalg.best_update(m.S_h, m.N_h, ridge=ridge)
-    psi = bottleneck(m)
+    dW = m.best_update(ridge)
+    psi = bottleneck(m, dW if ridge == 0.0 else None)
     N = m.projected_cross_moment(dW)
     S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
