@@ -134,3 +134,21 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     result = tinydeploy("grow", "--device", "cuda", "--out", str(tmp_path / "x"), *FAST)
     assert result.returncode == 2
     assert "--device cuda was asked for but no usable CUDA GPU is visible to torch" in result.stderr
+
+
+def test_user_file_gets_a_budget_from_its_sample_count_and_says_so(tmp_path):
+    """A user .npz has no default budget: it gets USER_PARAMS_PER_SAMPLE per training sample, stated in a
+    notice, and growth stops on it."""
+    from tinydeploy.training.config import USER_PARAMS_PER_SAMPLE
+    from tinydeploy.training.job import prepare_grow
+
+    data = _npz(tmp_path / "mine.npz")
+    job = prepare_grow(GrowConfig(dataset=str(data), max_growth_epochs=0.0, final_epochs=0.0, device="cpu"),
+                       tmp_path / "run")
+    n_train = len(job.data.X_train)
+    assert job.max_params == USER_PARAMS_PER_SAMPLE * n_train
+    assert job.notices == [f"no --max-params: the budget is {USER_PARAMS_PER_SAMPLE} parameters per training sample, "
+                           f"{USER_PARAMS_PER_SAMPLE * n_train:,} for {n_train:,} samples (pass --max-params to change it)"]
+    given = prepare_grow(GrowConfig(dataset=str(data), max_params=50, device="cpu"), tmp_path / "run2")
+    assert given.max_params == 50 and given.notices == []
+    assert prepare_grow(GrowConfig(device="cpu"), tmp_path / "run3").notices == []  # digits: its own default

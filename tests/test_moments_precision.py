@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from growth_fixtures import explicit_activities, moments_for, small_problem
-from tinydeploy.growth import linalg, statistics
+from tinydeploy.growth import candidates, linalg, statistics
 from tinydeploy.growth.statistics import gather_moments
 
 
@@ -111,3 +111,30 @@ def test_psd_factor_is_a_square_root_also_of_singular_matrices(width):
     S = A @ A.T  # rank <= width < 5
     C = linalg.psd_factor(S)
     torch.testing.assert_close(C @ C.T, S, rtol=0, atol=1e-12 * float(S.abs().max()))
+
+
+def test_new_neurons_fan_in_stays_bounded_on_ill_conditioned_float32_inputs():
+    """Five informative inputs and five nearly constant ones (std 1e-4 of the others: relative eigenvalues
+    ~1e-8 of S, above the old constant cut 1e-10 but below B's numerical rank at float32, ``rank_cut``):
+    with the rank cut the largest fan-in weight stays O(1); with the constant cut those directions get
+    weights ~ sigma^(-1/2) (measured: 546). The top lambda, carried by the informative directions, is unchanged."""
+    torch.manual_seed(0)
+    n = 2000
+    X = torch.randn(n, 10)
+    X[:, 5:] *= 1e-4
+    y = (X[:, :2].pow(2).sum(1) * 2 + X[:, 2]).long().clamp(0, 4)
+    _, model, _, _, loss_fn = small_problem(widths=(3, 4), d=10)
+    model = model.float()
+    m = moments_for(model, X, y, loss_fn, 0)
+    assert m.eps == torch.finfo(torch.float32).eps
+    cut = linalg.rank_cut(m.n, m.S.shape[0], m.eps)
+    sigma = torch.linalg.eigvalsh(m.S)
+    assert ((sigma > 1e-10 * sigma.max()) & (sigma < cut * sigma.max())).sum() >= 5
+    N = m.projected_cross_moment(m.best_update())
+    bounded = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S, cut), N)
+    constant = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
+    assert float(bounded.alpha.abs().max()) < 10.0
+    assert float(constant.alpha.abs().max()) > 100.0
+    torch.testing.assert_close(bounded.lambdas[0], constant.lambdas[0], rtol=1e-2, atol=0)
+    candidate = candidates.tiny(m, 16)
+    assert candidate.alpha.numel() and float(candidate.alpha.abs().max()) < 10.0

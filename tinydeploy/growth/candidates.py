@@ -76,11 +76,12 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     neurons from the SVD of S^(-1/2) N, kept only where lambda_k exceeds the null threshold lambda_-
     (earlier appendix D.3). For a conv pair the kernels are alpha_k (C_prev, k, k) and omega_k
     (C_next, k', k') and the bottleneck drops by at least sum lambda_k^2 (Eq. 71). ``ridge``: see
-    ``linalg.ridged`` (0: the paper's formulas)."""
+    ``linalg.ridged`` (0: the paper's formulas). S^(-1/2) cuts the directions below B's numerical rank
+    (``linalg.rank_cut``: the activities' dtype and the sample count)."""
     dW = m.best_update(ridge)
     psi = bottleneck(m, dW if ridge == 0.0 else None)
     N = m.projected_cross_moment(dW)
-    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, ridge=ridge)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, _gaussian_like_goal(m, covariance)))

@@ -23,6 +23,16 @@ def ridged(S: torch.Tensor, ridge: float) -> torch.Tensor:
     return S + ridge * (torch.trace(S) / S.shape[0]) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
 
 
+def rank_cut(n: int, d: int, eps: float) -> float:
+    """Relative eigenvalue cut of S = B B^T / n (B: d x n, entries of unit roundoff ``eps``) at B's
+    numerical rank: singular values of B below max(n, d) eps s_max are indistinguishable from the
+    rounding of its entries (the LAPACK / numpy ``matrix_rank`` tolerance), i.e. eigenvalues of S below
+    (max(n, d) eps)^2 sigma_max; never below ``DEFAULT_RELATIVE_CUT``. For float32 activities and
+    n = 3,200 samples: 1.5e-7. Directions below it would get fan-in weights ~ sigma^(-1/2) (Prop. 3.2:
+    alpha_k = sqrt(lambda_k) S^(-1/2) u_k) that amplify rounding (and unseen test values) by > 2,500."""
+    return max(DEFAULT_RELATIVE_CUT, (max(n, d) * eps) ** 2)
+
+
 def _eigen(S: torch.Tensor, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma^(-1/2) with 1/0 := 0 below the cut, O) from ridged(S) = O diag(sigma) O^T."""
     sigma, O = torch.linalg.eigh(ridged(S, ridge))

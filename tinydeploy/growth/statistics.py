@@ -86,6 +86,7 @@ class LayerMoments:
     out_positions: int = 1
     dW: torch.Tensor | None = None
     ridge: float = 0.0
+    eps: float = 0.0  # unit roundoff of the activities the products were formed from (``linalg.rank_cut``)
 
     @property
     def v_sq_norm(self) -> torch.Tensor:
@@ -512,7 +513,8 @@ def gather_moments(
         if i not in spatial:
             moments["N_z"] = derived_probe(moments["S"], moments["VV"].shape[0], counts[i], generator)
         found.append(LayerMoments(p.in_index, p.out_index, counts[i], **moments, tap_shape=m["tap_shape"],
-                                  out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge))
+                                  out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge,
+                                  eps=torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0))
     return found
 
 

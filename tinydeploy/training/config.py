@@ -30,6 +30,17 @@ DATASET_DEFAULTS: dict[str, dict[str, float]] = {
     "cifar100": {"max_params": 300000},
 }
 
+#: Parameter budget of a dataset without a default (a user file), per training sample: the built-in
+#: budgets are 2.6 (digits), 3.75 (mnist1d) and 4.7 (mnist5k) parameters per training sample.
+USER_PARAMS_PER_SAMPLE = 4
+
+
+def default_max_params(dataset: str, n_train: int) -> int:
+    """The parameter budget when --max-params is not given: the dataset's default, else (user files)
+    ``USER_PARAMS_PER_SAMPLE`` per training sample."""
+    budget = DATASET_DEFAULTS.get(dataset, {}).get("max_params")
+    return int(budget) if budget is not None else USER_PARAMS_PER_SAMPLE * n_train
+
 
 #: The training and growth recipe of each architecture, for the options left unset (None): the same for
 #: grown nets and for fixed ones (``--max-growth-epochs 0``). CNNs train on larger batches, grow once an
