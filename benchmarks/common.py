@@ -92,12 +92,13 @@ def source_info() -> dict[str, Any]:
     return info
 
 
-def snapshot(ref: str, into: Path) -> Path:
-    """The package at git ``ref`` extracted under ``into`` (git archive; the checkout is not touched)."""
+def snapshot(ref: str, into: Path, paths: tuple[str, ...] = ("tinydeploy",)) -> Path:
+    """The package (and other ``paths``) at git ``ref`` extracted under ``into`` (git archive; the
+    checkout is not touched)."""
     import subprocess
     import tarfile
 
-    archive = subprocess.run(["git", "-C", str(BENCH_DIR.parent), "archive", ref, "tinydeploy"], capture_output=True,
+    archive = subprocess.run(["git", "-C", str(BENCH_DIR.parent), "archive", ref, *paths], capture_output=True,
                              check=True).stdout
     tar = into / "src.tar"
     tar.write_bytes(archive)

@@ -39,6 +39,7 @@ from tinydeploy.training.architecture import initial_spec, live_initialisation
 from tinydeploy.training.config import (
     DATASET_DEFAULTS,
     SINGLE_THREAD_MAX_PARAMS,
+    USER_MIN_WIDTH,
     USER_PARAMS_PER_SAMPLE,
     GrowConfig,
     default_max_params,
@@ -163,9 +164,9 @@ class GrowJob:
         self._evaluations: dict[str, Any] = {}
         self._config = asdict(cfg)
         if cfg.max_params is None and "max_params" not in DATASET_DEFAULTS.get(cfg.dataset, {}):
-            self.notices.append(f"no --max-params: the budget is {USER_PARAMS_PER_SAMPLE} parameters per training "
-                                f"sample, {self.max_params:,} for {len(self.data.X_train):,} samples "
-                                "(pass --max-params to change it)")
+            self.notices.append(f"no --max-params: the budget is {self.max_params:,} parameters (the larger of "
+                                f"{USER_PARAMS_PER_SAMPLE} per training sample and a hidden layer of {USER_MIN_WIDTH} "
+                                "units; pass --max-params to change it)")
 
     @property
     def is_main(self) -> bool:
@@ -208,7 +209,8 @@ class GrowJob:
         if getattr(self.cfg, name) is not None:
             return getattr(self.cfg, name)
         if name == "max_params":
-            return default_max_params(self.cfg.dataset, len(self.data.X_train))
+            return default_max_params(self.cfg.dataset, len(self.data.X_train), math.prod(self.spec.input_shape),
+                                      self.spec.n_outputs)
         budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get(name)
         return int(budget) if budget is not None else None
 
