@@ -57,11 +57,9 @@ def _gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tens
     return torch.einsum("dcp,mc->dmp", N_z, L).reshape(m.N_z.shape[0], -1)
 
 
-def bottleneck(m: LayerMoments, dW: torch.Tensor | None = None) -> float:
-    """Psi with the paper's dW* (pseudo-inverse, no ridge; pass it as ``dW`` when already computed),
-    Eq. 4 + Prop. 3.1."""
-    dW = linalg.best_update(m.S_h, m.N_h) if dW is None else dW
-    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
+def bottleneck(m: LayerMoments) -> float:
+    """Psi with the paper's dW* (pseudo-inverse, no ridge), Eq. 4 + Prop. 3.1."""
+    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, m.best_update()))
 
 
 def fan_out(columns: torch.Tensor, m: LayerMoments) -> torch.Tensor:
@@ -79,11 +77,11 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     ``linalg.ridged`` (0: the paper's formulas). S^(-1/2) cuts the directions below B's numerical rank
     (``linalg.rank_cut``: the activities' dtype and the sample count)."""
     dW = m.best_update(ridge)
-    psi = bottleneck(m, dW if ridge == 0.0 else None)
+    covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
+    psi = float(torch.trace(covariance)) if ridge == 0.0 else bottleneck(m)  # Eq. 4: Psi = tr(V_proj V_proj^T) / n
     N = m.projected_cross_moment(dW)
     S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
-    covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, _gaussian_like_goal(m, covariance)))
     significant = int((neurons.lambdas > lambda_null).sum())
     kept = neurons.first(min(max_neurons, significant))
