@@ -13,7 +13,8 @@ Reported side by side, per dataset: the grown net; the best fixed grid net with 
 than the grown one (mean test accuracy over seeds); the grid's pick by validation accuracy (what a
 user choosing among the grid would deploy, any size); the wall time of the grow against the whole
 grid and against FS. Wall times are each job's own (``prepare_grow`` + ``run``, data loading
-included), measured in the same run, so their ratios are comparable even on a loaded machine.
+included) and its CPU time, measured in the same run; on a shared machine the CPU-time ratios are the
+more reliable.
 
 Usage:
     .venv/bin/python benchmarks/vs_width_search.py                      # digits 5 seeds, mnist1d + moons 3 seeds
@@ -44,18 +45,18 @@ NAME = "vs_width_search"
 def run_one(dataset: str, seed: int, label: str, cfg: GrowConfig) -> dict[str, Any]:
     """One grow or fixed-width job in a scratch run directory; its wall time includes preparing the data."""
     with tempfile.TemporaryDirectory() as scratch:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         job = prepare_grow(cfg, Path(scratch) / "run")
         result = job.run()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     m = result.metrics
     row = {"dataset": dataset, "seed": seed, "label": label, "widths": m["final_widths"], "params": m["params"],
            "test_accuracy": m["metrics"]["test"]["accuracy"], "val_accuracy": m["metrics"]["val"]["accuracy"],
-           "epochs": m["epochs"], "wall_s": wall, "stop_reason": m["stop_reason"],
+           "epochs": m["epochs"], "wall_s": wall, "cpu_s": cpu, "stop_reason": m["stop_reason"],
            "growth_events": m["growth_events"], "phases_s": m["wall_time_s"]}
     print(f"{dataset} seed {seed} {label:14s} widths {str(row['widths']):12s} params {row['params']:>7,} "
           f"test {100 * row['test_accuracy']:.1f}% val {100 * row['val_accuracy']:.1f}% epochs {row['epochs']:.1f} "
-          f"stop {row['stop_reason']} ({wall:.1f} s)", flush=True)
+          f"stop {row['stop_reason']} ({wall:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
     return row
 
 
@@ -106,9 +107,11 @@ def summarise(rows: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
     best_cheaper = max(cheaper, key=lambda k: _mean(by[k], "test_accuracy")) if cheaper else None
     picks = [max((r for r in sel if r["label"] in grid and r["seed"] == s), key=lambda r: r["val_accuracy"])
              for s in seeds]
-    grid_wall = [sum(r["wall_s"] for r in sel if r["label"] in grid and r["seed"] == s) for s in seeds]
-    grow_wall = [r["wall_s"] for r in grown]
-    fs_wall = [r["wall_s"] for r in by["FS"]]
+    def per_seed(key: str) -> dict[str, list[float]]:
+        return {"grow": [r[key] for r in grown], "fs": [r[key] for r in by["FS"]],
+                "grid": [sum(r[key] for r in sel if r["label"] in grid and r["seed"] == s) for s in seeds]}
+
+    wall, cpu = per_seed("wall_s"), per_seed("cpu_s")
     return {
         "seeds": seeds,
         "grow": {"test_accuracy": _mean(grown, "test_accuracy"), "params": grow_params,
@@ -119,11 +122,14 @@ def summarise(rows: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
             "params": _mean(by[best_cheaper], "params")},
         "grid_pick_by_val": {"labels": [r["label"] for r in picks],
                              "test_accuracy": _mean(picks, "test_accuracy"), "params": _mean(picks, "params")},
-        "wall_s": {"grow": grow_wall, "fs": fs_wall, "grid": grid_wall},
-        "grow_over_grid": mean_std([g / t for g, t in zip(grow_wall, grid_wall)])[0],
-        "grow_over_fs": mean_std([g / f for g, f in zip(grow_wall, fs_wall)])[0],
+        "wall_s": wall, "cpu_s": cpu,
+        "grow_over_grid": mean_std([g / t for g, t in zip(wall["grow"], wall["grid"])])[0],
+        "grow_over_fs": mean_std([g / f for g, f in zip(wall["grow"], wall["fs"])])[0],
+        "grow_over_grid_cpu": mean_std([g / t for g, t in zip(cpu["grow"], cpu["grid"])])[0],
+        "grow_over_fs_cpu": mean_std([g / f for g, f in zip(cpu["grow"], cpu["fs"])])[0],
         "table": [[label, fmt_pm([r["test_accuracy"] for r in by[label]], 100), fmt_int(_mean(by[label], "params")),
-                   f"{_mean(by[label], 'epochs'):.1f}", f"{_mean(by[label], 'wall_s'):.1f}"] for label in labels],
+                   f"{_mean(by[label], 'epochs'):.1f}", f"{_mean(by[label], 'wall_s'):.1f}",
+                   f"{_mean(by[label], 'cpu_s'):.1f}"] for label in labels],
     }
 
 
@@ -151,21 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         write_json(results_path(f"{NAME}.partial.json"), {"rows": rows})
         s = summaries[dataset] = summarise(rows, dataset)
         report.table(f"{dataset}: seeds {','.join(map(str, seeds))}",
-                     ["net", "test acc %", "params", "epochs", "wall s (mean)"], s.pop("table"))
+                     ["net", "test acc %", "params", "epochs", "wall s (mean)", "CPU s (mean)"], s.pop("table"))
     head = ["dataset", "grown: test %", "params", "best fixed <= grown params", "its test %",
-            "grid pick by val: test %", "its params", "grow s / grid s", "grow s / FS s"]
+            "grid pick by val: test %", "its params", "grow / grid (wall; CPU)", "grow / FS (wall; CPU)"]
     body = []
     for dataset, s in summaries.items():
         best = s["best_fixed_at_most_grown_params"]
         body.append([dataset, f"{100 * s['grow']['test_accuracy']:.2f}", fmt_int(s["grow"]["params"]),
                      best["label"] if best else "none", f"{100 * best['test_accuracy']:.2f}" if best else "-",
                      f"{100 * s['grid_pick_by_val']['test_accuracy']:.2f}", fmt_int(s["grid_pick_by_val"]["params"]),
-                     f"{s['grow_over_grid']:.2f}", f"{s['grow_over_fs']:.2f}"])
+                     f"{s['grow_over_grid']:.2f}; {s['grow_over_grid_cpu']:.2f}",
+                     f"{s['grow_over_fs']:.2f}; {s['grow_over_fs_cpu']:.2f}"])
     report.table("Summary: one grow vs the grid", head, body, note=(
         "Means over seeds. 'best fixed <= grown params': the grid net with the best mean test accuracy among "
         "those with no more mean params than the grown nets. 'grid pick by val': per seed, the grid net with the "
-        "best validation accuracy (any size). 'grow s / grid s': per seed, the grow's wall time over the sum of "
-        "the grid's, averaged; 'grow s / FS s': over training the grown widths from scratch for the same epochs. "
+        "best validation accuracy (any size). 'grow / grid': per seed, the grow's time over the sum of the grid's, "
+        "averaged; 'grow / FS': over training the grown widths from scratch for the same epochs. Wall time and "
+        "the process's CPU time (less sensitive to other users of the shared cores) of each job. "
         f"Grid widths {widths} on each of {args.layers} hidden layers; default recipe and budgets; 1 torch thread."))
     report.write({"settings": vars(args), "summary": summaries, "rows": rows}, machine)
     results_path(f"{NAME}.partial.json").unlink(missing_ok=True)
