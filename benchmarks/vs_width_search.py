@@ -19,11 +19,13 @@ more reliable.
 Usage:
     .venv/bin/python benchmarks/vs_width_search.py                      # digits 5 seeds, mnist1d + moons 3 seeds
     .venv/bin/python benchmarks/vs_width_search.py --datasets digits --seeds 0 --widths 8,32 --name smoke
+    .venv/bin/python benchmarks/vs_width_search.py --from results/a.json,results/b.json   # one report of two runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -54,7 +56,7 @@ def run_one(dataset: str, seed: int, label: str, cfg: GrowConfig) -> dict[str, A
            "test_accuracy": m["metrics"]["test"]["accuracy"], "val_accuracy": m["metrics"]["val"]["accuracy"],
            "epochs": m["epochs"], "wall_s": wall, "cpu_s": cpu, "stop_reason": m["stop_reason"],
            "growth_events": m["growth_events"], "phases_s": m["wall_time_s"]}
-    print(f"{dataset} seed {seed} {label:14s} widths {str(row['widths']):12s} params {row['params']:>7,} "
+    print(f"{dataset} seed {seed} {label:14s} widths {row['widths']!s:12s} params {row['params']:>7,} "
           f"test {100 * row['test_accuracy']:.1f}% val {100 * row['val_accuracy']:.1f}% epochs {row['epochs']:.1f} "
           f"stop {row['stop_reason']} ({wall:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
     return row
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="4,8,16,32,64,128", help="fixed width w of each hidden layer")
     p.add_argument("--layers", type=int, default=2, help="hidden layers of the grid nets (the grow's default: 2)")
     p.add_argument("--name", default=NAME, help="results file stem")
+    p.add_argument("--from", dest="sources", help="comma-separated results JSON files (their 'rows') to "
+                   "report together instead of running, e.g. two runs of different datasets")
     args = p.parse_args(argv)
     NAME = args.name
     torch.set_num_threads(1)
@@ -151,10 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(NAME, "Growth vs the width search a user would otherwise run")
     rows: list[dict[str, Any]] = []
     summaries: dict[str, Any] = {}
+    sources = [Path(f) for f in (args.sources or "").split(",") if f]
+    if sources:
+        rows = [r for f in sources for r in json.loads(f.read_text())["rows"]]
+        datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+        widths = sorted({r["widths"][0] for r in rows if r["label"].startswith("grid")})
     for dataset in datasets:
         seeds = [int(s) for s in (args.digits_seeds if dataset == "digits" else args.seeds).split(",") if s]
-        rows += run_dataset(dataset, seeds, widths, args.layers)
-        write_json(results_path(f"{NAME}.partial.json"), {"rows": rows})
+        if sources:
+            seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
+        else:
+            rows += run_dataset(dataset, seeds, widths, args.layers)
+            write_json(results_path(f"{NAME}.partial.json"), {"rows": rows})
         s = summaries[dataset] = summarise(rows, dataset)
         report.table(f"{dataset}: seeds {','.join(map(str, seeds))}",
                      ["net", "test acc %", "params", "epochs", "wall s (mean)", "CPU s (mean)"], s.pop("table"))
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "averaged; 'grow / FS': over training the grown widths from scratch for the same epochs. Wall time and "
         "the process's CPU time (less sensitive to other users of the shared cores) of each job. "
         f"Grid widths {widths} on each of {args.layers} hidden layers; default recipe and budgets; 1 torch thread."))
-    report.write({"settings": vars(args), "summary": summaries, "rows": rows}, machine)
+    report.write({"settings": vars(args), "sources": [str(f) for f in sources], "summary": summaries, "rows": rows},
+                 machine)
     results_path(f"{NAME}.partial.json").unlink(missing_ok=True)
     return 0
 

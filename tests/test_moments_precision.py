@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from growth_fixtures import explicit_activities, moments_for, small_problem
+
 from tinydeploy.growth import candidates, linalg, statistics
 from tinydeploy.growth.statistics import gather_moments
 
