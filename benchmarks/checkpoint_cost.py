@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+from common import snapshot  # noqa: E402
 
 NAME = "checkpoint_cost"
 CASES = ("digits", "mnist1d-long")
@@ -85,20 +85,6 @@ def measure(case: str, epochs: float) -> dict[str, Any]:
             "growth_s": m["wall_time_s"]["growth"], "checkpoints": spent["checkpoints"], "growth_steps": m.get("growth_steps"),
             "final_widths": m["final_widths"], "params": m["params"], "epochs": m["epochs"],
             "test_accuracy": m["metrics"]["test"]["accuracy"], "run_dir_bytes": size}
-
-
-def snapshot(ref: str, into: Path) -> Path:
-    """The package at git ``ref`` extracted under ``into`` (git archive; the checkout is not touched)."""
-    archive = subprocess.run(["git", "-C", str(BENCH.parent), "archive", ref, "tinydeploy"], capture_output=True,
-                             check=True).stdout
-    tar = into / "src.tar"
-    tar.write_bytes(archive)
-    with tarfile.open(tar) as handle:
-        handle.extractall(into, filter="data")
-    sha = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", ref], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    (into / "SNAPSHOT_OF").write_text(f"{ref} {sha}\n")
-    return into
 
 
 def run_case(root: Path, case: str, epochs: float) -> dict[str, Any]:

@@ -92,6 +92,24 @@ def source_info() -> dict[str, Any]:
     return info
 
 
+def snapshot(ref: str, into: Path, paths: tuple[str, ...] = ("tinydeploy",)) -> Path:
+    """The package (and other ``paths``) at git ``ref`` extracted under ``into`` (git archive; the
+    checkout is not touched)."""
+    import subprocess
+    import tarfile
+
+    archive = subprocess.run(["git", "-C", str(BENCH_DIR.parent), "archive", ref, *paths], capture_output=True,
+                             check=True).stdout
+    tar = into / "src.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as handle:
+        handle.extractall(into, filter="data")
+    sha = subprocess.run(["git", "-C", str(BENCH_DIR.parent), "rev-parse", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    (into / "SNAPSHOT_OF").write_text(f"{ref} {sha}\n")
+    return into
+
+
 def thread_kwargs(threads: int) -> dict[str, int]:
     """``threads=`` for GrowConfig when this tinydeploy version has the field (pins the job's CPU threads)."""
     from tinydeploy.training.config import GrowConfig

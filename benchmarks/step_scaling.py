@@ -4,7 +4,7 @@ Synthetic data: X ~ N(0, 1) with 64 features, 10 random classes, an MLP 64 -> w 
 both hidden layers growable. One TINY step = ``gather_moments`` over n samples (the library's
 default chunking) + ``candidates.tiny`` for both layers (16 neurons max). Its floor is the time of
 just the matrix products it must form, as single torch matmuls of the same shapes and dtype
-(float64) on pre-made tensors:
+(float32, the dtype of the library's products for a float32 model) on pre-made tensors:
 
 * ``S,N floor``: S = B_prev^T B_prev and N = B_prev^T V for both layers (what Prop. 3.2 needs);
 * ``all-products floor``: the seven products ``statistics._accumulate`` forms per layer
@@ -13,15 +13,28 @@ just the matrix products it must form, as single torch matmuls of the same shape
 
 ratio = step time / floor: 1.0 means the step costs no more than its arithmetic.
 
+``--baseline REF`` adds the side-by-side comparison with the code at git ``REF`` (a ``git archive``
+snapshot, e.g. ``main``) at width ``--compare-width`` and batch ``--compare-batch`` (issue 15: 256 and
+8,192, one thread): rounds of one fresh process per code, alternating, each timing ``--repeats`` steps
+after a warm-up (CPU time of the process and wall time); the speedup is the median over rounds of
+the per-round ratio, and the lambdas of both layers (all of them, before the significance test) are
+compared.
+
 Usage:
-    .venv/bin/python benchmarks/step_scaling.py
+    .venv/bin/python benchmarks/step_scaling.py --baseline main
     .venv/bin/python benchmarks/step_scaling.py --widths 8,32 --batches 256,1024 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, machine_info, pyplot, save_figure, timeit  # noqa: E402
+from common import Report, machine_info, pyplot, save_figure, snapshot, timeit  # noqa: E402
 
-from tinydeploy.growth import candidates  # noqa: E402
+from tinydeploy.growth import candidates, linalg  # noqa: E402
 from tinydeploy.growth.statistics import gather_moments  # noqa: E402
 
 NAME = "step_scaling"
@@ -60,14 +73,14 @@ def measure(width: int, n: int, repeats: int, gen: torch.Generator) -> dict[str,
     t_gather = timeit(gather, repeats)
     t_cand = timeit(propose, repeats)
 
-    # Floors: pre-made float64 tensors of the shapes the statistics multiply.
-    f64 = {"dtype": torch.float64}
+    # Floors: pre-made float32 tensors of the shapes the statistics multiply.
+    f32 = {"dtype": torch.float32}
     shapes = [  # (B_prev cols, B_h cols, V cols) for layer pairs (0 -> 2) and (2 -> 4), bias column included
         (D_IN + 1, width + 1, width),
         (width + 1, width + 1, N_OUT),
     ]
-    tensors = [(torch.randn(n, a, **f64, generator=gen), torch.randn(n, b, **f64, generator=gen),
-                torch.randn(n, c, **f64, generator=gen), torch.randn(n, c, **f64, generator=gen)) for a, b, c in shapes]
+    tensors = [(torch.randn(n, a, **f32, generator=gen), torch.randn(n, b, **f32, generator=gen),
+                torch.randn(n, c, **f32, generator=gen), torch.randn(n, c, **f32, generator=gen)) for a, b, c in shapes]
 
     def sn_products():
         for Bp, _, V, _ in tensors:
@@ -93,6 +106,78 @@ def measure(width: int, n: int, repeats: int, gen: torch.Generator) -> dict[str,
             "ratio_vs_sn": step / t_sn, "ratio_vs_all": step / (t_all + t_fb)}
 
 
+def step_case(width: int, n: int, repeats: int) -> dict:
+    """One code's step at (width, n): median CPU and wall seconds of ``repeats`` steps after a warm-up,
+    and every lambda of both layers (runs in a process importing that code)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, N_OUT))
+    X = torch.randn(n, D_IN, generator=gen)
+    y = torch.randint(0, N_OUT, (n,), generator=gen)
+
+    def gather():
+        return gather_moments(model, [0, 2], X, y, loss_fn, generator=gen)
+
+    def step():
+        return [candidates.tiny(m, MAX_NEURONS) for m in gather()]
+
+    step()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        step()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    lambdas = []
+    for m in gather():
+        dW = linalg.best_update(m.S_h, m.N_h)
+        N = m.projected_cross_moment(dW)
+        lambdas.append([float(v) for v in linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N).lambdas])
+    return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "lambdas": lambdas}
+
+
+def _lambda_difference(new: list[list[float]], old: list[list[float]]) -> float:
+    """Largest relative difference of the lambdas both codes find above 1e-3 of their layer's largest."""
+    worst = 0.0
+    for a, b in zip(new, old):
+        kept = [k for k in range(min(len(a), len(b))) if b[k] > 1e-3 * b[0]]
+        worst = max([worst] + [abs(a[k] - b[k]) / b[k] for k in kept])
+    return worst
+
+
+def compare(baseline: str, width: int, n: int, repeats: int, rounds: int, threads: int, report: Report) -> dict:
+    """This tree against a snapshot of git ``baseline``, alternating fresh processes, one table."""
+    records: dict[str, list[dict]] = {"this tree": [], baseline: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {"this tree": BENCH.parent, baseline: snapshot(baseline, Path(tmp))}
+        for r in range(rounds):
+            for label, root in roots.items():
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                out = subprocess.run([sys.executable, __file__, "--measure-step", f"{width},{n},{repeats}",
+                                      "--threads", str(threads)], env=env, capture_output=True, text=True,
+                                     check=True, cwd=root)
+                records[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r + 1}/{rounds} {label}: step {1e3 * records[label][-1]['cpu_s']:.1f} ms CPU, "
+                      f"{1e3 * records[label][-1]['wall_s']:.1f} ms wall", flush=True)
+    new, old = records["this tree"], records[baseline]
+    speedup = {k: statistics.median(o[k] / t[k] for o, t in zip(old, new)) for k in ("cpu_s", "wall_s")}
+    difference = _lambda_difference(new[0]["lambdas"], old[0]["lambdas"])
+    rows = [[label, f"{1e3 * statistics.median(x['cpu_s'] for x in recs):.1f}",
+             f"{1e3 * statistics.median(x['wall_s'] for x in recs):.1f}"] for label, recs in records.items()]
+    rows.append(["speedup (median of per-round ratios)", f"{speedup['cpu_s']:.2f}x", f"{speedup['wall_s']:.2f}x"])
+    report.table(f"One growth step, width {width}, batch {n:,}, {threads} thread(s): this tree vs {baseline}",
+                 ["code", "step ms (CPU)", "step ms (wall)"], rows,
+                 note=(f"{rounds} rounds x 2 fresh processes, alternating; each the median of {repeats} steps after a "
+                       f"warm-up. Lambdas of both layers (all, before the significance test), largest relative "
+                       f"difference: {difference:.1e}."))
+    return {"baseline": baseline, "width": width, "n": n, "rounds": rounds, "records": records,
+            "speedup": speedup, "lambda_max_rel_difference": difference}
+
+
+BENCH = Path(__file__).resolve().parent
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", default="8,32,128,512")
@@ -100,7 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="widths 8,64; batches 256,2048; 2 repeats")
+    p.add_argument("--baseline", help="git ref to compare one step with, side by side (e.g. main)")
+    p.add_argument("--compare-width", type=int, default=256)
+    p.add_argument("--compare-batch", type=int, default=8192)
+    p.add_argument("--rounds", type=int, default=5, help="alternating process pairs of the comparison")
+    p.add_argument("--measure-step", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure_step:
+        torch.set_num_threads(args.threads)
+        width, n, repeats = (int(v) for v in args.measure_step.split(","))
+        print(json.dumps(step_case(width, n, repeats)))
+        return 0
     if args.quick:
         args.widths, args.batches, args.repeats = "8,64", "256,2048", 2
     widths = [int(w) for w in args.widths.split(",")]
@@ -108,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     machine = machine_info()
     report = Report(NAME, "One TINY step vs the matrix products it must compute")
+    comparison = None
+    if args.baseline:
+        comparison = compare(args.baseline, args.compare_width, args.compare_batch, args.repeats, args.rounds,
+                             args.threads, report)
     gen = torch.Generator().manual_seed(0)
     rows_data = []
     for w in widths:
@@ -126,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "TINY step time (ms) vs floors, MLP 64 -> w -> w -> 10, both layers",
         ["width w", "batch n", "gather_moments", "candidates.tiny x2", "step", "S,N floor", "step / S,N",
          "all products + fwd/bwd", "step / (all + fwd/bwd)"], rows,
-        note=(f"Median of {args.repeats} runs after a warm-up; {args.threads} torch thread(s); float64 products "
+        note=(f"Median of {args.repeats} runs after a warm-up; {args.threads} torch thread(s); float32 products "
               "as in the library. The S,N floor is the strict minimum (S and N only); the all-products floor adds "
-              "the other five products statistics.py forms (S_ph, S_h, N_h, VV, N_z) and the forward/backward pass."))
+              "the products of the former statistics (S_ph, S_h, N_h, VV, N_z: the library now shares S_h with the "
+              "next S, draws N_z from S and forms S_ph only where it is cheaper than a second pass) and the "
+              "forward/backward pass."))
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -148,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, f"{NAME}.png")
-    report.write({"settings": vars(args), "rows": rows_data}, machine)
+    report.write({"settings": vars(args), "rows": rows_data, "comparison": comparison}, machine)
     return 0
 
 

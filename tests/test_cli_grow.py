@@ -161,3 +161,24 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     result = tinydeploy("grow", "--device", "cuda", "--out", str(tmp_path / "x"), *FAST)
     assert result.returncode == 2
     assert "--device cuda was asked for but no usable CUDA GPU is visible to torch" in result.stderr
+
+
+def test_user_file_gets_a_budget_from_its_size_and_says_so(tmp_path):
+    """A user .npz has no default budget: it gets the larger of USER_PARAMS_PER_SAMPLE per training sample
+    and a hidden layer of USER_MIN_WIDTH units, stated in a notice."""
+    from tinydeploy.training.config import USER_MIN_WIDTH, USER_PARAMS_PER_SAMPLE
+    from tinydeploy.training.job import prepare_grow
+
+    few = _npz(tmp_path / "few.npz")  # 48 training samples, 3 features, 3 classes: the hidden layer decides
+    many = _npz(tmp_path / "many.npz", X_train=np.random.default_rng(1).normal(size=(600, 3)).astype(np.float32),
+                y_train=np.arange(600) % 3)
+    expected = {few: USER_MIN_WIDTH * (3 + 1 + 3), many: USER_PARAMS_PER_SAMPLE * 480}
+    for path, budget in expected.items():
+        job = prepare_grow(GrowConfig(dataset=str(path), device="cpu"), tmp_path / path.stem)
+        assert job.max_params == budget
+        assert job.notices == [f"no --max-params: the budget is {budget:,} parameters (the larger of "
+                               f"{USER_PARAMS_PER_SAMPLE} per training sample and a hidden layer of {USER_MIN_WIDTH} "
+                               "units; pass --max-params to change it)"]
+    given = prepare_grow(GrowConfig(dataset=str(few), max_params=50, device="cpu"), tmp_path / "given")
+    assert given.max_params == 50 and given.notices == []
+    assert prepare_grow(GrowConfig(device="cpu"), tmp_path / "digits").notices == []  # its own default

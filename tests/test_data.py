@@ -384,13 +384,30 @@ def test_standardizer_centres_scales_and_handles_constant_features() -> None:
     X = np.concatenate([rng.normal(3.0, 5.0, (200, 3)), np.full((200, 1), 7.0)], axis=1).astype(np.float32)
     prep = fit_standardizer(X)
     assert prep["kind"] == "standardize" and len(prep["mean"]) == len(prep["std"]) == 4
-    assert prep["std"][3] == 1.0
+    assert prep["std"][3] == pytest.approx(0.1 * np.sqrt(np.mean(np.square(X.std(axis=0, dtype=np.float64)))))
     json.dumps(prep)
     Z = apply_standardizer(X, prep)
     assert Z.dtype == np.float32 and Z.shape == X.shape
     np.testing.assert_allclose(Z.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(Z[:, :3].std(axis=0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(Z[:, 3], 0.0)
+
+
+def test_standardizer_floors_nearly_constant_features_on_an_ill_conditioned_case() -> None:
+    """Pixel-like data: 30 informative features and 10 that are 0 in all but one training sample. Per
+    feature their std is ~1e-3 of the others', so a test sample with such a pixel on is standardised to
+    ~1,000 without a floor; with the floor (0.1 x the RMS std) it stays below 1 / (0.1 x RMS / range)."""
+    rng = np.random.default_rng(2)
+    X = np.zeros((1000, 40))
+    X[:, :30] = rng.uniform(0, 1, (1000, 30))
+    X[0, 30:] = 0.03  # one faint training sample
+    prep = fit_standardizer(X)
+    rms = np.sqrt(np.mean(np.square(X.std(axis=0))))
+    np.testing.assert_allclose(prep["std"][30:], 0.1 * rms, rtol=1e-6)
+    np.testing.assert_allclose(prep["std"][:30], X[:, :30].std(axis=0), rtol=1e-6)
+    test = np.zeros((1, 40))
+    test[0, 30:] = 1.0
+    assert np.abs(apply_standardizer(test, prep)).max() < 1.0 / (0.1 * rms)
 
 
 def test_standardizer_keeps_image_shapes() -> None:

@@ -146,7 +146,7 @@ def test_gradmax_fan_out_maximises_the_fan_in_gradient():
     probes = torch.randn(cand.omega.shape[0], 100, dtype=F64, generator=torch.Generator().manual_seed(0))
     probes = scale * probes / probes.norm(dim=0)
     assert float((N_tilde @ probes).pow(2).sum(0).max()) <= float(gradient.pow(2).sum(1)[0]) * (1 + 1e-9)
-    null = float(linalg.null_threshold(torch.eye(m.S.shape[0], dtype=F64), m.N_z @ linalg.psd_sqrt(m.VV).T))
+    null = float(linalg.null_threshold(torch.eye(m.S.shape[0], dtype=F64), m.N_z @ linalg.psd_factor(m.VV).T))
     assert cand.lambda_null == pytest.approx(null, rel=1e-9)
     assert K == min(3, int((eigenvalues.sqrt() > null).sum()))
     assert cand.gain == pytest.approx(float(eigenvalues[:K].sum()), rel=1e-7)  # ranks layers: no line search here
@@ -368,13 +368,13 @@ def test_random_growth_uses_negative_amplitudes_and_every_growth_lowers_the_loss
     spec, model, X, y, loss_fn = small_problem()
     train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])
     gammas = []
-    for seed in range(3):
+    for seed in range(8):
         _, growths, _ = growth_step(model, [0, 2], train, held, loss_fn, _metric,
                                     GrowthSettings(method="random", layers_per_step=1), torch.Generator().manual_seed(seed))
         for g in growths:
             assert g.loss_after < g.loss_before
             gammas.append(g.gamma)
-    assert any(g < 0 for g in gammas) and len(gammas) == 3
+    assert any(g < 0 for g in gammas) and any(g > 0 for g in gammas) and len(gammas) == 8
 
 
 def test_gradmax_growth_is_applied_at_unit_amplitude_without_changing_the_loss():

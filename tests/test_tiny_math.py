@@ -44,7 +44,7 @@ def test_eq_9_bottleneck_drops_by_sum_of_squared_lambdas(activation):
     dW = linalg.best_update(m.S_h, m.N_h)
     psi = float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, dW))
     V_proj = V - dW @ B_h
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     assert len(neurons.lambdas) >= 2
     for k in range(1, len(neurons.lambdas) + 1):
         first = neurons.first(k)
@@ -59,7 +59,7 @@ def test_new_neurons_pre_activation_variations_are_orthogonal():
     B_prev, _, _ = explicit_activities(model, X, y, loss_fn, 2, 4)
     m = moments_for(model, X, y, loss_fn, 2)
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     variations = [torch.outer(neurons.omega[:, k], neurons.alpha[k] @ B_prev) for k in range(len(neurons.lambdas))]
     gram = torch.tensor([[float((a * b).sum()) for b in variations] for a in variations], dtype=torch.float64)
     off_diagonal = gram - torch.diag(torch.diag(gram))
@@ -73,7 +73,7 @@ def test_prop_3_4_alphas_solve_the_generalised_eigenproblem():
     m = moments_for(model, X, y, loss_fn, 0)  # inputs are Gaussian: S is positive definite
     assert torch.linalg.eigvalsh(m.S).min() > 1e-3
     dW = linalg.best_update(m.S_h, m.N_h)
-    N = linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
+    N = m.projected_cross_moment(dW)
     neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
     for k, lam in enumerate(neurons.lambdas):
         alpha = neurons.alpha[k]
@@ -112,7 +112,7 @@ def test_eq_10_first_order_loss_decrease_term_by_term():
 
 def _all_neurons(m):
     dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW))
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
     return {"alpha": neurons.alpha, "omega": neurons.omega, "lambdas": [float(v) for v in neurons.lambdas], "dW": dW}
 
 
@@ -139,7 +139,7 @@ def test_neuron_count_is_the_rank_bounded_by_fan_in_and_next_width():
     for layer, bound in ((0, 1), (2, 2)):  # next layer has 1 output; fan-in 1 (+ bias) with 5 outputs after
         m = moments_for(model, X, y, loss_fn, layer)
         dW = linalg.best_update(m.S_h, m.N_h)
-        S_inv_sqrt, N = linalg.psd_inverse_sqrt(m.S), linalg.projected_cross_moment(m.N_v, m.S_ph, dW)
+        S_inv_sqrt, N = linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW)
         singular = torch.linalg.svdvals(S_inv_sqrt @ N)
         assert len(singular) == bound
         assert len(linalg.new_neurons(S_inv_sqrt, N).lambdas) == int((singular > 1e-8 * singular[0]).sum()) >= 1

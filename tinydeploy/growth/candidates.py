@@ -66,7 +66,7 @@ def gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tenso
     """N_null = B^t V_gauss^T / n with V_gauss independent of the inputs, drawn at each of the consumer's
     L output positions from N(0, covariance / L) (``covariance`` sums over the positions): N_z (from a
     standard Gaussian Z) mixed by a square root of that covariance."""
-    L = linalg.psd_sqrt(covariance / m.out_positions)
+    L = linalg.psd_factor(covariance / m.out_positions)
     if m.taps == 1:
         return m.N_z @ L.T
     N_z = m.N_z.reshape(m.N_z.shape[0], m.n_outputs, m.taps)
@@ -75,7 +75,7 @@ def gaussian_like_goal(m: LayerMoments, covariance: torch.Tensor) -> torch.Tenso
 
 def bottleneck(m: LayerMoments) -> float:
     """Psi with the paper's dW* (pseudo-inverse, no ridge), Eq. 4 + Prop. 3.1."""
-    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, linalg.best_update(m.S_h, m.N_h)))
+    return float(linalg.bottleneck(m.v_sq_norm, m.S_h, m.N_h, m.best_update()))
 
 
 def fan_out(columns: torch.Tensor, m: LayerMoments) -> torch.Tensor:
@@ -90,13 +90,14 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     neurons from the SVD of S^(-1/2) N, kept only where lambda_k exceeds the null threshold lambda_-
     (earlier appendix D.3). For a conv pair the kernels are alpha_k (C_prev, k, k) and omega_k
     (C_next, k', k') and the bottleneck drops by at least sum lambda_k^2 (Eq. 71). ``ridge``: see
-    ``linalg.ridged`` (0: the paper's formulas)."""
-    dW = linalg.best_update(m.S_h, m.N_h, ridge=ridge)
-    psi = bottleneck(m)
-    N = m.projected_cross_moment(dW)
-    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, ridge=ridge)
-    neurons = linalg.new_neurons(S_inv_sqrt, N)
+    ``linalg.ridged`` (0: the paper's formulas). S^(-1/2) cuts the directions below B's numerical rank
+    (``linalg.rank_cut``: the activities' dtype and the sample count)."""
+    dW = m.best_update(ridge)
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
+    psi = float(torch.trace(covariance)) if ridge == 0.0 else bottleneck(m)  # Eq. 4: Psi = tr(V_proj V_proj^T) / n
+    N = m.projected_cross_moment(dW)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
+    neurons = linalg.new_neurons(S_inv_sqrt, N)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, gaussian_like_goal(m, covariance)))
     significant = int((neurons.lambdas > lambda_null).sum())
     kept = neurons.first(min(max_neurons, significant))

@@ -1,8 +1,13 @@
 """Backpropagation statistics for every growable layer, gathered by temporary hooks.
 
 Forward/backward passes over an estimation batch, streamed in chunks so that memory does not grow
-with the batch: only the moment matrices are accumulated, in float64, and the unfolded (im2col)
-tensors exist for one chunk at a time. Every pair kind of ``tinydeploy.growth.pairs`` is one case
+with the batch: only the moment matrices are accumulated, and the unfolded (im2col) tensors exist for
+one chunk at a time. The products of one chunk are formed in the activities' dtype (float32 for a
+float32 model: half the memory traffic of float64 and twice the arithmetic rate) and accumulated
+over chunks in float64, so rounding grows with the chunk, not with the batch (measured against
+float64 products in ``benchmarks/step_scaling.py``; a float64 model gets float64 products). The
+backward pass computes only the gradients of the recorded outputs (``torch.autograd.grad``), not
+the weights'. Every pair kind of ``tinydeploy.growth.pairs`` is one case
 of the convolutional construction of App. C.2.2 (a vector is a 1 x 1 image, a linear consumer a
 window over the whole grid), so one code path computes them all.
 
@@ -27,7 +32,9 @@ from torch import nn
 
 from tinydeploy.growth import linalg
 from tinydeploy.growth.pairs import (
+    NORM_TYPES,
     Pair,
+    as_grid,
     consumer_goal,
     consumer_inputs,
     consumer_window,
@@ -60,7 +67,8 @@ class LayerMoments:
     the inputs; for the significance threshold). N_v and N_z are (D, o * taps), columns ordered
     (output m, tap p). One-tap pairs carry S_ph = (1/n) sum_il B^t_il^T B_h,il^T; the others carry
     the projected N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass.
-    ``out_positions`` is the number L of the consumer's output positions.
+    ``out_positions`` is the number L of the consumer's output positions. Pairs with the projected N
+    also carry the best update ``dW`` it was projected with (``linalg.best_update`` with ``ridge``).
     """
 
     in_index: int
@@ -76,6 +84,9 @@ class LayerMoments:
     N: torch.Tensor | None = None
     tap_shape: tuple[int, ...] = ()
     out_positions: int = 1
+    dW: torch.Tensor | None = None
+    ridge: float = 0.0
+    eps: float = 0.0  # unit roundoff of the activities the products were formed from (``linalg.rank_cut``)
 
     @property
     def v_sq_norm(self) -> torch.Tensor:
@@ -90,6 +101,12 @@ class LayerMoments:
     def n_outputs(self) -> int:
         return self.VV.shape[0]
 
+    def best_update(self, ridge: float = 0.0) -> torch.Tensor:
+        """dW* = N_h^T S_h^+ (Prop. 3.1; ``ridge``: ``linalg.ridged``), the one computed with the moments if any."""
+        if self.dW is not None and ridge == self.ridge:
+            return self.dW
+        return linalg.best_update(self.S_h, self.N_h, ridge=ridge)
+
     def projected_cross_moment(self, dW: torch.Tensor) -> torch.Tensor:
         """N = B^t V_goal_proj^T / n (D, o * taps) for the best update ``dW`` of the consumer."""
         if self.N is not None:
@@ -103,20 +120,28 @@ def with_ones(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Temporary hooks on weight modules: keep each one's input and the gradient of its output."""
+    """Temporary hooks on weight modules: keep each one's input and output; ``backward`` then gives the
+    gradients of the outputs of the modules asked for (and of nothing else: no weight gradients)."""
 
     def __init__(self, model: nn.Sequential, indices: set[int]):
         self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self.output_grads: dict[int, torch.Tensor] = {}
         self._handles = [model[i].register_forward_hook(self._hook(i)) for i in sorted(indices)]
 
     def _hook(self, index: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.inputs[index] = args[0].detach()
-            if output.requires_grad:
-                output.register_hook(lambda grad: self.output_grads.__setitem__(index, grad.detach()))
+            self.outputs[index] = output
 
         return hook
+
+    def backward(self, loss: torch.Tensor, indices: set[int]) -> None:
+        """d loss / d output of each module in ``indices`` (autograd computes only what leads there)."""
+        order = sorted(indices)
+        grads = torch.autograd.grad(loss, [self.outputs[i] for i in order])
+        self.output_grads = {i: g.detach() for i, g in zip(order, grads)}
+        self.outputs = {}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -147,17 +172,16 @@ def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple
 
 
 def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...], producer: bool = True) -> _Views:
-    """The unfolded views of one recorded chunk, in float64."""
+    """The unfolded views of one recorded chunk, in the recorded dtype."""
     x_in, b, grad = recorded
     consumer = pair.consumer(model)
-    Bh = consumer_inputs(consumer, b.double())
-    V = consumer_goal(grad.double())
+    Bh = consumer_inputs(consumer, b)
+    V = consumer_goal(grad)
     if not producer:
         return _Views(Bh, V)
     between = pair.between(model)
     pool = leading_pool(between) if not isinstance(pair.producer(model), nn.Linear) else None
-    grid = linearised_between(producer_patches(pair.producer(model), x_in.double(), pool), between,
-                              pooled=pool is not None)
+    grid = linearised_between(producer_patches(pair.producer(model), x_in, pool), between, pooled=pool is not None)
     size = tuple(grid.shape[-2:])
     window = consumer_window(consumer, size)
     unfolded = window.unfold(grid)
@@ -178,18 +202,108 @@ def _cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
 
 def _add(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """Add one chunk's product (formed in the activities' dtype) to the float64 running sum."""
+    value = value.double()
     acc[key] = acc[key] + value if key in acc else value
+
+
+def symmetric_product(A: torch.Tensor) -> torch.Tensor:
+    """A^T A; for a wide A from three of its four blocks (the fourth is a transpose): 3/4 of the work."""
+    if A.shape[1] < SPLIT_WIDTH:
+        return A.T @ A
+    half = A.shape[1] // 2
+    left, right = A[:, :half], A[:, half:]
+    corner = left.T @ right
+    return torch.cat([torch.cat([left.T @ left, corner], 1), torch.cat([corner.T, right.T @ right], 1)], 0)
+
+
+#: Matrices at least this wide have A^T A formed from three of its four blocks.
+SPLIT_WIDTH = 128
+
+
+def ones_gram(A: torch.Tensor) -> torch.Tensor:
+    """[A 1]^T [A 1] without forming [A 1]: the ones column contributes column sums and the row count."""
+    sums = A.sum(0)
+    corner = torch.full((1, 1), A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.cat([torch.cat([symmetric_product(A), sums[:, None]], 1), torch.cat([sums[None], corner], 1)], 0)
+
+
+def ones_cross(A: torch.Tensor, M: torch.Tensor, ones_right: bool = False) -> torch.Tensor:
+    """[A 1]^T M (or [A 1]^T [M 1] with ``ones_right``) without forming [A 1]."""
+    product = torch.cat([A.T @ M, M.sum(0)[None]], 0)
+    if not ones_right:
+        return product
+    column = torch.cat([A.sum(0), torch.full((1,), A.shape[0], dtype=A.dtype, device=A.device)])
+    return torch.cat([product, column[:, None]], 1)
+
+
+class _Grams:
+    """[A 1]^T [A 1] of the layer inputs A of one chunk, each computed once: keyed by the module A is the
+    input of, and the rows read, so that a layer's S_h serves as the next layer's S."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[int, int], torch.Tensor] = {}
+
+    def of(self, key: int, A: torch.Tensor) -> torch.Tensor:
+        if (key, A.shape[0]) not in self._found:
+            self._found[key, A.shape[0]] = ones_gram(A)
+        return self._found[key, A.shape[0]]
 
 
 def _accumulate_consumer(acc: dict[str, torch.Tensor], views: _Views) -> None:
     Vr, Bhr = _rows(views.V), _rows(views.Bh)
-    _add(acc, "S_h", Bhr.T @ Bhr)
+    _add(acc, "S_h", symmetric_product(Bhr))
     _add(acc, "N_h", Bhr.T @ Vr)
-    _add(acc, "VV", Vr.T @ Vr)
+    _add(acc, "VV", symmetric_product(Vr))
 
 
-def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, views: _Views, Z: torch.Tensor) -> None:
-    """Add one chunk's products to the running sums of ``pair`` (Z: a standard Gaussian shaped like V)."""
+def _is_vector_pair(model: nn.Sequential, pair: Pair) -> bool:
+    return isinstance(pair.producer(model), nn.Linear) and isinstance(pair.consumer(model), nn.Linear)
+
+
+def _projects_later(model: nn.Sequential, pair: Pair) -> bool:
+    """Whether a vector pair's projected N is cheaper from a second pass over the recorded matrices,
+    B_prev^T (V_goal - B_h dW*^T) at (h+1) o + D o per sample, than from S_ph = B_prev^T B_h at D (h+1)."""
+    D, h1, o = pair.producer(model).in_features + 1, pair.consumer(model).in_features + 1, pair.consumer(model).out_features
+    return h1 * o + D * o < D * h1
+
+
+def _vector_scale(model: nn.Sequential, pair: Pair) -> float:
+    """What the modules between a vector pair's layers do to a new unit at first order: 1, or the
+    1 / sqrt(1 + eps) of each BatchNorm (``linearised_between``)."""
+    return float(linearised_between(torch.ones(1, 1, 1, 1, dtype=torch.float64), pair.between(model)))
+
+
+def _accumulate_vectors(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair,
+                        recorded: tuple[torch.Tensor, ...], grams: _Grams) -> None:
+    """Add one chunk of a vector pair (linear -> linear): B_prev = c [x 1] (x: the producer's input, c:
+    ``_vector_scale``), B_h = [b 1], V_goal = -grad, one row per sample, nothing unfolded nor
+    concatenated (``ones_gram``, ``ones_cross``); [x 1]^T [x 1] is the previous layer's S_h; S_ph only
+    where the projected N does not come from a second pass (``_projects_later``)."""
+    x_in, b, grad = recorded
+    x, b, V = x_in.flatten(1), b.flatten(1), -grad
+    c = _vector_scale(model, pair)
+    _add(acc, "S", c * c * grams.of(pair.in_index, x))
+    _add(acc, "N_v", c * ones_cross(x, V))
+    if not _projects_later(model, pair):
+        _add(acc, "S_ph", c * ones_cross(x, b, ones_right=True))
+    _add(acc, "S_h", grams.of(pair.out_index, b))
+    _add(acc, "N_h", ones_cross(b, V))
+    _add(acc, "VV", symmetric_product(V))
+
+
+def _vector_projected(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...],
+                      dW: torch.Tensor) -> torch.Tensor:
+    """B_prev (V_goal - dW* B_h)^T of one chunk of a vector pair (rows: samples), the second pass's N."""
+    x_in, b, grad = recorded
+    projected = -grad - b.flatten(1) @ dW[:, :-1].T - dW[:, -1]
+    return _vector_scale(model, pair) * ones_cross(x_in.flatten(1), projected)
+
+
+def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, views: _Views,
+                Z: torch.Tensor | None) -> None:
+    """Add one chunk's products to the running sums of ``pair`` (Z: a standard Gaussian shaped like V, for
+    pairs with several taps; one-tap pairs get their probe from ``derived_probe``)."""
     U, V, grid = views.U, views.V, views.grid
     D, taps = U.shape[1], U.shape[2]
     size = tuple(grid.shape[-2:])
@@ -197,10 +311,20 @@ def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, 
     P = _rows((grid * weight).flatten(2))
     _add(acc, "S", min(taps, D) * (P.T @ P))
     _add(acc, "N_v", _cross(U, V))
-    _add(acc, "N_z", _cross(U, Z))
+    if Z is not None:
+        _add(acc, "N_z", _cross(U, Z))
     _accumulate_consumer(acc, views)
     if taps == 1:
         _add(acc, "S_ph", _rows(U[:, :, 0]).T @ _rows(views.Bh))
+
+
+def derived_probe(S: torch.Tensor, n_outputs: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """N_z = B^t Z^T / n of a one-tap pair for a standard Gaussian Z independent of the inputs, drawn
+    without Z: given the inputs, each of its ``n_outputs`` columns is N(0, S / n) (S = B^t B^t^T / n), so
+    N_z = C G / sqrt(n) for any C C^T = S and G a (D, o) standard Gaussian (C: ``linalg.psd_factor``,
+    a continuous function of S, so equal sums over processes give equal probes)."""
+    G = torch.randn((S.shape[0], n_outputs), dtype=S.dtype, device=S.device, generator=generator)
+    return linalg.psd_factor(S) @ G / math.sqrt(n)
 
 
 @dataclass
@@ -215,13 +339,12 @@ class _Probe:
 def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
            producer: bool) -> dict[int, _Probe]:
     """Sizes of one sample's views, from a forward/backward pass of X[:1] (nothing to measure for vectors)."""
-    if all(isinstance(p.producer(model), nn.Linear) and isinstance(p.consumer(model), nn.Linear)
-           for p in pairs.values()):
-        return {i: _Probe(0, 0, 1) for i in pairs}
+    if all(_is_vector_pair(model, p) for p in pairs.values()):  # recorded: x_in (d), b (h), grad (o)
+        return {i: _Probe(0, p.producer(model).in_features + sum(p.consumer(model).weight.shape), 1)
+                for i, p in pairs.items()}
     recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
     try:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(X[:1]), y[:1]).sum().backward()
+        recorder.backward(loss_fn(model(X[:1]), y[:1]).sum(), {p.out_index for p in pairs.values()})
         found = {}
         for index, pair in pairs.items():
             recorded = _recorded(pair, recorder)
@@ -230,7 +353,6 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
             found[index] = _Probe(size, sum(t.numel() for t in recorded), math.prod(v.taps) if producer else 1)
     finally:
         recorder.remove()
-        model.zero_grad(set_to_none=True)
     return found
 
 
@@ -259,9 +381,9 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
             active = [i for i in pairs if rows[i] > start]
             chunk = max(1, min(chunk_size, end - start,
                                CHUNK_VALUES // max(1, sum(probe[i].views for i in active))))
-            lo, hi = shard_rows(chunk, *shard)
-            model.zero_grad(set_to_none=True)  # a process may have no rows here: an empty batch adds zeros
-            loss_fn(model(X[start + lo : start + hi]), y[start + lo : start + hi]).sum().backward()
+            lo, hi = shard_rows(chunk, *shard)  # a process may have no rows here: an empty batch adds zeros
+            loss = loss_fn(model(X[start + lo : start + hi]), y[start + lo : start + hi]).sum()
+            recorder.backward(loss, {pairs[i].out_index for i in active})
             parts = {}
             for i in active:
                 reads = min(chunk, rows[i] - start)
@@ -271,7 +393,11 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
             start += chunk
     finally:
         recorder.remove()
-        model.zero_grad(set_to_none=True)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a part of a larger tensor (so that keeping it does not keep the rest)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -345,34 +471,51 @@ def gather_moments(
         probe = _probe(model, indexed, X, y, loss_fn, producer=True)
         counts = _row_counts(X.shape[0], pairs, rows, probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
-        keep = sum(probe[i].recorded * counts[i] for i in spatial) <= KEEP_VALUES
+        vectors = {i for i in indexed if _is_vector_pair(model, pairs[i])}
+        late = {**spatial, **{i: pairs[i] for i in vectors if _projects_later(model, pairs[i])}}
+        keep = sum(probe[i].recorded * counts[i] for i in late) <= KEEP_VALUES
         kept: list[dict[int, _Part]] = []
         for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
+            grams = _Grams()
             for index, part in parts.items():
+                if index in vectors:
+                    _accumulate_vectors(sums[index], model, pairs[index], part.tensors, grams)
+                    meta[index].update(tap_shape=(), out_positions=1)
+                    continue
                 views = _views(model, pairs[index], part.tensors)
-                Z = torch.randn((part.rows, *views.V.shape[1:]), dtype=views.V.dtype, device=views.V.device,
-                                generator=generator)  # the whole chunk's draw in every process: Z is shard-free
-                _accumulate(sums[index], model, pairs[index], views, Z[part.lo : part.hi])
+                Z = None
+                if index in spatial:  # the whole chunk's draw in every process: Z is shard-free
+                    Z = torch.randn((part.rows, *views.V.shape[1:]), dtype=views.V.dtype, device=views.V.device,
+                                    generator=generator)[part.lo : part.hi]
+                _accumulate(sums[index], model, pairs[index], views, Z)
                 meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
-            if keep and spatial:
-                kept.append({i: _Part(tuple(t.clone() for t in parts[i].tensors), parts[i].rows, parts[i].lo,
-                                      parts[i].hi) for i in spatial if i in parts})
-        _sum_over(total, sums, {i: ["S_h", "N_h"] for i in spatial})
+            if keep and late:
+                kept.append({i: _Part(tuple(_own(t) for t in parts[i].tensors), parts[i].rows, parts[i].lo,
+                                      parts[i].hi) for i in late if i in parts})
+        _sum_over(total, sums, {i: ["S_h", "N_h"] for i in late})
         updates = {i: linalg.best_update(sums[i]["S_h"] / counts[i], sums[i]["N_h"] / counts[i], ridge=ridge)
-                   for i in spatial}
-        second = kept if keep else _chunks(model, spatial, counts, X, y, loss_fn, chunk_size, probe, shard)
+                   for i in late}
+        second = kept if keep else _chunks(model, late, counts, X, y, loss_fn, chunk_size, probe, shard)
         for parts in second:
             for index, part in parts.items():
+                dW = updates[index].to(part.tensors[-1].dtype)
+                if index in vectors:
+                    _add(sums[index], "N", _vector_projected(model, pairs[index], part.tensors, dW))
+                    continue
                 views = _views(model, pairs[index], part.tensors)
-                projected = views.V - torch.einsum("oh,ihl->iol", updates[index], views.Bh)
+                projected = views.V - torch.einsum("oh,ihl->iol", dW, views.Bh)
                 _add(sums[index], "N", _cross(views.U, projected))
-        _sum_over(total, sums, {i: [k for k in acc if not (i in spatial and k in ("S_h", "N_h"))]
+        _sum_over(total, sums, {i: [k for k in acc if not (i in late and k in ("S_h", "N_h"))]
                                 for i, acc in enumerate(sums)})
-    return [
-        LayerMoments(p.in_index, p.out_index, counts[i], **{k: v / counts[i] for k, v in acc.items()},
-                     tap_shape=m["tap_shape"], out_positions=m["out_positions"])
-        for i, (acc, p, m) in enumerate(zip(sums, pairs, meta))
-    ]
+    found = []
+    for i, (acc, p, m) in enumerate(zip(sums, pairs, meta)):
+        moments = {k: v / counts[i] for k, v in acc.items()}
+        if i not in spatial:
+            moments["N_z"] = derived_probe(moments["S"], moments["VV"].shape[0], counts[i], generator)
+        found.append(LayerMoments(p.in_index, p.out_index, counts[i], **moments, tap_shape=m["tap_shape"],
+                                  out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge,
+                                  eps=torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0))
+    return found
 
 
 def gather_bottlenecks(

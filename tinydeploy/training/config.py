@@ -32,6 +32,22 @@ DATASET_DEFAULTS: dict[str, dict[str, float]] = {
     "cifar100": {"max_params": 300000},
 }
 
+#: Parameter budget of a dataset without a default (a user file): ``USER_PARAMS_PER_SAMPLE`` per training
+#: sample (the built-in budgets are 2.6 for digits, 3.75 for mnist1d, 4.7 for mnist5k), and at least a
+#: hidden layer of ``USER_MIN_WIDTH`` units between the inputs and the outputs (wide inputs, such as
+#: 784 pixels, would otherwise leave room for only a few units).
+USER_PARAMS_PER_SAMPLE = 4
+USER_MIN_WIDTH = 64
+
+
+def default_max_params(dataset: str, n_train: int, n_inputs: int, n_outputs: int) -> int:
+    """The parameter budget when --max-params is not given: the dataset's default, else (user files)
+    max(USER_PARAMS_PER_SAMPLE * n_train, USER_MIN_WIDTH * (n_inputs + 1 + n_outputs))."""
+    budget = DATASET_DEFAULTS.get(dataset, {}).get("max_params")
+    if budget is not None:
+        return int(budget)
+    return max(USER_PARAMS_PER_SAMPLE * n_train, USER_MIN_WIDTH * (n_inputs + 1 + n_outputs))
+
 
 #: The training and growth recipe of each architecture, for the options left unset (None): the same for
 #: grown nets and for fixed ones (``--max-growth-epochs 0``). CNNs train on larger batches, grow once an

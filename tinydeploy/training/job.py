@@ -39,7 +39,14 @@ from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
 from tinydeploy.training.architecture import initial_spec, live_initialisation
-from tinydeploy.training.config import DATASET_DEFAULTS, SINGLE_THREAD_MAX_PARAMS, GrowConfig
+from tinydeploy.training.config import (
+    DATASET_DEFAULTS,
+    SINGLE_THREAD_MAX_PARAMS,
+    USER_MIN_WIDTH,
+    USER_PARAMS_PER_SAMPLE,
+    GrowConfig,
+    default_max_params,
+)
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.rundir import (
     COMMIT_LOG,
@@ -166,6 +173,10 @@ class GrowJob:
         self._data_sha256 = data_fingerprint(self.data)
         self._evaluations: dict[str, Any] = {}
         self._config = asdict(cfg)
+        if cfg.max_params is None and "max_params" not in DATASET_DEFAULTS.get(cfg.dataset, {}):
+            self.notices.append(f"no --max-params: the budget is {self.max_params:,} parameters (the larger of "
+                                f"{USER_PARAMS_PER_SAMPLE} per training sample and a hidden layer of {USER_MIN_WIDTH} "
+                                "units; pass --max-params to change it)")
 
     @property
     def is_main(self) -> bool:
@@ -203,9 +214,13 @@ class GrowJob:
         return self._budget("max_macs")
 
     def _budget(self, name: str) -> int | None:
-        """--max-params / --max-macs, else the dataset's default budget (none for user files)."""
+        """--max-params / --max-macs, else the dataset's default budget (for user files a parameter budget
+        from the number of training samples, ``default_max_params``; no MAC budget)."""
         if getattr(self.cfg, name) is not None:
             return getattr(self.cfg, name)
+        if name == "max_params":
+            return default_max_params(self.cfg.dataset, len(self.data.X_train), math.prod(self.spec.input_shape),
+                                      self.spec.n_outputs)
         budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get(name)
         return int(budget) if budget is not None else None
 
