@@ -66,9 +66,7 @@ def _linearised_effect(model: nn.Sequential, x: torch.Tensor, alpha: torch.Tenso
     weight = alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:])
     h = _linear_map(producer, x, weight, alpha[:, -1])
     for module in model[1:out]:
-        if isinstance(module, nn.BatchNorm2d):  # a new channel's own BatchNorm at its initial state
-            h = h / (1 + module.eps) ** 0.5
-        elif not isinstance(module, (nn.ReLU, nn.Tanh)):
+        if not isinstance(module, (nn.ReLU, nn.Tanh, nn.BatchNorm2d)):  # a new channel's BatchNorm: the identity
             h = module(h)
     return _linear_map(model[out], h, omega, None)
 
@@ -193,14 +191,21 @@ def test_batchnorm_between_producer_and_consumer_gains_identity_channels(next_ke
         model[1].bias.uniform_(-0.5, 0.5)
     model.eval()
     cand = _all_neurons(_moments(model, X, y))
-    grown = add_neurons(model, cand, 0.0).eval()
-    assert grown[1].num_features == 3 + cand.n_neurons
-    torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-13)
-    torch.testing.assert_close(grown_output(model, cand, X)(0.8), add_neurons(model, cand, 0.8).eval()(X).detach(),
-                               rtol=1e-12, atol=1e-12)
+    for sample in (None, X):
+        grown = add_neurons(model, cand, 0.0, sample).eval()
+        assert grown[1].num_features == 3 + cand.n_neurons
+        torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-13)
+        torch.testing.assert_close(grown_output(model, cand, X)(0.8),
+                                   add_neurons(model, cand, 0.8, sample).eval()(X).detach(), rtol=1e-12, atol=1e-12)
+    # the new channels' BatchNorm holds their own statistics at the chosen amplitude: identity in eval
+    # mode, and (nearly) the identity in train mode on a batch like X, instead of re-normalising them
+    grown = add_neurons(model, cand, 0.8, X)
     new = slice(3, 3 + cand.n_neurons)
-    assert torch.equal(grown[1].running_mean[new], torch.zeros(cand.n_neurons, dtype=torch.float64))
-    assert torch.equal(grown[1].running_var[new], torch.ones(cand.n_neurons, dtype=torch.float64))
+    a_new = F.conv2d(X, 0.8**0.5 * cand.alpha[:, :-1].reshape(-1, 2, 3, 3), 0.8**0.5 * cand.alpha[:, -1], padding=1)
+    torch.testing.assert_close(grown[1].running_mean[new], a_new.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grown[1].running_var[new], a_new.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grown[1].weight[new], (a_new.var(dim=(0, 2, 3), unbiased=False) + 0.5).sqrt())
+    torch.testing.assert_close(grown[1].train()(grown[0](X))[:, new], a_new, rtol=1e-12, atol=1e-12)
     # Eq. 71 through the new channels' BatchNorm (eval mode), equality for the 1x1 consumer
     x_in, b_h, V = explicit(model, X, y, 3)
     V_proj = V - F.conv2d(b_h, cand.dW[:, :-1].reshape(model[3].weight.shape), cand.dW[:, -1])

@@ -17,10 +17,9 @@ layers' recorded inputs and gradients kept from the first (raw, not unfolded) wh
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,6 +30,7 @@ from tinydeploy.growth.pairs import (
     consumer_goal,
     consumer_inputs,
     consumer_window,
+    evaluating as _evaluating,
     leading_pool,
     linearised_between,
     pairs_of,
@@ -39,8 +39,12 @@ from tinydeploy.growth.pairs import (
 )
 from tinydeploy.model.losses import LossFn
 
-#: Largest number of float64 values the unfolded tensors of one chunk may hold (all pairs together).
+#: Largest number of float64 values the unfolded tensors of one pair may hold at a time: a chunk's rows
+#: are unfolded in slices of at most that size.
 CHUNK_VALUES = 1 << 23
+#: Largest number of values the recorded inputs and gradients of one chunk may hold (all pairs together):
+#: a forward/backward pass covers that many samples, however costly their unfolded views.
+RECORD_VALUES = 1 << 24
 #: Largest number of recorded values (inputs and gradients, not unfolded) kept from the first pass for
 #: the second; above it the second pass runs the model again.
 KEEP_VALUES = 1 << 25
@@ -103,18 +107,18 @@ def with_ones(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Temporary hooks on weight modules: keep each one's input and the gradient of its output."""
+    """Temporary hooks on weight modules (by path): keep each one's input and the gradient of its output."""
 
-    def __init__(self, model: nn.Sequential, indices: set[int]):
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.output_grads: dict[int, torch.Tensor] = {}
-        self._handles = [model[i].register_forward_hook(self._hook(i)) for i in sorted(indices)]
+    def __init__(self, model: nn.Module, paths: set[str]):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in sorted(paths)]
 
-    def _hook(self, index: int):
+    def _hook(self, path: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.inputs[index] = args[0].detach()
+            self.inputs[path] = args[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda grad: self.output_grads.__setitem__(index, grad.detach()))
+                output.register_hook(lambda grad: self.output_grads.__setitem__(path, grad.detach()))
 
         return hook
 
@@ -142,8 +146,8 @@ class _Views:
 
 def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple[torch.Tensor, ...]:
     """The producer's input, the consumer's input and the gradient of its output, first ``rows`` samples."""
-    return (recorder.inputs[pair.in_index][:rows], recorder.inputs[pair.out_index][:rows],
-            recorder.output_grads[pair.out_index][:rows])
+    return (recorder.inputs[pair.producer_path][:rows], recorder.inputs[pair.consumer_path][:rows],
+            recorder.output_grads[pair.consumer_path][:rows])
 
 
 def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...], producer: bool = True) -> _Views:
@@ -218,7 +222,7 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
     if all(isinstance(p.producer(model), nn.Linear) and isinstance(p.consumer(model), nn.Linear)
            for p in pairs.values()):
         return {i: _Probe(0, 0, 1) for i in pairs}
-    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    recorder = _Recorder(model, {path for p in pairs.values() for path in (p.producer_path, p.consumer_path)})
     try:
         model.zero_grad(set_to_none=True)
         loss_fn(model(X[:1]), y[:1]).sum().backward()
@@ -249,16 +253,16 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
             loss_fn: LossFn, chunk_size: int, probe: dict[int, _Probe], shard: tuple[int, int] = (0, 1)):
     """Forward/backward over the first max(rows) samples of (X, y) chunk by chunk; yields for each chunk
     {pair index: _Part} for the pairs whose first ``rows[index]`` samples it overlaps. A chunk holds at
-    most ``chunk_size`` samples, and fewer when the views of the pairs still reading would exceed
-    ``CHUNK_VALUES`` values. With ``shard = (rank, world)`` this process runs only its rows of each chunk
+    most ``chunk_size`` samples, and fewer when the recorded tensors of the pairs still reading would
+    exceed ``RECORD_VALUES`` values (their unfolded views are built in slices, ``_slices``). With ``shard = (rank, world)`` this process runs only its rows of each chunk
     (``shard_rows``); the chunks are the same in every process."""
-    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    recorder = _Recorder(model, {path for p in pairs.values() for path in (p.producer_path, p.consumer_path)})
     start, end = 0, max(rows[i] for i in pairs)
     try:
         while start < end:
             active = [i for i in pairs if rows[i] > start]
             chunk = max(1, min(chunk_size, end - start,
-                               CHUNK_VALUES // max(1, sum(probe[i].views for i in active))))
+                               RECORD_VALUES // max(1, sum(probe[i].recorded for i in active))))
             lo, hi = shard_rows(chunk, *shard)
             model.zero_grad(set_to_none=True)  # a process may have no rows here: an empty batch adds zeros
             loss_fn(model(X[start + lo : start + hi]), y[start + lo : start + hi]).sum().backward()
@@ -272,6 +276,16 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
     finally:
         recorder.remove()
         model.zero_grad(set_to_none=True)
+
+
+def _slices(part: _Part, probe: _Probe):
+    """(recorded tensors, lo, hi) for slices of this process's rows of ``part`` whose unfolded views hold
+    at most ``CHUNK_VALUES`` values; rows [lo, hi) of the chunk. A process without rows gets one empty slice."""
+    n = part.hi - part.lo
+    step = max(1, CHUNK_VALUES // max(1, probe.views))
+    for a in range(0, max(n, 1), step):
+        b = min(a + step, n)
+        yield tuple(t[a:b] for t in part.tensors), part.lo + a, part.lo + b
 
 
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -288,17 +302,6 @@ def _sum_over(total: Callable[[torch.Tensor], torch.Tensor] | None, sums: list[d
     flat = total(torch.cat([sums[i][k].reshape(-1) for i, k in entries]))
     for (i, k), part in zip(entries, flat.split([sums[i][k].numel() for i, k in entries])):
         sums[i][k] = part.reshape(sums[i][k].shape)
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm uses its running statistics) for the statistics, the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None, probe: dict[int, _Probe]) -> dict[int, int]:
@@ -349,10 +352,12 @@ def gather_moments(
         kept: list[dict[int, _Part]] = []
         for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
             for index, part in parts.items():
-                views = _views(model, pairs[index], part.tensors)
-                Z = torch.randn((part.rows, *views.V.shape[1:]), dtype=views.V.dtype, device=views.V.device,
+                goal = consumer_goal(part.tensors[2][:0].double())
+                Z = torch.randn((part.rows, *goal.shape[1:]), dtype=goal.dtype, device=goal.device,
                                 generator=generator)  # the whole chunk's draw in every process: Z is shard-free
-                _accumulate(sums[index], model, pairs[index], views, Z[part.lo : part.hi])
+                for tensors, lo, hi in _slices(part, probe[index]):
+                    views = _views(model, pairs[index], tensors)
+                    _accumulate(sums[index], model, pairs[index], views, Z[lo:hi])
                 meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
             if keep and spatial:
                 kept.append({i: _Part(tuple(t.clone() for t in parts[i].tensors), parts[i].rows, parts[i].lo,
@@ -363,9 +368,10 @@ def gather_moments(
         second = kept if keep else _chunks(model, spatial, counts, X, y, loss_fn, chunk_size, probe, shard)
         for parts in second:
             for index, part in parts.items():
-                views = _views(model, pairs[index], part.tensors)
-                projected = views.V - torch.einsum("oh,ihl->iol", updates[index], views.Bh)
-                _add(sums[index], "N", _cross(views.U, projected))
+                for tensors, _, _ in _slices(part, probe[index]):
+                    views = _views(model, pairs[index], tensors)
+                    projected = views.V - torch.einsum("oh,ihl->iol", updates[index], views.Bh)
+                    _add(sums[index], "N", _cross(views.U, projected))
         _sum_over(total, sums, {i: [k for k in acc if not (i in spatial and k in ("S_h", "N_h"))]
                                 for i, acc in enumerate(sums)})
     return [
