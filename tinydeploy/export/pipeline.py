@@ -37,6 +37,7 @@ from tinydeploy.export.parity import (
 )
 from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
 from tinydeploy.model.freeze import freeze
+from tinydeploy.model.fold import fold_batchnorm
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, directory_entries, read_manifest, write_manifest
 from tinydeploy.serving.providers import choose_providers
 from tinydeploy.training.rundir import ARCH_FILE, METRICS_FILE, Run, read_run
@@ -162,8 +163,11 @@ def _stage(
     provider: str,
     say: Progress,
 ) -> tuple[list[FormatParity], dict[str, Any]]:
-    """Write and gate every artifact, the width report and parity.json into ``stage``."""
+    """Write and gate every artifact, the width report and parity.json into ``stage``. ONNX, TorchScript
+    and torch.export hold the model with every BatchNorm folded into its convolution
+    (``model.fold.fold_batchnorm``); the gate compares them against the unfolded frozen model."""
     frozen = freeze(run.model, run.spec, preprocessing=preprocessing)
+    deployed = fold_batchnorm(frozen) if run.spec.has_batchnorm else frozen
     included = preprocessing and bool(run.spec.preprocessing)
     metadata = artifact_metadata(run.spec, included)
     say("loading the test split")
@@ -174,14 +178,14 @@ def _stage(
     for fmt in chosen:
         say(f"exporting {fmt}")
         path = stage / FORMATS[fmt]
-        write_artifact(fmt, path, run.model, frozen, run.spec, metadata, opset)
+        write_artifact(fmt, path, run.model, deployed, run.spec, metadata, opset)
         say(f"checking {fmt} parity")
         # this process wrote the file a moment ago: loading it (TorchScript and torch.export too) is trusted
         results.append(gate_file(fmt, path.read_bytes(), run.spec, data, atol, rtol, provider, trusted=True))
     if not all(r.passed for r in results):
         raise ParityError(f"{failure_message(results, atol, rtol)}; nothing was published", results)
     if "onnx" in chosen:
-        check_widths(report, initializer_shapes(stage / FORMATS["onnx"]), FORMATS["onnx"])
+        check_widths(report, initializer_shapes(stage / FORMATS["onnx"]), FORMATS["onnx"], folded=True)
     else:
         check_widths(report, _safetensors_shapes(stage / FORMATS["safetensors"]), FORMATS["safetensors"])
     say("writing the width report")

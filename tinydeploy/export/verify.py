@@ -25,7 +25,7 @@ from tinydeploy.serving.manifest import read_verified, verify_manifest
 from tinydeploy.serving.providers import choose_providers
 
 _SOURCE_KEYS = {"name": str, "data_dir": (str, type(None)), "target": (str, type(None)), "split_seed": int,
-                "val_fraction": float}
+                "val_fraction": float, "as_images": bool}
 
 
 @dataclass
@@ -45,7 +45,7 @@ def check_data_source(source: Any) -> dict[str, Any]:
     if not isinstance(source, dict) or set(source) - set(_SOURCE_KEYS) or "name" not in source:
         raise IntegrityError(f"{PARITY_FILE}: inputs.data_source is malformed: re-run 'tinydeploy export'")
     for key, kind in _SOURCE_KEYS.items():
-        if key in source and (not isinstance(source[key], kind) or isinstance(source[key], bool)):
+        if key in source and (not isinstance(source[key], kind) or (kind is not bool and isinstance(source[key], bool))):
             raise IntegrityError(f"{PARITY_FILE}: inputs.data_source.{key} has the wrong type: re-run 'tinydeploy export'")
     return source
 

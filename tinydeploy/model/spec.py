@@ -334,10 +334,19 @@ class ArchSpec:
             found[f"{i}.weight"], found[f"{i}.bias"] = weight, [weight[0]]
         return found
 
+    def layer_tensors(self, index: int, folded: bool = False) -> dict[str, list[int]]:
+        """State-dict name -> shape of the parameters of the weight layer at module ``index`` together with
+        the BatchNorm layers right after it (the ones folded into it at export); a block's: all of its
+        convolutions and BatchNorms. ``folded``: as stored after folding (``weight_shapes``)."""
+        owners = [index]
+        while owners[-1] + 1 < len(self.layers) and self.layers[owners[-1] + 1]["kind"] == "batchnorm":
+            owners.append(owners[-1] + 1)
+        prefixes = tuple(f"{i}." for i in owners)
+        return {name: shape for name, shape in self.weight_shapes(folded).items() if name.startswith(prefixes)}
+
     def layer_params(self, index: int, folded: bool = False) -> int:
-        """Parameters of the layer at module ``index`` (a block's: all of its convolutions and BatchNorms)."""
-        prefix = f"{index}."
-        return sum(math.prod(shape) for name, shape in self.weight_shapes(folded).items() if name.startswith(prefix))
+        """Parameters of the layer at module ``index`` with its BatchNorms (``layer_tensors``)."""
+        return sum(math.prod(shape) for shape in self.layer_tensors(index, folded).values())
 
     def layer_macs(self, index: int, shapes: list[tuple[int, ...]] | None = None) -> int:
         """Multiply-accumulates per sample of the weight layer at ``index`` (weights only, no biases)."""

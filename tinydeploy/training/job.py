@@ -206,10 +206,16 @@ class GrowJob:
         return DATASET_DEFAULTS.get(self.cfg.dataset, {}).get("input_noise", 0.0)
 
     def cpu_threads(self) -> int:
-        """--threads, else 1 for compact budgets and torch's default for large or unbounded ones."""
+        """--threads, else 1 for compact nets (a parameter budget, or a ResNet at its full widths, of at most
+        ``SINGLE_THREAD_MAX_PARAMS``) and torch's default for large or unbounded ones."""
         if self.cfg.threads is not None:
             return self.cfg.threads
-        small = self.max_params is not None and self.max_params <= SINGLE_THREAD_MAX_PARAMS
+        bound = self.max_params
+        full = full_widths(self.spec)
+        if bound is None and full:
+            bound = self.spec.with_hidden_widths([full.get(i, self.spec.width(i))
+                                                  for i in self.spec.growable_indices]).n_params()
+        small = bound is not None and bound <= SINGLE_THREAD_MAX_PARAMS
         return 1 if small else torch.get_num_threads()
 
     @property
