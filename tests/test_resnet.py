@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.statistics import gather_moments
+from tinydeploy.export.quantize import INT8_FILE, quantize_int8
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import ResidualBlock, build_model, spec_from_model
 from tinydeploy.model.fold import fold_batchnorm
@@ -227,6 +228,26 @@ def test_resnet_grows_through_the_cli_and_exports_folded_with_parity(tmp_path: P
         p for layer in report["layers"] for p in [sum(_numel(s) for s in layer["deployed_tensors"].values())])
     verified = cli("verify", str(artifacts))
     assert verified.exit_code == 0, verified.stderr
+    _check_static_int8(artifacts)
+
+
+def _check_static_int8(artifacts: Path) -> None:
+    """int8 of a CNN is static QDQ with signed int8 per-channel conv weights, calibrated on the training
+    split; the gate's tolerance is opened here (this tiny net's accuracy drop is measured, not gated)."""
+    report = quantize_int8(artifacts, tolerance_pp=100.0, latency_iters=5).report
+    assert report["settings"]["method"] == "static" and report["settings"]["calibration"]["split"] == "train"
+    assert set(report["latency_p50_ms"]) == {"threads", "batch_1", "batch_32"}
+    graph = onnx.load(str(artifacts / INT8_FILE)).graph
+    int8_weights = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(convs) == 12  # stem, 2 per block, 3 projections; no BatchNormalization left to fuse
+    for conv in convs:
+        weight = producers[conv.input[1]]
+        assert weight.op_type == "DequantizeLinear" and weight.input[0] in int8_weights
+        assert len(int8_weights[weight.input[0]].dims) == 4 and producers[conv.input[0]].op_type == "DequantizeLinear"
+        scale = next(t for t in graph.initializer if t.name == weight.input[1])
+        assert list(scale.dims) == [int8_weights[weight.input[0]].dims[0]]  # one scale per output channel
 
 
 def _numel(shape: list[int]) -> int:
