@@ -12,13 +12,14 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conv_fixtures import all_neurons
 from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
+from tinydeploy.export.quantize import INT8_FILE, quantize_int8
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.statistics import gather_moments
-from tinydeploy.export.quantize import INT8_FILE, quantize_int8
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import ResidualBlock, build_model, spec_from_model
 from tinydeploy.model.fold import fold_batchnorm
@@ -61,18 +62,9 @@ def _moments(model: nn.Sequential, block: int, X: torch.Tensor, y: torch.Tensor)
     return gather_moments(model, [block], X, y, LOSS, chunk_size=7, generator=torch.Generator().manual_seed(0))[0]
 
 
-def _all_neurons(m) -> candidates.Candidate:
-    """TINY's candidate with every neuron of the SVD (no significance cut), for exact identities."""
-    cand = candidates.tiny(m, max_neurons=10**6)
-    dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
-    return replace(cand, alpha=neurons.alpha, omega=candidates.fan_out(neurons.omega, m),
-                   lambdas=[float(v) for v in neurons.lambdas], dW=dW)
-
-
 def _candidate(method: str, m) -> candidates.Candidate:
     if method == "tiny":
-        return _all_neurons(m)
+        return all_neurons(m)
     return candidates.random(m, 3, torch.Generator().manual_seed(2))
 
 
@@ -94,7 +86,7 @@ def test_gamma_zero_leaves_the_resnet_unchanged_in_eval_mode(block: int, method:
 def test_grown_block_equals_a_resnet_built_at_the_final_widths_with_the_same_weights(block: int) -> None:
     spec, model = _resnet()
     X, y = _data()
-    cand = _all_neurons(_moments(model, block, X, y))
+    cand = all_neurons(_moments(model, block, X, y))
     grown = add_neurons(model, cand, 0.7, X).eval()
     widths = spec.hidden_widths
     widths[spec.growable_indices.index(block)] += cand.n_neurons
@@ -111,7 +103,7 @@ def test_grown_block_equals_a_resnet_built_at_the_final_widths_with_the_same_wei
 def test_new_channels_batchnorm_holds_their_statistics_so_train_mode_keeps_the_amplitude() -> None:
     _, model = _resnet()
     X, y = _data()
-    cand = _all_neurons(_moments(model, PROJECTION_BLOCK, X, y))
+    cand = all_neurons(_moments(model, PROJECTION_BLOCK, X, y))
     grown = add_neurons(model, cand, 0.7, X)
     block, new = grown[PROJECTION_BLOCK], slice(3, 3 + cand.n_neurons)
     with torch.no_grad():
@@ -131,7 +123,7 @@ def test_first_order_loss_change_through_batchnorm_matches_the_gain_predicted_fr
     _, model = _resnet(activation="identity")
     X, y = _data(60)
     m = _moments(model, block, X, y)
-    cand = _all_neurons(m)
+    cand = all_neurons(m)
     dW = cand.dW
     N = m.projected_cross_moment(dW)
     neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)
@@ -255,3 +247,18 @@ def _numel(shape: list[int]) -> int:
     for size in shape:
         out *= size
     return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resnet_grows_on_cuda_with_autocast_and_gpu_resident_data(tmp_path: Path) -> None:
+    from tinydeploy.training.config import GrowConfig
+    from tinydeploy.training.job import prepare_grow
+
+    cfg = GrowConfig(dataset="digits", arch="resnet10", stream_width=1 / 16, max_growth_epochs=0.3, grow_every=0.3,
+                     final_epochs=0.2, seed=1, device="cuda")
+    job = prepare_grow(cfg, tmp_path / "run")
+    trainer = job.trainer
+    assert trainer.X.device.type == "cuda" and trainer.rng.device.type == "cuda"
+    assert trainer.amp in (torch.bfloat16, torch.float16) and trainer.channels_last
+    result = job.run()
+    assert sum(result.metrics["final_widths"]) > 4 and result.metrics["metrics"]["test"]["accuracy"] > 0.2
