@@ -216,6 +216,10 @@ def test_resnet_grows_through_the_cli_and_exports_folded_with_parity(tmp_path: P
     report = json.loads((artifacts / "width_report.json").read_text())
     assert report["checked_against"] == "model.onnx"
     assert [layer["kind"] for layer in report["layers"]] == ["conv2d", *["resblock"] * 4, "output"]
+    assert report["latency"]["source"].startswith("onnxruntime profiler")
+    for layer in report["layers"][:-1]:  # the output layer's Gemm on 32 features may round to 0 us
+        assert set(layer["latency_us"]) == {"batch_1", "batch_32"} and layer["latency_us"]["batch_32"] > 0
+    assert "Latency per layer" in (artifacts / "width_report.md").read_text()
     assert report["totals"]["final"]["deployed_params"] == sum(
         p for layer in report["layers"] for p in [sum(_numel(s) for s in layer["deployed_tensors"].values())])
     verified = cli("verify", str(artifacts))
@@ -262,3 +266,22 @@ def test_resnet_grows_on_cuda_with_autocast_and_gpu_resident_data(tmp_path: Path
     assert trainer.amp in (torch.bfloat16, torch.float16) and trainer.channels_last
     result = job.run()
     assert sum(result.metrics["final_widths"]) > 4 and result.metrics["metrics"]["test"]["accuracy"] > 0.2
+
+
+def test_profiled_layer_latency_covers_every_conv_of_the_folded_resnet(tmp_path: Path) -> None:
+    """onnxruntime's profiler attributes every kernel of a BatchNorm-folded ResNet to a module of the spec."""
+    import numpy as np
+
+    from tinydeploy.export.onnx_format import export_onnx_model
+    from tinydeploy.export.profile import layer_latency, node_modules
+
+    spec, model = _resnet()
+    frozen = fold_batchnorm(model.float())
+    proto = export_onnx_model(frozen, spec, 18, {})
+    data = proto.SerializeToString()
+    modules = node_modules(data)
+    convs = [node for node in proto.graph.node if node.op_type == "Conv"]
+    assert len(convs) == 6 and {modules[node.name] for node in convs} == {"0", "3", "4"}
+    latency = layer_latency(data, np.random.default_rng(0).standard_normal((4, 2, 6, 6)), runs=3)
+    assert {"0", "3", "4"} <= set(latency) or {"2", "3", "4"} <= set(latency)  # stem conv fused with its ReLU
+    assert all(value > 0 for value in latency.values())

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 from safetensors import safe_open
 
 from tinydeploy.atomic import replace_directory, write_json
@@ -35,7 +36,8 @@ from tinydeploy.export.parity import (
     failure_message,
     parity_document,
 )
-from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
+from tinydeploy.export.profile import PROFILE_BATCHES, PROFILE_RUNS, PROFILE_SEED, layer_latency
+from tinydeploy.export.width_report import add_latency, build_width_report, check_widths, write_width_report
 from tinydeploy.model.freeze import freeze
 from tinydeploy.model.fold import fold_batchnorm
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, directory_entries, read_manifest, write_manifest
@@ -186,6 +188,13 @@ def _stage(
         raise ParityError(f"{failure_message(results, atol, rtol)}; nothing was published", results)
     if "onnx" in chosen:
         check_widths(report, initializer_shapes(stage / FORMATS["onnx"]), FORMATS["onnx"], folded=True)
+        say("profiling the ONNX model per layer")
+        onnx_bytes = (stage / FORMATS["onnx"]).read_bytes()
+        rng = np.random.default_rng(PROFILE_SEED)
+        per_module = {f"batch_{n}": layer_latency(onnx_bytes, rng.standard_normal((n, *run.spec.input_shape)))
+                      for n in PROFILE_BATCHES}
+        add_latency(report, run.spec, per_module,
+                    f"onnxruntime profiler, {FORMATS['onnx']}, CPU, 1 thread, mean of {PROFILE_RUNS} runs")
     else:
         check_widths(report, _safetensors_shapes(stage / FORMATS["safetensors"]), FORMATS["safetensors"])
     say("writing the width report")

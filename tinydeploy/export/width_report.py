@@ -156,6 +156,20 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
     }
 
 
+def add_latency(report: dict[str, Any], spec: ArchSpec, per_module: dict[str, dict[str, float]], source: str) -> None:
+    """Add per-layer latency to ``report``: for each weight layer and batch size (``per_module``: batch ->
+    top-level module -> microseconds per run, ``tinydeploy.export.profile.layer_latency``), the time of
+    its module and of the channel-wise modules after it up to the next weight layer (the optimiser fuses
+    a conv with its ReLU into one kernel, named after the ReLU)."""
+    weights = spec.weight_indices
+    for layer in report["layers"]:
+        start = layer["module_index"]
+        end = next((j for j in weights if j > start), len(spec.layers))
+        layer["latency_us"] = {batch: sum(v for k, v in modules.items() if k.isdigit() and start <= int(k) < end)
+                               for batch, modules in per_module.items()}
+    report["latency"] = {"source": source, "per_module_us": per_module}
+
+
 def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: str, folded: bool = False) -> None:
     """Raise unless every layer's tensors (width, fan-in; a block's convolutions; the BatchNorms after a
     layer unless ``folded``, that is folded into it at export) match the shapes stored in ``source``."""
@@ -263,7 +277,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         _md_table(_columns(report), _rows(report)),
         _md_table(_total_header(report), _total_rows(report)),
         f"Widths checked against {checked}." if checked else "Widths not checked against an exported file.",
+        *_latency_md(report),
     ]) + "\n"
+
+
+def _latency_md(report: dict[str, Any]) -> list[str]:
+    """The per-layer latency table, when the report has one."""
+    latency = report.get("latency")
+    if not latency:
+        return []
+    batches = list(latency["per_module_us"])
+    rows = [[layer["name"], layer["kind"], *(f"{layer['latency_us'][b]:,.1f}" for b in batches)]
+            for layer in report["layers"]]
+    return [f"Latency per layer, microseconds per run ({latency['source']}):",
+            _md_table(["layer", "kind", *(b.replace("_", " ") for b in batches)], rows)]
 
 
 def render_text(report: dict[str, Any]) -> str:
