@@ -14,7 +14,7 @@ from rich.table import Column, Table
 
 from cli.app import app, reports_errors
 from tinydeploy.errors import TinyDeployError
-from tinydeploy.training.config import RECIPES, GrowConfig
+from tinydeploy.training.config import RECIPES, GrowConfig, parse_fraction
 from tinydeploy.training.job import GrowResult, check_run_dir, default_run_dir, prepare_grow, prepare_resume
 from tinydeploy.training.job import Progress as GrowProgress
 
@@ -116,6 +116,15 @@ class _Bars:
         self.bar.update(self.final, completed=min(done, self.cfg.final_epochs), status=status)
 
 
+def _typed(name: str, value: object) -> object:
+    """A command-line value as the GrowConfig field holds it (for comparing with a saved run's options)."""
+    if name == "init_widths":
+        return parse_widths(str(value))
+    if name in ("width_factor", "stream_width"):
+        return parse_fraction(str(value), f"--{name.replace('_', '-')}")
+    return value
+
+
 def _given(ctx: typer.Context) -> dict[str, object]:
     """The options the user typed (not defaults), by parameter name."""
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer's own click: compare by name
@@ -175,8 +184,13 @@ def grow(
                                        "numbers a regression target)."),
     method: str = typer.Option(_DEFAULTS.method, help="Growth method: tiny | gradmax | north | folding (shallow "
                                "ReLU MLPs: one --init-widths value) | random."),
-    arch: Optional[str] = typer.Option(None, help="mlp | cnn (default: cnn for images (C,H,W) and signals (C,L), "
-                                       "mlp otherwise; --arch cnn shows digits as 1x8x8 and mnist1d as 1x40)."),
+    arch: Optional[str] = typer.Option(None, help="mlp | cnn | resnet18 | resnet10 (default: cnn for images (C,H,W) "
+                                       "and signals (C,L), mlp otherwise; --arch cnn shows digits as 1x8x8 and "
+                                       "mnist1d as 1x40; resnet10 has one block per stage)."),
+    width_factor: Optional[str] = typer.Option(None, help="ResNet: every block's middle channels start at this "
+                                               "fraction of their full width, e.g. 1/64 (default) or 1/4."),
+    stream_width: str = typer.Option("1", help="ResNet: scale of the residual stream 64/128/256/512, e.g. 1/8 for "
+                                     "8/16/32/64 on small data or CPUs."),
     init_widths: Optional[str] = typer.Option(None, help="Initial widths of the growable layers, comma-separated "
                                               "(default: 1 each; MLP: 1,1)."),
     conv_kernels: Optional[str] = typer.Option(None, help="CNN: kernel of each conv block; their number is the depth "
@@ -200,9 +214,12 @@ def grow(
     max_width: Optional[int] = typer.Option(None, help="Largest width of any hidden layer."),
     target_accuracy: Optional[float] = typer.Option(None, help="Stop growing once validation accuracy reaches this fraction."),
     patience: int = typer.Option(_DEFAULTS.patience, help="Stop after this many growth steps in a row with no significant neuron."),
-    lr: float = typer.Option(_DEFAULTS.lr, help="Adam learning rate."),
+    lr: float = typer.Option(_DEFAULTS.lr, help="Learning rate."),
+    optimizer: str = typer.Option(_DEFAULTS.optimizer, help="adam | sgd (plain SGD, as the paper's ResNet protocol)."),
+    precision: str = typer.Option(_DEFAULTS.precision, help="Training arithmetic: auto | fp32 | bf16 | fp16 (auto: "
+                                  "bf16 autocast on CUDA where supported, fp32 on CPU)."),
     batch_size: Optional[int] = typer.Option(None, help=_recipe_help("Training mini-batch size", "batch_size")),
-    weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Adam weight decay."),
+    weight_decay: float = typer.Option(_DEFAULTS.weight_decay, help="Weight decay (Adam or SGD)."),
     input_noise: Optional[float] = typer.Option(None, help="Std of Gaussian noise on standardised training inputs "
                                                 "(default: 0.3 for digits, 0 otherwise)."),
     max_shift: Optional[int] = typer.Option(None, help="Random shifts of training images by up to this many pixels "
@@ -234,6 +251,8 @@ def grow(
         conv_strides=_optional_list(conv_strides, "--conv-strides"),
         conv_pools=_optional_list(conv_pools, "--conv-pools", minimum=0), transition=transition,
         hidden_layers=hidden_layers, activation=activation, grow_every=grow_every,
+        width_factor=None if width_factor is None else parse_fraction(width_factor, "--width-factor"),
+        stream_width=parse_fraction(stream_width, "--stream-width"), optimizer=optimizer, precision=precision,
         max_growth_epochs=max_growth_epochs, final_epochs=final_epochs, neurons_per_step=neurons_per_step,
         layers_per_step=layers_per_step, max_params=max_params, max_macs=max_macs, max_width=max_width,
         target_accuracy=target_accuracy, patience=patience, lr=lr, batch_size=batch_size,
@@ -252,7 +271,7 @@ def grow(
         if out is not None or force:
             raise TinyDeployError("--resume continues the run in its own directory: drop --out and --force")
         fields = set(GrowConfig.__dataclass_fields__)
-        given = {k: (parse_widths(v) if k == "init_widths" else v) for k, v in _given(ctx).items() if k in fields}
+        given = {k: _typed(k, v) for k, v in _given(ctx).items() if k in fields}
         job = prepare_resume(resume, given, command=command)
     else:
         job = prepare_grow(cfg, out, force=force, command=command)

@@ -4,13 +4,14 @@ definitions (App. C.2.2), sharing no code with ``tinydeploy.growth.pairs``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from growth_fixtures import recorded_activities
 from torch import nn
 
-from growth_fixtures import recorded_activities
+from tinydeploy.growth import candidates, linalg
 from tinydeploy.model.build import GlobalAvgPool
 from tinydeploy.model.losses import per_sample_loss
 
@@ -188,3 +189,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def all_neurons(m) -> candidates.Candidate:
+    """TINY's candidate with every neuron of the SVD (no significance cut), for exact identities."""
+    cand = candidates.tiny(m, max_neurons=10**6)
+    dW = linalg.best_update(m.S_h, m.N_h)
+    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
+    return replace(cand, alpha=neurons.alpha, omega=candidates.fan_out(neurons.omega, m),
+                   lambdas=[float(v) for v in neurons.lambdas], dW=dW)

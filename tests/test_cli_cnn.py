@@ -105,7 +105,7 @@ def test_onnx_runtime_takes_images_and_batches_of_images(cnn_export: Path) -> No
      "error: --init-widths lists 2 widths but the CNN has 2 conv blocks and 1 hidden linear layer(s): give 3"),
     (["--dataset", "digits", "--arch", "cnn", "--conv-kernels", "3,3", "--conv-strides", "1"],
      "error: --conv-kernels [3, 3], --conv-strides [1] and --conv-pools None must list one value per conv block"),
-    (["--dataset", "digits", "--arch", "rnn"], "error: unknown --arch 'rnn': use mlp or cnn"),
+    (["--dataset", "digits", "--arch", "rnn"], "error: unknown --arch 'rnn': use one of mlp, cnn, resnet18, resnet10"),
     (["--dataset", "digits", "--conv-pools", "2,x"],
      "error: --conv-pools must be comma-separated non-negative integers like 1,1; got '2,x'"),
     (["--dataset", "digits", "--arch", "cnn", "--conv-pools", "4,4"],

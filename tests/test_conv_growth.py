@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_fixtures import KINDS, Case, all_neurons, brute_force, build, consumer_index, explicit, one_thread  # noqa: F401
 from torch import nn
 
-from conv_fixtures import KINDS, Case, brute_force, build, consumer_index, explicit, one_thread  # noqa: F401
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.gradmax import gradmax
 from tinydeploy.growth.costs import count_macs, output_shapes
@@ -33,15 +33,6 @@ CASES += [Case(dims=2, kernel=5, stride=2, padding=0, next_kernel=3, next_stride
 
 def _moments(model, X, y):
     return gather_moments(model, [0], X, y, LOSS, chunk_size=7, generator=torch.Generator().manual_seed(0))[0]
-
-
-def _all_neurons(m) -> candidates.Candidate:
-    """TINY's candidate with every neuron of the SVD (no significance cut), for exact identities."""
-    cand = candidates.tiny(m, max_neurons=10**6)
-    dW = linalg.best_update(m.S_h, m.N_h)
-    neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), m.projected_cross_moment(dW))
-    return replace(cand, alpha=neurons.alpha, omega=candidates.fan_out(neurons.omega, m),
-                   lambdas=[float(v) for v in neurons.lambdas], dW=dW)
 
 
 def _gradmax_all(m) -> candidates.Candidate:
@@ -67,9 +58,7 @@ def _linearised_effect(model: nn.Sequential, x: torch.Tensor, alpha: torch.Tenso
     weight = alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:])
     h = _linear_map(producer, x, weight, alpha[:, -1])
     for module in model[1:out]:
-        if isinstance(module, nn.BatchNorm2d):  # a new channel's own BatchNorm at its initial state
-            h = h / (1 + module.eps) ** 0.5
-        elif not isinstance(module, (nn.ReLU, nn.Tanh)):
+        if not isinstance(module, (nn.ReLU, nn.Tanh, nn.BatchNorm2d)):  # a new channel's BatchNorm: the identity
             h = module(h)
     return _linear_map(model[out], h, omega, None)
 
@@ -78,7 +67,7 @@ def _linearised_effect(model: nn.Sequential, x: torch.Tensor, alpha: torch.Tenso
 def test_eq_71_bottleneck_after_k_kernels_is_at_most_psi_minus_sum_of_squared_lambdas(case: Case) -> None:
     model, X, y = build(case)
     m = _moments(model, X, y)
-    cand = _all_neurons(m)
+    cand = all_neurons(m)
     x_in, b_h, V = explicit(model, X, y, consumer_index(model))
     consumer = model[consumer_index(model)]
     V_proj = V - _linear_map(consumer, b_h, cand.dW[:, :-1].reshape(consumer.weight.shape), cand.dW[:, -1])
@@ -117,7 +106,7 @@ def test_prop_3_1_projected_goal_is_orthogonal_to_the_unfolded_consumer_inputs(c
 def test_gamma_zero_leaves_the_function_unchanged_for_every_pair_kind(case: Case, method: str) -> None:
     model, X, y = build(case)
     m = _moments(model, X, y)
-    made = {"tiny": _all_neurons, "gradmax": _gradmax_all,
+    made = {"tiny": all_neurons, "gradmax": _gradmax_all,
             "random": lambda m: candidates.random(m, 3, torch.Generator().manual_seed(1)),
             "north": lambda m: candidates.propose("north", m, 3, torch.Generator().manual_seed(1),
                                                   context=candidates.Context(model, X, y, LOSS))}
@@ -136,14 +125,14 @@ def test_fast_line_search_forward_equals_the_grown_model(case: Case, gamma: floa
     """grown_output computes the new channels on their own (through the same pools / flatten) and the
     consumer's map on them alone, so it checks that surgery puts the new inputs in the right positions."""
     model, X, y = build(case)
-    cand = _all_neurons(_moments(model, X, y))
+    cand = all_neurons(_moments(model, X, y))
     expected = add_neurons(model, cand, gamma)(X).detach()
     torch.testing.assert_close(grown_output(model, cand, X)(gamma), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_new_columns_after_flatten_hold_each_new_channel_s_h_w_block() -> None:
     model, X, y = build(Case(dims=2, kind="flatten-linear", size=7))
-    cand = _all_neurons(_moments(model, X, y))
+    cand = all_neurons(_moments(model, X, y))
     gamma, out = 0.25, consumer_index(model)
     grown = add_neurons(model, cand, gamma)
     old, new = model[out].weight.detach(), grown[out].weight.detach()
@@ -170,7 +159,7 @@ def test_grown_cnn_equals_a_net_built_at_the_final_widths_with_the_same_weights(
     grown = model
     for layer in spec.growable_indices:
         m = gather_moments(grown, [layer], X, y, LOSS, generator=torch.Generator().manual_seed(0))[0]
-        cand = _all_neurons(m)
+        cand = all_neurons(m)
         grown = add_neurons(grown, replace(cand, alpha=cand.alpha[:2], omega=cand.omega[:, :2],
                                            lambdas=cand.lambdas[:2]), 0.6)
     final = spec_from_model(grown, spec)
@@ -195,15 +184,22 @@ def test_batchnorm_between_producer_and_consumer_gains_identity_channels(next_ke
         model[1].weight.uniform_(0.5, 2.0)
         model[1].bias.uniform_(-0.5, 0.5)
     model.eval()
-    cand = _all_neurons(_moments(model, X, y))
-    grown = add_neurons(model, cand, 0.0).eval()
-    assert grown[1].num_features == 3 + cand.n_neurons
-    torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-13)
-    torch.testing.assert_close(grown_output(model, cand, X)(0.8), add_neurons(model, cand, 0.8).eval()(X).detach(),
-                               rtol=1e-12, atol=1e-12)
+    cand = all_neurons(_moments(model, X, y))
+    for sample in (None, X):
+        grown = add_neurons(model, cand, 0.0, sample).eval()
+        assert grown[1].num_features == 3 + cand.n_neurons
+        torch.testing.assert_close(grown(X), model(X), rtol=0, atol=1e-13)
+        torch.testing.assert_close(grown_output(model, cand, X)(0.8),
+                                   add_neurons(model, cand, 0.8, sample).eval()(X).detach(), rtol=1e-12, atol=1e-12)
+    # the new channels' BatchNorm holds their own statistics at the chosen amplitude: identity in eval
+    # mode, and (nearly) the identity in train mode on a batch like X, instead of re-normalising them
+    grown = add_neurons(model, cand, 0.8, X)
     new = slice(3, 3 + cand.n_neurons)
-    assert torch.equal(grown[1].running_mean[new], torch.zeros(cand.n_neurons, dtype=torch.float64))
-    assert torch.equal(grown[1].running_var[new], torch.ones(cand.n_neurons, dtype=torch.float64))
+    a_new = F.conv2d(X, 0.8**0.5 * cand.alpha[:, :-1].reshape(-1, 2, 3, 3), 0.8**0.5 * cand.alpha[:, -1], padding=1)
+    torch.testing.assert_close(grown[1].running_mean[new], a_new.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grown[1].running_var[new], a_new.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grown[1].weight[new], (a_new.var(dim=(0, 2, 3), unbiased=False) + 0.5).sqrt())
+    torch.testing.assert_close(grown[1].train()(grown[0](X))[:, new], a_new, rtol=1e-12, atol=1e-12)
     # Eq. 71 through the new channels' BatchNorm (eval mode), equality for the 1x1 consumer
     x_in, b_h, V = explicit(model, X, y, 3)
     V_proj = V - F.conv2d(b_h, cand.dW[:, :-1].reshape(model[3].weight.shape), cand.dW[:, -1])
@@ -222,7 +218,7 @@ def test_adam_state_of_old_conv_parameters_survives_growth() -> None:
         optimizer.zero_grad()
         LOSS(model(X), y).mean().backward()
         optimizer.step()
-    grown = add_neurons(model, _all_neurons(_moments(model, X, y)), 0.5)
+    grown = add_neurons(model, all_neurons(_moments(model, X, y)), 0.5)
     carried = carry_optimizer_state(optimizer, model, grown)
     old = dict(model.named_parameters())
     for name, param in grown.named_parameters():

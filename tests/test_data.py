@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import random
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from tinydeploy.data import BUILTIN_DATASETS, Dataset, apply_standardizer, fit_standardizer, load_dataset
+from tinydeploy.data.torchvision_sets import load_restricted_pickle
 from tinydeploy.errors import DataError
 
 
@@ -300,6 +302,16 @@ def _write_mnist(root: Path, folder: str, n_train: int = 60, n_test: int = 10) -
         _write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
+def test_truncated_mnist_file_is_reported(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, "MNIST")
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=r"^cannot read dataset 'mnist' from .*: the files are corrupt or not the "
+                                        r"originals \(train-images-idx3-ubyte holds 47035 bytes for shape "
+                                        r"\[60, 28, 28\]\); replace them with the official files$"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize(("name", "folder", "first_class"), [("mnist", "MNIST", "0 - zero"),
                                                              ("fashion-mnist", "FashionMNIST", "T-shirt/top")])
 def test_mnist_family_from_idx_files(tmp_path: Path, name: str, folder: str, first_class: str) -> None:
@@ -315,25 +327,31 @@ def test_mnist_family_from_idx_files(tmp_path: Path, name: str, folder: str, fir
     assert data.source["data_dir"] == str(tmp_path.resolve())
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 ``str`` (BINSTRING), as the official CIFAR files (cPickle, protocol 2)
+    hold numpy's raw data: read back with encoding='latin1' they are ``str``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = lambda self, obj: self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+
+
+def _py2_pickle(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 def _write_cifar(root: Path, folder: str, batches: dict[str, int], label_key: str, meta: tuple[str, str, int]) -> None:
     """CIFAR python format: pickled dicts with uint8 ``data`` (n, 3072) rows in CHW order and labels."""
     meta_file, names_key, n_classes = meta
     (root / folder).mkdir(parents=True)
     for index, (file, n) in enumerate(batches.items()):
         data = (np.arange(n * 3072).reshape(n, 3072) + index) % 256
-        entry = {"data": data.astype(np.uint8), label_key: [i % n_classes for i in range(n)]}
-        (root / folder / file).write_bytes(pickle.dumps(entry))
+        entry = {"batch_label": f"batch {index}", "data": data.astype(np.uint8),
+                 label_key: [i % n_classes for i in range(n)], "filenames": [f"img{i}.png" for i in range(n)]}
+        (root / folder / file).write_bytes(_py2_pickle(entry))
     names = [f"class{i}" for i in range(n_classes)]
-    (root / folder / meta_file).write_bytes(pickle.dumps({names_key: names}))
-
-
-@pytest.fixture
-def skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchvision's CIFAR classes always compare the files' md5 with the official archives', which
-    hand-made test files cannot match: check existence only, so the real torchvision reader runs."""
-    import torchvision.datasets.cifar
-
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    (root / folder / meta_file).write_bytes(_py2_pickle({names_key: names, "num_cases_per_batch": 10000}))
 
 
 def _cifar10(root: Path) -> None:
@@ -341,26 +359,77 @@ def _cifar10(root: Path) -> None:
     _write_cifar(root, "cifar-10-batches-py", batches, "labels", ("batches.meta", "label_names", 10))
 
 
-def test_cifar10_from_python_batches(tmp_path: Path, skip_cifar_md5: None) -> None:
+def test_cifar10_from_python_batches(tmp_path: Path) -> None:
     _cifar10(tmp_path)
     data = load_dataset("cifar10", data_dir=str(tmp_path))
     assert data.input_shape == (3, 32, 32) and data.n_outputs == 10 and data.classes[3] == "class3"
     assert len(data.X_train) + len(data.X_val) == 60 and len(data.X_test) == 10
     expected = ((np.arange(10 * 3072).reshape(10, 3, 32, 32) + 5) % 256) / 255.0  # CHW rows, test batch 5
     np.testing.assert_allclose(data.X_test, expected, rtol=1e-6)
+    # files written by Python 3's pickle (protocol 4) load the same way
+    for path in (tmp_path / "cifar-10-batches-py").iterdir():
+        path.write_bytes(pickle.dumps(load_restricted_pickle(path), protocol=4))
+    np.testing.assert_array_equal(load_dataset("cifar10", data_dir=str(tmp_path)).X_test, data.X_test)
 
 
-def test_cifar100_from_python_files(tmp_path: Path, skip_cifar_md5: None) -> None:
+def test_cifar100_from_python_files(tmp_path: Path) -> None:
     _write_cifar(tmp_path, "cifar-100-python", {"train": 500, "test": 20}, "fine_labels",
                  ("meta", "fine_label_names", 100))
     data = load_dataset("cifar100", data_dir=str(tmp_path))
     assert data.n_outputs == 100 and len(data.X_train) + len(data.X_val) == 500 and len(data.X_test) == 20
 
 
-def test_cifar_files_failing_torchvision_md5_are_reported(tmp_path: Path) -> None:
+class _Payload:
+    """A pickle that runs ``open(marker, 'w')`` when loaded by a plain unpickler."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("member", ["data", "labels", "meta"])
+def test_cifar_pickles_that_would_run_code_are_refused_unrun(tmp_path: Path, member: str) -> None:
     _cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    folder = tmp_path / "cifar-10-batches-py"
+    if member == "meta":
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": _Payload(marker)}))
+    else:
+        entry = {"data": np.zeros((12, 3072), np.uint8), "labels": list(range(12))}
+        entry[member] = _Payload(marker)
+        (folder / "data_batch_2").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError, match=r"^cannot read dataset 'cifar10' from .*: the files are corrupt or not the "
+                                        r"originals \(refused to load io\.open: a CIFAR file holds only numpy "
+                                        r"arrays, lists, strings and numbers\); replace them with the official files$"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+    assert not marker.exists()
+    pickle.loads((folder / ("batches.meta" if member == "meta" else "data_batch_2")).read_bytes())
+    assert marker.exists()  # the same file does run code under a plain unpickler
+
+
+def test_cifar_object_arrays_and_huge_arrays_are_refused(tmp_path: Path) -> None:
+    _cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": np.array([None, 1], dtype=object), "labels": [0, 1]}, protocol=3))
+    with pytest.raises(DataError, match=r"\(the pickle builds an array of Python objects\)"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+    crafted = pickle.dumps(np.zeros(3, np.uint8), protocol=3).replace(b"K\x00\x85", b"J\x00\x00\x00\x40\x85")
+    path.write_bytes(crafted)  # _reconstruct(ndarray, (2**30,), ...) before the real shape is set
+    with pytest.raises(DataError, match=r"\(the pickle asks for an array of shape \(1073741824,\)\)"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_cifar_files_that_are_truncated_or_wrong_are_reported(tmp_path: Path) -> None:
+    _cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(DataError, match=r"^cannot read dataset 'cifar10' from .*: the files are corrupt or not "
-                                        r"the originals \(torchvision: .*\); replace them with the official files$"):
+                                        r"the originals \(.*\); replace them with the official files$"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+    path.write_bytes(_py2_pickle({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}))
+    with pytest.raises(DataError, match=r"\(data_batch_3: 'data' is not a uint8 array of shape \(n, 3072\)\)"):
         load_dataset("cifar10", data_dir=str(tmp_path))
 
 

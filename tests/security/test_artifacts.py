@@ -95,12 +95,26 @@ def test_trust_pickle_reloads_and_gates_genuine_torch_files(export_dir: Path, tm
     assert rows == {"safetensors": "PASS", "onnx": "PASS", "torchscript": "PASS", "pt2": "PASS"}
 
 
-def test_cifar_test_data_named_by_parity_json_is_not_unpickled(copy: Path, tmp_path: Path) -> None:
-    """torchvision's CIFAR batches are pickles: a parity.json pointing at planted ones is refused."""
+def test_cifar_test_data_named_by_parity_json_cannot_run_code(copy: Path, tmp_path: Path) -> None:
+    """CIFAR's batches are pickles: planted ones that would run code are refused by the restricted
+    unpickler, and the code never runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (folder / name).write_bytes(pickle.dumps({"data": Payload(), "labels": [0], "label_names": ["a"]}))
     parity = json.loads((copy / "parity.json").read_text())
     parity["inputs"]["data_source"] = {
         "name": "cifar10",
-        "data_dir": str(copy),
+        "data_dir": str(tmp_path / "data"),
         "target": None,
         "split_seed": 0,
         "val_fraction": 0.2,
@@ -108,8 +122,9 @@ def test_cifar_test_data_named_by_parity_json_is_not_unpickled(copy: Path, tmp_p
     (copy / "parity.json").write_text(json.dumps(parity))
     payloads.rewrite_manifest(copy)
     result = invoke("verify", copy)
-    assert result.exit_code == EXIT_CHECK_FAILED
-    assert "whose torchvision files are Python pickles" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert result.exit_code != 0
+    assert "refused to load io.open" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not marker.exists()
 
 
 # ----- reading files outside the directory ---------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 from safetensors import safe_open
 
 from tinydeploy.atomic import replace_directory, write_json
@@ -40,8 +41,10 @@ from tinydeploy.export.parity import (
     failure_message,
     parity_document,
 )
-from tinydeploy.export.width_report import build_width_report, check_widths, write_width_report
+from tinydeploy.export.profile import PROFILE_BATCHES, PROFILE_RUNS, PROFILE_SEED, layer_latency
+from tinydeploy.export.width_report import add_latency, build_width_report, check_widths, write_width_report
 from tinydeploy.model.freeze import freeze
+from tinydeploy.model.fold import fold_batchnorm
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, directory_entries, read_manifest, write_manifest
 from tinydeploy.serving.providers import DEFAULT_PROVIDER, choose_providers
 from tinydeploy.training.rundir import ARCH_FILE, EXPORT_DIR, METRICS_FILE, Run, read_run
@@ -175,8 +178,11 @@ def _stage(
     provider: str,
     say: Progress,
 ) -> tuple[list[FormatParity], dict[str, Any]]:
-    """Write and gate every artifact, the width report and parity.json into ``stage``."""
+    """Write and gate every artifact, the width report and parity.json into ``stage``. ONNX, TorchScript
+    and torch.export hold the model with every BatchNorm folded into its convolution
+    (``model.fold.fold_batchnorm``); the gate compares them against the unfolded frozen model."""
     frozen = freeze(run.model, run.spec, preprocessing=preprocessing)
+    deployed = fold_batchnorm(frozen) if run.spec.has_batchnorm else frozen
     included = preprocessing and bool(run.spec.preprocessing)
     metadata = artifact_metadata(run.spec, included)
     say("loading the test split")
@@ -187,14 +193,21 @@ def _stage(
     for fmt in chosen:
         say(f"exporting {fmt}")
         path = stage / FORMATS[fmt]
-        write_artifact(fmt, path, run.model, frozen, run.spec, metadata, opset)
+        write_artifact(fmt, path, run.model, deployed, run.spec, metadata, opset)
         say(f"checking {fmt} parity")
         # this process wrote the file a moment ago: loading it (TorchScript and torch.export too) is trusted
         results.append(gate_file(fmt, path.read_bytes(), run.spec, data, atol, rtol, provider, trusted=True))
     if not all(r.passed for r in results):
         raise ParityError(f"{failure_message(results, atol, rtol)}; nothing was published", results)
     if "onnx" in chosen:
-        check_widths(report, initializer_shapes(stage / FORMATS["onnx"]), FORMATS["onnx"])
+        check_widths(report, initializer_shapes(stage / FORMATS["onnx"]), FORMATS["onnx"], folded=True)
+        say("profiling the ONNX model per layer")
+        onnx_bytes = (stage / FORMATS["onnx"]).read_bytes()
+        rng = np.random.default_rng(PROFILE_SEED)
+        per_module = {f"batch_{n}": layer_latency(onnx_bytes, rng.standard_normal((n, *run.spec.input_shape)))
+                      for n in PROFILE_BATCHES}
+        add_latency(report, run.spec, per_module,
+                    f"onnxruntime profiler, {FORMATS['onnx']}, CPU, 1 thread, mean of {PROFILE_RUNS} runs")
     else:
         check_widths(report, _safetensors_shapes(stage / FORMATS["safetensors"]), FORMATS["safetensors"])
     say("writing the width report")

@@ -7,7 +7,14 @@
   inputs. onnxruntime's dynamic quantizer handles ``MatMul`` but not ``Gemm``, which is what the
   exporter writes for ``nn.Linear``, so every ``Gemm`` is first rewritten as the equivalent
   ``MatMul`` + ``Add`` (weights transposed once; exact in float32);
-* method ``"static"``: QDQ format with activation ranges calibrated (MinMax) on the training split.
+* method ``"static"``: QDQ format, signed int8 activations and per-channel int8 weights, activation
+  ranges calibrated (MinMax) on up to ``CALIBRATION_SAMPLES`` images of the training split, after
+  onnxruntime's pre-processing (shape inference and graph optimisation, which fuses Conv + BatchNorm;
+  exported graphs have theirs folded already). Convolutions, MatMul and Gemm are quantized;
+* method ``"auto"`` (default): ``"static"`` for graphs with convolutions (dynamic quantization would
+  leave every Conv in float32), ``"dynamic"`` otherwise.
+
+Latency is measured at batch 1 and batch 32 (one thread each).
 
 The gate runs both models on the test split of the run's dataset (``load_dataset(**data_source)``
 recorded in parity.json / the run's metrics.json) and passes when, for classification, the int8
@@ -42,7 +49,11 @@ from tinydeploy.model.scores import regression_scores
 from tinydeploy.serving.manifest import MANIFEST_FILE, STAGING_PREFIX, read_manifest, sha256_file, verify_manifest
 from tinydeploy.serving.runtime import MODEL_FILE, OnnxModel, resolve_model_path
 
-METHODS = ("dynamic", "static")
+METHODS = ("auto", "dynamic", "static")
+#: Training images that calibrate the static activation ranges (a seeded random subset).
+CALIBRATION_SAMPLES = 1024
+#: Batch sizes of the latency measurement.
+LATENCY_BATCHES = (1, 32)
 DEFAULT_TOLERANCE_PP = 1.0
 DEFAULT_MSE_TOLERANCE = 0.05
 #: int8 counts as a gain when its file is at most this fraction of fp32's, or its median latency at
@@ -50,6 +61,8 @@ DEFAULT_MSE_TOLERANCE = 0.05
 GAIN_SIZE_RATIO = 0.75
 GAIN_LATENCY_RATIO = 0.9
 QUANT_KEY = "tinydeploy.quantization"
+#: Operators the static method quantizes.
+STATIC_OPS = ("Conv", "MatMul", "Gemm")
 
 
 class QuantizationError(TinyDeployError):
@@ -217,7 +230,7 @@ def amend_manifest(directory: str | os.PathLike[str], files: list[str], command:
 def quantize_int8(
     export_dir: str | os.PathLike[str],
     *,
-    method: str = "dynamic",
+    method: str = "auto",
     tolerance_pp: float = DEFAULT_TOLERANCE_PP,
     mse_tolerance: float = DEFAULT_MSE_TOLERANCE,
     per_channel: bool = True,
@@ -248,8 +261,10 @@ def quantize_int8(
     X_test = _model_inputs(fp32, data.X_test)
     fp32_out = fp32.run(X_test)
 
-    say(f"quantizing ({method})")
     graph = onnx.load(str(model_path))
+    if method == "auto":
+        method = "static" if any(node.op_type == "Conv" for node in graph.graph.node) else "dynamic"
+    say(f"quantizing ({method})")
     props = {p.key: p.value for p in graph.metadata_props}
     rewritten = 0
     if method == "dynamic":
@@ -259,11 +274,12 @@ def quantize_int8(
         "weight_type": "int8",
         "activation_type": "uint8 (dynamic, per batch)" if method == "dynamic" else "int8 (static, calibrated)",
         "per_channel": per_channel,
-        "op_types": ["MatMul"] if method == "dynamic" else ["MatMul", "Gemm"],
+        "op_types": ["MatMul"] if method == "dynamic" else list(STATIC_OPS),
         "gemm_rewritten_as_matmul": rewritten,
         "onnxruntime": __import__("onnxruntime").__version__,
     }
     tmp = directory / f"{STAGING_PREFIX}{os.getpid()}-{INT8_FILE}"
+    prepared = directory / f"{STAGING_PREFIX}{os.getpid()}-prepared.onnx"
     root_logger = logging.getLogger()
     root_level = root_logger.level
     try:
@@ -273,11 +289,16 @@ def quantize_int8(
             quantize_dynamic(graph, str(tmp), op_types_to_quantize=["MatMul"], per_channel=per_channel,
                              weight_type=QuantType.QInt8)
         else:
-            X_cal = _model_inputs(fp32, data.X_train)
+            from onnxruntime.quantization import quant_pre_process
+
+            rows = np.random.default_rng(0).permutation(len(data.X_train))[:CALIBRATION_SAMPLES]
+            X_cal = _model_inputs(fp32, data.X_train[np.sort(rows)])
             settings["calibration"] = {"split": "train", "samples": int(len(X_cal)), "method": "MinMax"}
-            quantize_static(graph, str(tmp), _Calibration(fp32.input_name, X_cal), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            settings["pre_processing"] = "onnxruntime.quantization.quant_pre_process"
+            quant_pre_process(graph, str(prepared))
+            quantize_static(str(prepared), str(tmp), _Calibration(fp32.input_name, X_cal),
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
+                            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         root_logger.setLevel(root_level)
         quantized = onnx.load(str(tmp))
         del quantized.metadata_props[:]
@@ -309,10 +330,11 @@ def quantize_int8(
             }
         gate.update({"test_samples": int(len(X_test)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
         say("measuring size and latency")
-        x1 = X_test[:1]
-        xb = X_test[: min(256, len(X_test))]
-        lat1 = _latency({"fp32": fp32, "int8": int8}, x1, latency_iters)
-        latb = _latency({"fp32": fp32, "int8": int8}, xb, max(10, latency_iters // 4))
+        latency = {"threads": 1}
+        for batch in LATENCY_BATCHES:
+            x = X_test[: min(batch, len(X_test))]
+            measured = _latency({"fp32": fp32, "int8": int8}, x, latency_iters if batch == 1 else max(10, latency_iters // 4))
+            latency[f"batch_{len(x)}"] = {**measured, "ratio": measured["int8"] / measured["fp32"]}
         report = {
             "file": INT8_FILE,
             "passed": bool(passed),
@@ -321,11 +343,7 @@ def quantize_int8(
             "gate": gate,
             "size": {"fp32_bytes": fp32.size_bytes, "int8_bytes": int8.size_bytes,
                      "ratio": int8.size_bytes / fp32.size_bytes},
-            "latency_p50_ms": {
-                "threads": 1,
-                "batch_1": {**lat1, "ratio": lat1["int8"] / lat1["fp32"]},
-                f"batch_{len(xb)}": {**latb, "ratio": latb["int8"] / latb["fp32"]},
-            },
+            "latency_p50_ms": latency,
             "sha256": int8.sha256,
         }
         report["gains"], report["verdict"] = int8_gain(report)
@@ -342,6 +360,7 @@ def quantize_int8(
     finally:
         root_logger.setLevel(root_level)
         tmp.unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
     _record(directory, report, command)
     return QuantizeResult(directory / INT8_FILE, report)
 

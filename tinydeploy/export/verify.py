@@ -4,8 +4,9 @@ The directory is untrusted. Every file the manifest lists is hashed (no symbolic
 every file it does not list fails the check; the artifacts are then loaded from the very bytes that
 were hashed. safetensors and ONNX are reloaded and gated by default. TorchScript and torch.export
 files can run code when loaded, so they are checked by hash only unless ``trust_pickle`` is set.
-The test data named in parity.json is reloaded only from a source that cannot run code either
-(CIFAR's torchvision files are pickles: they need ``trust_pickle`` too).
+The test data named in parity.json is reloaded by readers that cannot run code: CIFAR's pickled batches
+go through a restricted unpickler that resolves nothing but numpy's array constructors
+(``tinydeploy.data.torchvision_sets.RestrictedUnpickler``).
 
 ``hashes_only=True`` stops after the hashes and imports no torch.
 """
@@ -23,8 +24,6 @@ from tinydeploy.export.artifacts import CODE_FORMATS, FORMATS, INPUTS_KEY, PARIT
 from tinydeploy.serving.manifest import read_verified, verify_manifest
 from tinydeploy.serving.providers import choose_providers
 
-#: Datasets whose files are Python pickles (torchvision's CIFAR batches): code runs when they load.
-PICKLED_DATASETS = ("cifar10", "cifar100")
 _SOURCE_KEYS = {"name": str, "data_dir": (str, type(None)), "target": (str, type(None)), "split_seed": int,
                 "val_fraction": float, "task": str, "as_images": bool, "stratify": bool}
 
@@ -41,19 +40,13 @@ class VerifyResult:
     files: dict[str, int] = field(default_factory=dict)
 
 
-def check_data_source(source: Any, trust_pickle: bool) -> dict[str, Any]:
-    """The recorded test-data source, if it is well formed and loading it cannot run code."""
+def check_data_source(source: Any) -> dict[str, Any]:
+    """The recorded test-data source, if it is well formed."""
     if not isinstance(source, dict) or set(source) - set(_SOURCE_KEYS) or "name" not in source:
         raise IntegrityError(f"{PARITY_FILE}: inputs.data_source is malformed: re-run 'tinydeploy export'")
     for key, kind in _SOURCE_KEYS.items():
         if key in source and (not isinstance(source[key], kind) or (isinstance(source[key], bool) and kind is not bool)):
             raise IntegrityError(f"{PARITY_FILE}: inputs.data_source.{key} has the wrong type: re-run 'tinydeploy export'")
-    if source["name"] in PICKLED_DATASETS and not trust_pickle:
-        raise IntegrityError(
-            f"{PARITY_FILE} names the {source['name']} test data in {source.get('data_dir')}, whose torchvision files "
-            "are Python pickles that can run code when loaded: check them and pass --trust-pickle, or use "
-            "--hashes-only"
-        )
     return source
 
 
@@ -97,7 +90,7 @@ def verify_export(
     recorded = _parity_record(directory, manifest)
     atol = float(recorded["tolerance"]["atol"]) if atol is None else atol
     rtol = float(recorded["tolerance"]["rtol"]) if rtol is None else rtol
-    source = check_data_source(recorded["inputs"].get("data_source"), trust_pickle)
+    source = check_data_source(recorded["inputs"].get("data_source"))
     return _gate(directory, manifest, source, int(recorded["inputs"]["seed"]), atol, rtol, provider,
                  [fmt for fmt in present if fmt not in hash_only], hash_only, sizes, trust_pickle)
 

@@ -36,16 +36,22 @@ def _kind(spec: ArchSpec, index: int, hidden: int | None) -> str:
     layer = spec.layers[index]
     if layer["kind"] == "conv":
         return f"conv{layer['dims']}d"
+    if layer["kind"] == "resblock":
+        return "resblock"
     return "hidden" if hidden is not None else "output"
 
 
 def _following_activation(spec: ArchSpec, index: int) -> str | None:
+    if spec.layers[index]["kind"] == "resblock":
+        return spec.layers[index]["activation"]
     following = spec.layers[index + 1] if index + 1 < len(spec.layers) else {}
     return following.get("name") if following.get("kind") == "activation" else None
 
 
 def _net_totals(spec: ArchSpec) -> dict[str, Any]:
-    return {"hidden_widths": spec.hidden_widths, "params": spec.n_params(), "macs": spec.macs()}
+    """Widths, parameters (``deployed_params``: after folding every BatchNorm into its convolution) and MACs."""
+    return {"hidden_widths": spec.hidden_widths, "params": spec.n_params(),
+            "deployed_params": spec.n_params(folded=True), "macs": spec.macs()}
 
 
 def _last_psi(metrics: dict[str, Any], log: list[dict[str, Any]], hidden: int) -> float | None:
@@ -82,7 +88,6 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
     total = spec.n_params()
     metric = _metric_name(spec.task)
     layers = []
-    weight_shapes = spec.weight_shapes()
     for index in spec.weight_indices:
         hidden = spec.growable_indices.index(index) if index in spec.growable_indices else None
         costs = _layer_costs(spec, index)
@@ -95,7 +100,9 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
                 f"from {initial['width']} to {costs['width']}: the run directory is inconsistent"
             )
         layer = spec.layers[index]
-        conv = layer["kind"] == "conv"
+        conv = layer["kind"] in ("conv", "resblock")
+        tensors = spec.layer_tensors(index)
+        weight_name = f"{index}.conv1.weight" if layer["kind"] == "resblock" else f"{index}.weight"
         layers.append({
             "name": str(index),
             "module_index": index,
@@ -103,10 +110,12 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
             "kind": _kind(spec, index, hidden),
             "activation": _following_activation(spec, index),
             "fan_in": spec.in_channels(index) if conv else spec.in_features(index),
-            "kernel": layer["kernel"] if conv else None,
+            "kernel": layer.get("kernel", 3) if conv else None,
             "stride": layer["stride"] if conv else None,
-            "padding": layer["padding"] if conv else None,
-            "weight_shape": weight_shapes[f"{index}.weight"],
+            "padding": layer.get("padding", 1) if conv else None,
+            "weight_shape": tensors[weight_name],
+            "tensors": tensors,
+            "deployed_tensors": spec.layer_tensors(index, folded=True),
             "initial_width": initial["width"],
             "final_width": costs["width"],
             "neurons_added": added,
@@ -150,12 +159,28 @@ def build_width_report(spec: ArchSpec, growth_log: list[dict[str, Any]], metrics
     }
 
 
-def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: str) -> None:
-    """Raise unless every layer's width and fan-in match the weight shapes stored in ``source``."""
+def add_latency(report: dict[str, Any], spec: ArchSpec, per_module: dict[str, dict[str, float]], source: str) -> None:
+    """Add per-layer latency to ``report``: for each weight layer and batch size (``per_module``: batch ->
+    top-level module -> microseconds per run, ``tinydeploy.export.profile.layer_latency``), the time of
+    its module and of the channel-wise modules after it up to the next weight layer (the optimiser fuses
+    a conv with its ReLU into one kernel, named after the ReLU)."""
+    weights = spec.weight_indices
+    for layer in report["layers"]:
+        start = layer["module_index"]
+        end = next((j for j in weights if j > start), len(spec.layers))
+        layer["latency_us"] = {batch: sum(v for k, v in modules.items() if k.isdigit() and start <= int(k) < end)
+                               for batch, modules in per_module.items()}
+    report["latency"] = {"source": source, "per_module_us": per_module}
+
+
+def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: str, folded: bool = False) -> None:
+    """Raise unless every layer's tensors (width, fan-in; a block's convolutions; the BatchNorms after a
+    layer unless ``folded``, that is folded into it at export) match the shapes stored in ``source``."""
     stored_params = 0
     for layer in report["layers"]:
         weight = layer.get("weight_shape") or [layer["final_width"], layer["fan_in"]]
-        expected = {f"{layer['name']}.weight": list(weight), f"{layer['name']}.bias": [layer["final_width"]]}
+        expected = layer.get("deployed_tensors" if folded else "tensors") or {
+            f"{layer['name']}.weight": list(weight), f"{layer['name']}.bias": [layer["final_width"]]}
         for name, shape in expected.items():
             if shapes.get(name) != shape:
                 raise TinyDeployError(
@@ -163,10 +188,11 @@ def check_widths(report: dict[str, Any], shapes: dict[str, list[int]], source: s
                     f"{shapes.get(name, 'no such tensor')}"
                 )
             stored_params += math.prod(shape)
-    if stored_params != report["totals"]["final"]["params"]:
+    final = report["totals"]["final"]
+    reported = final.get("deployed_params", final["params"]) if folded else final["params"]
+    if stored_params != reported:
         raise TinyDeployError(
-            f"width report does not match {source}: {stored_params} weights stored, "
-            f"{report['totals']['final']['params']} reported"
+            f"width report does not match {source}: {stored_params} weights stored, {reported} reported"
         )
     report["checked_against"] = source
 
@@ -259,7 +285,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         _md_table(_columns(report), _rows(report)),
         _md_table(_total_header(report), _total_rows(report)),
         f"Widths checked against {checked}." if checked else "Widths not checked against an exported file.",
+        *_latency_md(report),
     ]) + "\n"
+
+
+def _latency_md(report: dict[str, Any]) -> list[str]:
+    """The per-layer latency table, when the report has one."""
+    latency = report.get("latency")
+    if not latency:
+        return []
+    batches = list(latency["per_module_us"])
+    rows = [[layer["name"], layer["kind"], *(f"{layer['latency_us'][b]:,.1f}" for b in batches)]
+            for layer in report["layers"]]
+    return [f"Latency per layer, microseconds per run ({latency['source']}):",
+            _md_table(["layer", "kind", *(b.replace("_", " ") for b in batches)], rows)]
 
 
 def render_text(report: dict[str, Any]) -> str:

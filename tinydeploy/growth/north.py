@@ -41,7 +41,7 @@ from torch import nn
 
 from tinydeploy.growth import linalg
 from tinydeploy.growth.candidates import Candidate, Context, bottleneck, fan_out
-from tinydeploy.growth.pairs import Pair
+from tinydeploy.growth.pairs import Pair, pair_at
 from tinydeploy.growth.statistics import LayerMoments
 from tinydeploy.model.build import GlobalAvgPool
 
@@ -110,7 +110,7 @@ def post_activation_gram(model: nn.Sequential, pair: Pair, X: torch.Tensor) -> t
 def north(m: LayerMoments, max_neurons: int, context: Context, generator: torch.Generator | None = None) -> Candidate:
     """NORTH-pre neurons for the pair of ``m`` (module docstring): as many as NORTH's trigger asks, within
     ``max_neurons`` and the kernel's dimension, fan-in in the kernel of the pre-activations, fan-out 0."""
-    pair = Pair(m.in_index, m.out_index)
+    pair = pair_at(context.model, m.in_index)
     W = fan_in_matrix(pair.producer(context.model)).to(m.S.device)
     gram = post_activation_gram(context.model, pair, context.X[:TRIGGER_SAMPLES])
     count = effective_dimension(gram.to(m.S.device))

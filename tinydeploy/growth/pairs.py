@@ -2,7 +2,11 @@
 
 A growable layer (the *producer*: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``) gains neurons or
 channels; the next weight layer (the *consumer*) reads them through channel-wise modules (activation,
-average pooling, flatten, global average pooling, BatchNorm). Every pair kind is handled as one
+average pooling, flatten, global average pooling, BatchNorm). A residual block
+(``tinydeploy.model.build.ResidualBlock``) at a growable index holds its own pair: conv1 -> bn1 ->
+activation -> conv2, its middle channels. A ``Pair`` names its modules by path in the model
+(``"3"``, ``"5.conv1"``) and knows how the model continues after the consumer (``continuation``), so
+statistics, surgery and the line search treat both the same way. Every pair kind is handled as one
 case of a convolution pair, on 2-D grids (a Conv1d signal is a 1 x L image, a vector a 1 x 1 image):
 
 * the producer's input, unfolded (im2col) with a ones row for the bias, is an image ``P`` with
@@ -18,14 +22,16 @@ This module holds the geometry and those unfolded views; ``statistics`` accumula
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinydeploy.model.build import ELEMENTWISE_TYPES, GlobalAvgPool
+from typing import Callable, Iterator
+
+from tinydeploy.model.build import ELEMENTWISE_TYPES, GlobalAvgPool, ResidualBlock
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 WEIGHT_TYPES = (nn.Linear, *CONV_TYPES)
@@ -100,35 +106,75 @@ def with_ones_channel(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Pair:
-    """Producer at module ``in_index``, consumer at ``out_index``, channel-wise modules in between."""
+    """The growable layer at top-level module ``in_index``: its producer, the channel-wise modules in
+    between and its consumer, named by their paths in the model. ``out_index`` is the top-level module
+    holding the consumer (``in_index`` itself for a residual block)."""
 
     in_index: int
     out_index: int
+    producer_path: str
+    consumer_path: str
+    between_paths: tuple[str, ...]
 
-    def producer(self, model: nn.Sequential) -> nn.Module:
-        return model[self.in_index]
+    def producer(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.producer_path)
 
-    def consumer(self, model: nn.Sequential) -> nn.Module:
-        return model[self.out_index]
+    def consumer(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.consumer_path)
 
-    def between(self, model: nn.Sequential) -> nn.Sequential:
-        return model[self.in_index + 1 : self.out_index]
+    def between(self, model: nn.Module) -> nn.Sequential:
+        return nn.Sequential(*(model.get_submodule(path) for path in self.between_paths))
+
+    @property
+    def in_block(self) -> bool:
+        return self.in_index == self.out_index
+
+    def producer_input(self, model: nn.Sequential, X: torch.Tensor) -> torch.Tensor:
+        """The producer's input for model inputs ``X`` (a block's conv1 reads the block's input)."""
+        return model[: self.in_index](X)
+
+    def continuation(self, model: nn.Sequential, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """pre -> the model's output when the consumer's output is ``pre`` and the producer's input ``x``
+        (a block finishes with its BatchNorm, shortcut of ``x`` and activation, then the next modules)."""
+        suffix = model[self.out_index + 1 :]
+        if not self.in_block:
+            return suffix
+        block = model[self.in_index]
+        shortcut = block.shortcut(x)
+        return lambda pre: suffix(block.act2(block.bn2(pre) + shortcut))
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm uses its running statistics) for the duration, the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def pair_at(model: nn.Sequential, index: int) -> Pair:
+    """The pair of the growable module at top-level ``index``: a residual block's own conv1 -> conv2,
+    else the module and the next Linear/Conv module, with the channel-wise modules between them."""
+    module = model[index]
+    if isinstance(module, ResidualBlock):
+        return Pair(index, index, f"{index}.conv1", f"{index}.conv2", (f"{index}.bn1", f"{index}.act1"))
+    following = [j for j, m in enumerate(model) if j > index and isinstance(m, (*WEIGHT_TYPES, ResidualBlock))]
+    if not isinstance(module, WEIGHT_TYPES) or not following or isinstance(model[following[0]], ResidualBlock):
+        raise ValueError(f"module {index} ({type(module).__name__}) is not a weight layer with a consumer")
+    out = following[0]
+    pair = Pair(index, out, str(index), str(out), tuple(str(j) for j in range(index + 1, out)))
+    odd = [type(m).__name__ for m in pair.between(model) if not isinstance(m, BETWEEN_TYPES)]
+    if odd:
+        raise ValueError(f"modules {odd} between {index} and {out} do not act channel by channel")
+    return pair
 
 
 def pairs_of(model: nn.Sequential, growable: list[int]) -> list[Pair]:
-    """The pair of each growable module: its consumer is the next Linear/Conv module."""
-    weights = [i for i, m in enumerate(model) if isinstance(m, WEIGHT_TYPES)]
-    pairs = []
-    for i in growable:
-        following = [j for j in weights if j > i]
-        if not isinstance(model[i], WEIGHT_TYPES) or not following:
-            raise ValueError(f"module {i} ({type(model[i]).__name__}) is not a weight layer with a consumer")
-        pair = Pair(i, following[0])
-        odd = [type(m).__name__ for m in pair.between(model) if not isinstance(m, BETWEEN_TYPES)]
-        if odd:
-            raise ValueError(f"modules {odd} between {i} and {pair.out_index} do not act channel by channel")
-        pairs.append(pair)
-    return pairs
+    """The pair of each growable module (``pair_at``)."""
+    return [pair_at(model, i) for i in growable]
 
 
 # ----- the unfolded views of one chunk --------------------------------------------------------------
@@ -165,7 +211,7 @@ def linearised_between(patches: torch.Tensor, between: nn.Sequential, pooled: bo
     """Apply to ``patches`` the first-order effect of the modules between producer and consumer on a
     new channel: activations count as the identity (sigma'(0) factor left to the amplitude search),
     average pools and global average pooling act as themselves, flatten leaves the grid, and a
-    BatchNorm acts as the new channel's own BatchNorm does (``new_channel_modules``): x / sqrt(1 + eps).
+    BatchNorm is the identity on a new channel (its parameters are set so, ``surgery.widen_between``).
     ``pooled``: the first average pool was already applied by ``producer_patches``."""
     for module in between:
         if isinstance(module, POOL_TYPES):
@@ -176,8 +222,6 @@ def linearised_between(patches: torch.Tensor, between: nn.Sequential, pooled: bo
             patches = F.avg_pool2d(patches, window.kernel, window.stride)
         elif isinstance(module, GlobalAvgPool):
             patches = patches.mean(dim=(2, 3), keepdim=True)
-        elif isinstance(module, NORM_TYPES):
-            patches = patches / math.sqrt(1.0 + module.eps)
     return patches
 
 

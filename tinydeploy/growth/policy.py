@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.candidates import Candidate, Context, balance, propose
 from tinydeploy.growth.costs import count_macs, count_params, neuron_cost, output_shapes
-from tinydeploy.growth.pairs import CONV_TYPES, pairs_of
+from tinydeploy.growth.pairs import CONV_TYPES, evaluating, pair_at, pairs_of
 from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, shard_rows
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import module_width
@@ -29,6 +29,10 @@ class GrowthSettings:
     max_params: int | None = None
     max_macs: int | None = None
     max_width: int | None = None
+    #: Per growable module index: largest width (a residual block's full middle width) and most neurons
+    #: per step (the paper's per-depth counts, App. F.1 Table 2); others use max_width / neurons_per_step.
+    layer_max_width: dict[int, int] | None = None
+    layer_neurons: dict[int, int] | None = None
     estimation_scale: float = 4.0
     estimation_floor: int = 16
     min_estimation_batch: int = 256
@@ -38,6 +42,10 @@ class GrowthSettings:
     ridge: float = 0.0
     #: Rescale new neurons' fan-in against fan-out to the sizes of their layers' weights (``candidates.balance``).
     balance: bool = False
+    #: One round of statistics per step: the layers' candidates are ranked by their loss decrease, then
+    #: applied in that order, each amplitude searched again on the grown model, while they still fit their
+    #: pairs (residual blocks: independent pairs). Off: fresh statistics after every layer grown.
+    reuse_statistics: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,9 +108,10 @@ def neuron_budget(model: nn.Sequential, in_index: int, out_index: int, s: Growth
                   sample: torch.Tensor | None = None) -> int:
     """How many neurons (channels) the layer ``in_index`` may still gain under the width, parameter and
     MAC budgets; ``sample`` (one input) is needed for the MAC budget."""
-    room = s.neurons_per_step
-    if s.max_width is not None:
-        room = min(room, s.max_width - module_width(model[in_index]))
+    room = (s.layer_neurons or {}).get(in_index, s.neurons_per_step)
+    for cap in (s.max_width, (s.layer_max_width or {}).get(in_index)):
+        if cap is not None:
+            room = min(room, cap - module_width(model[in_index]))
     if s.max_params is not None or s.max_macs is not None:
         if s.max_macs is not None and sample is None:
             raise ValueError("a MAC budget needs a sample input to measure output positions")
@@ -162,13 +171,15 @@ def growth_step(
     parallel: DataParallel | None = None,
 ) -> tuple[nn.Sequential, list[Growth], dict[int, float]]:
     """Evaluate every growable layer, add neurons to the one with the largest loss decrease on
-    ``held_out``; repeat on fresh statistics for up to ``layers_per_step`` layers.
+    ``held_out``; repeat on fresh statistics (or, with ``reuse_statistics``, the candidates that still
+    fit, amplitudes searched again) for up to ``layers_per_step`` layers.
 
     Returns the grown model, the growths applied and the bottleneck Psi of every growable layer after them
     (keyed by module index; from consumer-side statistics only, ``gather_bottlenecks``).
     With ``parallel``, this process works on its shard of each batch and takes the same decisions as
     the others (the sums over processes are the ones one process would compute on the whole batch).
     """
+    sample = held_out.X  # the whole batch in every process: new BatchNorm channels' statistics
     held_out = _rows(held_out, parallel)
     scores = _evaluator(held_out, loss_fn, metric, parallel)
 
@@ -178,30 +189,39 @@ def growth_step(
 
     remaining, applied = list(growable), []
     loss_0, metric_0 = evaluate(model)
+    ranked: list[Candidate] = []  # with reuse_statistics: this step's candidates, best first
     for _ in range(s.layers_per_step or len(growable)):
-        moments, batch = _moments(model, remaining, train, loss_fn, s, generator, parallel)
-        context = Context(model, batch.X, batch.y, loss_fn)
+        reusing = s.reuse_statistics and bool(ranked)
+        candidates = [c for c in ranked if _fits(model, c)] if reusing else _propose(
+            model, remaining, train, loss_fn, s, generator, parallel)
         best: tuple[float, Candidate, float, float] | None = None
-        for m in moments:
-            budget = neuron_budget(model, m.in_index, m.out_index, s, train.X[:1])
-            cand = propose(s.method, m, budget, generator, s.ridge, context) if budget > 0 else None
-            if cand is not None and s.balance:
-                cand = balance(cand, _rms(model[m.in_index].weight), _rms(model[m.out_index].weight))
-            if cand is None or cand.n_neurons == 0:
+        scored: list[tuple[float, Candidate]] = []
+        examined: set[int] = set()
+        for cand in candidates:
+            examined.add(cand.in_index)
+            cand = _truncated(cand, neuron_budget(model, cand.in_index, cand.out_index, s, train.X[:1]))
+            if cand.n_neurons == 0:
                 continue
             gamma, loss = _amplitude(model, cand, held_out, scores)
             score = cand.gain if not cand.searches_amplitude else loss_0 - loss
+            scored.append((score, cand))
             if gamma != 0.0 and score > 0 and (best is None or score > best[0]):
                 best = (score, cand, gamma, loss)
+            if reusing and best is not None:
+                break  # the next candidate in the first round's order that still lowers the loss
+        if s.reuse_statistics:
+            ranked = ([c for c in ranked if c.in_index not in examined] if reusing
+                      else [c for _, c in sorted(scored, key=lambda t: -t[0])])
         if best is None:
             break
         _, cand, gamma, _ = best
-        model = add_neurons(model, cand, gamma)
+        model = add_neurons(model, cand, gamma, sample)
         loss_1, metric_1 = evaluate(model)
         widths = [module_width(model[i]) for i in growable]
         applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1, widths))
         loss_0, metric_0 = loss_1, metric_1
         remaining.remove(cand.in_index)
+        ranked = [c for c in ranked if c.in_index != cand.in_index]
         if not remaining:
             break
     psi = _bottlenecks(model, growable, train, loss_fn, s, generator, parallel)
@@ -210,9 +230,45 @@ def growth_step(
     return model, applied, psi
 
 
+def _propose(model: nn.Sequential, indices: list[int], train: Batch, loss_fn, s: GrowthSettings, generator,
+             parallel: DataParallel | None) -> list[Candidate]:
+    """The chosen method's candidate neurons of every layer in ``indices`` (within its budget), from one
+    round of statistics."""
+    proposals = []
+    moments, batch = _moments(model, indices, train, loss_fn, s, generator, parallel)
+    context = Context(model, batch.X, batch.y, loss_fn)
+    for m in moments:
+        budget = neuron_budget(model, m.in_index, m.out_index, s, train.X[:1])
+        cand = propose(s.method, m, budget, generator, s.ridge, context) if budget > 0 else None
+        if cand is not None and s.balance:
+            pair = pair_at(model, m.in_index)
+            cand = balance(cand, _rms(pair.producer(model).weight), _rms(pair.consumer(model).weight))
+        if cand is not None and cand.n_neurons > 0:
+            proposals.append(cand)
+    return proposals
+
+
+def _fits(model: nn.Sequential, cand: Candidate) -> bool:
+    """Whether ``cand`` (from earlier statistics) still fits its pair: the producer's fan-in and the
+    consumer's outputs and fan-in are those it was computed for (growing a residual block's middle
+    channels leaves every other block's pair as it was; growing a layer of a plain stack does not)."""
+    pair = pair_at(model, cand.in_index)
+    producer, consumer = pair.producer(model), pair.consumer(model)
+    fits = cand.alpha.shape[1] == producer.weight[0].numel() + 1 and cand.omega.shape[0] == consumer.weight.shape[0]
+    return fits and (cand.dW is None or cand.dW.shape[1] == consumer.weight[0].numel() + 1)
+
+
+def _truncated(cand: Candidate, budget: int) -> Candidate:
+    """``cand`` with at most ``budget`` neurons (its first ones)."""
+    if cand.n_neurons <= budget:
+        return cand
+    k = max(budget, 0)
+    return replace(cand, alpha=cand.alpha[:k], omega=cand.omega[:, :k], lambdas=cand.lambdas[:k])
+
+
 def _estimation_batch(model, indices, train: Batch, s: GrowthSettings, generator) -> tuple[Batch, list[int]]:
     """One random estimation batch for the layers ``indices``, and the samples App. E.1 asks of each."""
-    rows = [_estimation_rows(model, pair.in_index, pair.out_index, train, s) for pair in pairs_of(model, indices)]
+    rows = [_estimation_rows(model, pair.in_index, train, s) for pair in pairs_of(model, indices)]
     return train.take(max(rows), generator), rows
 
 
@@ -240,16 +296,17 @@ def _sharding(parallel: DataParallel | None) -> dict:
     return {"shard": (parallel.rank, parallel.world), "total": parallel.sum}
 
 
-def _estimation_rows(model: nn.Sequential, in_index: int, out_index: int, train: Batch, s: GrowthSettings) -> int:
+def _estimation_rows(model: nn.Sequential, in_index: int, train: Batch, s: GrowthSettings) -> int:
     """Samples the pair needs (App. E.1): enough for the new neurons' S (fan-in + 1 per position of the
     grid the consumer reads, before any flatten) and for the consumer's best update (its fan-in + 1 per
     output position). For an MLP: (fan-in + 1)^2 of the layer and of its consumer."""
-    producer, consumer = model[in_index], model[out_index]
+    pair = pair_at(model, in_index)
+    producer, consumer = pair.producer(model), pair.consumer(model)
     grid, out_positions = 1, 1
     if isinstance(producer, CONV_TYPES):
-        with torch.no_grad():
-            h = model[: in_index + 1](train.X[:1])
-            for module in model[in_index + 1 : out_index]:
+        with torch.no_grad(), evaluating(model):
+            h = producer(pair.producer_input(model, train.X[:1]))
+            for module in pair.between(model):
                 h = h if isinstance(module, nn.Flatten) else module(h)
             grid = math.prod(h.shape[2:])
             if isinstance(consumer, CONV_TYPES):
@@ -258,4 +315,3 @@ def _estimation_rows(model: nn.Sequential, in_index: int, out_index: int, train:
     producer_rows = estimation_batch_size(producer.weight[0].numel(), available, s, grid)
     consumer_rows = estimation_batch_size(consumer.weight[0].numel(), available, s, out_positions)
     return max(producer_rows, consumer_rows)
-

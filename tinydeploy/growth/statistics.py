@@ -22,10 +22,9 @@ layers' recorded inputs and gradients kept from the first (raw, not unfolded) wh
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from tinydeploy.growth.pairs import (
     consumer_goal,
     consumer_inputs,
     consumer_window,
+    evaluating as _evaluating,
     leading_pool,
     linearised_between,
     pairs_of,
@@ -46,8 +46,12 @@ from tinydeploy.growth.pairs import (
 )
 from tinydeploy.model.losses import LossFn
 
-#: Largest number of float64 values the unfolded tensors of one chunk may hold (all pairs together).
+#: Largest number of float64 values the unfolded tensors of one pair may hold at a time: a chunk's rows
+#: are unfolded in slices of at most that size.
 CHUNK_VALUES = 1 << 23
+#: Largest number of values the recorded inputs and gradients of one chunk may hold (all pairs together):
+#: a forward/backward pass covers that many samples, however costly their unfolded views.
+RECORD_VALUES = 1 << 24
 #: Largest number of recorded values (inputs and gradients, not unfolded) kept from the first pass for
 #: the second; above it the second pass runs the model again.
 KEEP_VALUES = 1 << 25
@@ -120,25 +124,25 @@ def with_ones(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Temporary hooks on weight modules: keep each one's input and output; ``backward`` then gives the
-    gradients of the outputs of the modules asked for (and of nothing else: no weight gradients)."""
+    """Temporary hooks on weight modules (by path): keep each one's input and output; ``backward`` then
+    gives the gradients of the outputs of the modules asked for (and of nothing else: no weight gradients)."""
 
-    def __init__(self, model: nn.Sequential, indices: set[int]):
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.output_grads: dict[int, torch.Tensor] = {}
-        self._handles = [model[i].register_forward_hook(self._hook(i)) for i in sorted(indices)]
+    def __init__(self, model: nn.Module, paths: set[str]):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in sorted(paths)]
 
-    def _hook(self, index: int):
+    def _hook(self, path: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.inputs[index] = args[0].detach()
-            self.outputs[index] = output
+            self.inputs[path] = args[0].detach()
+            self.outputs[path] = output
 
         return hook
 
-    def backward(self, loss: torch.Tensor, indices: set[int]) -> None:
-        """d loss / d output of each module in ``indices`` (autograd computes only what leads there)."""
-        order = sorted(indices)
+    def backward(self, loss: torch.Tensor, paths: set[str]) -> None:
+        """d loss / d output of each module in ``paths`` (autograd computes only what leads there)."""
+        order = sorted(paths)
         grads = torch.autograd.grad(loss, [self.outputs[i] for i in order])
         self.output_grads = {i: g.detach() for i, g in zip(order, grads)}
         self.outputs = {}
@@ -167,8 +171,8 @@ class _Views:
 
 def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple[torch.Tensor, ...]:
     """The producer's input, the consumer's input and the gradient of its output, first ``rows`` samples."""
-    return (recorder.inputs[pair.in_index][:rows], recorder.inputs[pair.out_index][:rows],
-            recorder.output_grads[pair.out_index][:rows])
+    return (recorder.inputs[pair.producer_path][:rows], recorder.inputs[pair.consumer_path][:rows],
+            recorder.output_grads[pair.consumer_path][:rows])
 
 
 def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...], producer: bool = True) -> _Views:
@@ -242,9 +246,9 @@ class _Grams:
     input of, and the rows read, so that a layer's S_h serves as the next layer's S."""
 
     def __init__(self) -> None:
-        self._found: dict[tuple[int, int], torch.Tensor] = {}
+        self._found: dict[tuple[str, int], torch.Tensor] = {}
 
-    def of(self, key: int, A: torch.Tensor) -> torch.Tensor:
+    def of(self, key: str, A: torch.Tensor) -> torch.Tensor:
         if (key, A.shape[0]) not in self._found:
             self._found[key, A.shape[0]] = ones_gram(A)
         return self._found[key, A.shape[0]]
@@ -283,11 +287,11 @@ def _accumulate_vectors(acc: dict[str, torch.Tensor], model: nn.Sequential, pair
     x_in, b, grad = recorded
     x, b, V = x_in.flatten(1), b.flatten(1), -grad
     c = _vector_scale(model, pair)
-    _add(acc, "S", c * c * grams.of(pair.in_index, x))
+    _add(acc, "S", c * c * grams.of(pair.producer_path, x))
     _add(acc, "N_v", c * ones_cross(x, V))
     if not _projects_later(model, pair):
         _add(acc, "S_ph", c * ones_cross(x, b, ones_right=True))
-    _add(acc, "S_h", grams.of(pair.out_index, b))
+    _add(acc, "S_h", grams.of(pair.consumer_path, b))
     _add(acc, "N_h", ones_cross(b, V))
     _add(acc, "VV", symmetric_product(V))
 
@@ -342,9 +346,9 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
     if all(_is_vector_pair(model, p) for p in pairs.values()):  # recorded: x_in (d), b (h), grad (o)
         return {i: _Probe(0, p.producer(model).in_features + sum(p.consumer(model).weight.shape), 1)
                 for i, p in pairs.items()}
-    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    recorder = _Recorder(model, {path for p in pairs.values() for path in (p.producer_path, p.consumer_path)})
     try:
-        recorder.backward(loss_fn(model(X[:1]), y[:1]).sum(), {p.out_index for p in pairs.values()})
+        recorder.backward(loss_fn(model(X[:1]), y[:1]).sum(), {p.consumer_path for p in pairs.values()})
         found = {}
         for index, pair in pairs.items():
             recorded = _recorded(pair, recorder)
@@ -371,19 +375,20 @@ def _chunks(model: nn.Sequential, pairs: dict[int, Pair], rows: dict[int, int], 
             loss_fn: LossFn, chunk_size: int, probe: dict[int, _Probe], shard: tuple[int, int] = (0, 1)):
     """Forward/backward over the first max(rows) samples of (X, y) chunk by chunk; yields for each chunk
     {pair index: _Part} for the pairs whose first ``rows[index]`` samples it overlaps. A chunk holds at
-    most ``chunk_size`` samples, and fewer when the views of the pairs still reading would exceed
-    ``CHUNK_VALUES`` values. With ``shard = (rank, world)`` this process runs only its rows of each chunk
-    (``shard_rows``); the chunks are the same in every process."""
-    recorder = _Recorder(model, {i for p in pairs.values() for i in (p.in_index, p.out_index)})
+    most ``chunk_size`` samples, and fewer when the recorded tensors of the pairs still reading would
+    exceed ``RECORD_VALUES`` values (their unfolded views are built in slices, ``_slices``). With
+    ``shard = (rank, world)`` this process runs only its rows of each chunk (``shard_rows``); the chunks
+    are the same in every process."""
+    recorder = _Recorder(model, {path for p in pairs.values() for path in (p.producer_path, p.consumer_path)})
     start, end = 0, max(rows[i] for i in pairs)
     try:
         while start < end:
             active = [i for i in pairs if rows[i] > start]
             chunk = max(1, min(chunk_size, end - start,
-                               CHUNK_VALUES // max(1, sum(probe[i].views for i in active))))
+                               RECORD_VALUES // max(1, sum(probe[i].recorded for i in active))))
             lo, hi = shard_rows(chunk, *shard)  # a process may have no rows here: an empty batch adds zeros
             loss = loss_fn(model(X[start + lo : start + hi]), y[start + lo : start + hi]).sum()
-            recorder.backward(loss, {pairs[i].out_index for i in active})
+            recorder.backward(loss, {pairs[i].consumer_path for i in active})
             parts = {}
             for i in active:
                 reads = min(chunk, rows[i] - start)
@@ -400,6 +405,16 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+def _slices(part: _Part, probe: _Probe):
+    """(recorded tensors, lo, hi) for slices of this process's rows of ``part`` whose unfolded views hold
+    at most ``CHUNK_VALUES`` values; rows [lo, hi) of the chunk. A process without rows gets one empty slice."""
+    n = part.hi - part.lo
+    step = max(1, CHUNK_VALUES // max(1, probe.views))
+    for a in range(0, max(n, 1), step):
+        b = min(a + step, n)
+        yield tuple(t[a:b] for t in part.tensors), part.lo + a, part.lo + b
+
+
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [lo, hi) of ``n`` that process ``rank`` of ``world`` takes (contiguous, sizes differ by at most 1)."""
     return rank * n // world, (rank + 1) * n // world
@@ -414,17 +429,6 @@ def _sum_over(total: Callable[[torch.Tensor], torch.Tensor] | None, sums: list[d
     flat = total(torch.cat([sums[i][k].reshape(-1) for i, k in entries]))
     for (i, k), part in zip(entries, flat.split([sums[i][k].numel() for i, k in entries])):
         sums[i][k] = part.reshape(sums[i][k].shape)
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm uses its running statistics) for the statistics, the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _row_counts(n: int, pairs: list[Pair], rows: list[int] | None, probe: dict[int, _Probe]) -> dict[int, int]:
@@ -482,12 +486,14 @@ def gather_moments(
                     _accumulate_vectors(sums[index], model, pairs[index], part.tensors, grams)
                     meta[index].update(tap_shape=(), out_positions=1)
                     continue
-                views = _views(model, pairs[index], part.tensors)
                 Z = None
                 if index in spatial:  # the whole chunk's draw in every process: Z is shard-free
-                    Z = torch.randn((part.rows, *views.V.shape[1:]), dtype=views.V.dtype, device=views.V.device,
-                                    generator=generator)[part.lo : part.hi]
-                _accumulate(sums[index], model, pairs[index], views, Z)
+                    goal = consumer_goal(part.tensors[2][:0])
+                    Z = torch.randn((part.rows, *goal.shape[1:]), dtype=goal.dtype, device=goal.device,
+                                    generator=generator)
+                for tensors, lo, hi in _slices(part, probe[index]):
+                    views = _views(model, pairs[index], tensors)
+                    _accumulate(sums[index], model, pairs[index], views, None if Z is None else Z[lo:hi])
                 meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
             if keep and late:
                 kept.append({i: _Part(tuple(_own(t) for t in parts[i].tensors), parts[i].rows, parts[i].lo,
@@ -502,9 +508,10 @@ def gather_moments(
                 if index in vectors:
                     _add(sums[index], "N", _vector_projected(model, pairs[index], part.tensors, dW))
                     continue
-                views = _views(model, pairs[index], part.tensors)
-                projected = views.V - torch.einsum("oh,ihl->iol", dW, views.Bh)
-                _add(sums[index], "N", _cross(views.U, projected))
+                for tensors, _, _ in _slices(part, probe[index]):
+                    views = _views(model, pairs[index], tensors)
+                    projected = views.V - torch.einsum("oh,ihl->iol", dW, views.Bh)
+                    _add(sums[index], "N", _cross(views.U, projected))
         _sum_over(total, sums, {i: [k for k in acc if not (i in late and k in ("S_h", "N_h"))]
                                 for i, acc in enumerate(sums)})
     found = []

@@ -1,9 +1,11 @@
 """Model surgery: (model, neurons) -> wider model, and optimizer state carried over to it.
 
 A producer (Linear, Conv1d, Conv2d) gains output neurons/channels at the end; the channel-wise
-modules in between gain channels where they have per-channel state (BatchNorm); the consumer gains
-input columns/channels in the positions its new inputs take: after the old channels for a conv or a
-vector, after the old H*W-column blocks for a linear layer behind a flatten.
+modules in between gain channels where they have per-channel state (BatchNorm, see ``widen_between``
+for how its new channels are set); the consumer gains input columns/channels in the positions its new
+inputs take: after the old channels for a conv or a vector, after the old H*W-column blocks for a
+linear layer behind a flatten. Modules are replaced by path (``pairs.Pair``), so a residual block's
+conv1 / bn1 / conv2 grow in place inside the block.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinydeploy.growth.candidates import Candidate
+from tinydeploy.growth.pairs import Pair, pair_at
+from tinydeploy.growth.pairs import evaluating as _evaluating
 
 
 def _signed_root(gamma: float) -> float:
@@ -42,34 +46,63 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _fresh_norm(module: nn.Module, channels: int) -> nn.Module:
-    """A BatchNorm like ``module`` with ``channels`` channels at its initial state (weight 1, bias 0,
-    running mean 0, running variance 1)."""
+    """A BatchNorm like ``module`` with ``channels`` channels."""
     return type(module)(channels, eps=module.eps, momentum=module.momentum, affine=module.affine,
                         track_running_stats=module.track_running_stats, device=module.running_mean.device,
                         dtype=module.running_mean.dtype)
 
 
-def widen_between(module: nn.Module, k: int) -> nn.Module:
-    """A channel-wise module in front of ``k`` more channels. A BatchNorm gains channels at their
-    initial state, which in eval mode map a new channel x to x / sqrt(1 + eps): a new channel that is
-    0 stays 0, so the function is unchanged at g = 0. Other modules (activations, pooling, flatten)
-    are kept as they are."""
+def widen_between(module: nn.Module, k: int, mean: torch.Tensor | None = None,
+                  var: torch.Tensor | None = None) -> nn.Module:
+    """A channel-wise module in front of ``k`` more channels; activations, pooling and flatten are kept.
+
+    BatchNorm under growth (the design decision, App. E.3 leaves it open). In training mode a
+    BatchNorm standardises each channel with the batch's statistics, which would undo the amplitude
+    sqrt(g) of a new channel (and blow a small one up to unit variance); in eval mode it applies its
+    running statistics. The new channels therefore get running mean m_k, running variance v_k, weight
+    sqrt(v_k + eps) and bias m_k, where (m_k, v_k) are the new channel's own mean and (biased) variance
+    at the BatchNorm's input over a batch of data (``mean``, ``var``; over samples and positions):
+
+    * eval mode: (x - m_k) / sqrt(v_k + eps) * sqrt(v_k + eps) + m_k = x exactly, whatever (m_k, v_k):
+      a new channel passes unchanged, so the statistics linearise BatchNorm as the identity
+      (``pairs.linearised_between``), the line search sees exactly the grown model, and at g = 0 the new
+      channel is 0 and the function is unchanged;
+    * train mode: the batch's mean and variance of the new channel are close to (m_k, v_k), so the
+      channel still passes nearly unchanged and training starts from the function the amplitude search
+      chose, instead of a re-normalised one.
+
+    Without ``mean``/``var`` (no data at hand) the new channels get m_k = 0, v_k = 1 (weight
+    sqrt(1 + eps), bias 0): the identity in eval mode too, but train mode re-normalises them. Growth
+    statistics and the line search run in eval mode (``statistics._evaluating``), and the job
+    re-estimates the running statistics before each growth step (``growth.batchnorm.recalibrate``) so
+    that eval mode matches what training sees.
+    """
     if not isinstance(module, NORMS):
         return module
-    grown, fresh = _fresh_norm(module, module.num_features + k), _fresh_norm(module, k)
+    if not module.track_running_stats:
+        raise ValueError(f"{module}: growth through a BatchNorm needs running statistics (track_running_stats)")
+    grown = _fresh_norm(module, module.num_features + k)
+    options = {"dtype": module.running_mean.dtype, "device": module.running_mean.device}
+    mean = torch.zeros(k, **options) if mean is None else mean.to(**options)
+    var = torch.ones(k, **options) if var is None else var.to(**options)
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            old, new = getattr(module, name), getattr(fresh, name)
-            if old is not None:
-                getattr(grown, name).copy_(torch.cat([old, new]))
+        grown.running_mean.copy_(torch.cat([module.running_mean, mean]))
+        grown.running_var.copy_(torch.cat([module.running_var, var]))
+        if module.affine:
+            grown.weight.copy_(torch.cat([module.weight, torch.sqrt(var + module.eps).to(module.weight.dtype)]))
+            grown.bias.copy_(torch.cat([module.bias, mean.to(module.bias.dtype)]))
+        else:  # no affine map: only (x - 0) / sqrt(1 - eps + eps) is the identity
+            grown.running_mean[module.num_features:] = 0.0
+            grown.running_var[module.num_features:] = 1.0 - module.eps
         if module.num_batches_tracked is not None:
             grown.num_batches_tracked.copy_(module.num_batches_tracked)
     return grown.train(module.training)
 
 
 def new_channel_modules(between: nn.Sequential, k: int) -> nn.Sequential:
-    """What ``k`` new channels alone pass through between producer and consumer (eval mode)."""
-    return nn.Sequential(*(_fresh_norm(m, k).eval() if isinstance(m, NORMS) else m for m in between))
+    """What ``k`` new channels alone pass through between producer and consumer (eval mode): a
+    BatchNorm is the identity on them (``widen_between``)."""
+    return nn.Sequential(*(nn.Identity() if isinstance(m, NORMS) else m for m in between))
 
 
 def widen_consumer(module: nn.Module, omega: torch.Tensor, dW: torch.Tensor | None) -> nn.Module:
@@ -98,22 +131,52 @@ def widen_consumer(module: nn.Module, omega: torch.Tensor, dW: torch.Tensor | No
     return grown
 
 
-def add_neurons(model: nn.Sequential, candidate: Candidate, gamma: float) -> nn.Sequential:
+def _scaled(candidate: Candidate, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(s sqrt|g| alpha, s sqrt|g| omega, g dW*) of ``candidate`` at amplitude ``gamma``."""
+    scale = _signed_root(gamma)
+    dW = gamma * candidate.dW if candidate.dW is not None and gamma != 0.0 else None
+    return scale * candidate.alpha, scale * candidate.omega, dW
+
+
+@torch.no_grad()
+def _norm_moments(model: nn.Sequential, pair: Pair, alpha: torch.Tensor, X: torch.Tensor) -> dict[str, tuple]:
+    """(mean, biased variance) over samples and positions of the new channels (fan-in ``alpha``) at the
+    input of every BatchNorm between producer and consumer, on inputs ``X`` (eval mode)."""
+    producer = pair.producer(model)
+    dtype = producer.weight.dtype
+    with _evaluating(model):
+        x = pair.producer_input(model, X)
+        alpha = alpha.to(dtype=dtype, device=x.device)
+        h = _apply(producer, x, alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:]), alpha[:, -1])
+        moments = {}
+        for path, module in zip(pair.between_paths, pair.between(model)):
+            if isinstance(module, NORMS):
+                dims = [d for d in range(h.dim()) if d != 1]
+                moments[path] = (h.double().mean(dim=dims), h.double().var(dim=dims, unbiased=False))
+            else:
+                h = module(h)
+    return moments
+
+
+def add_neurons(model: nn.Sequential, candidate: Candidate, gamma: float, X: torch.Tensor | None = None) -> nn.Sequential:
     """A copy of ``model`` with the candidate's neurons (channels) added at amplitude ``gamma``.
 
-    Adds s sqrt|g| alpha_k as new output neurons/channels of module ``in_index`` (bias last in alpha),
-    widens the channel-wise modules in between (``widen_between``), adds s sqrt|g| omega_k as new
-    inputs of the consumer ``out_index`` in the positions its new inputs take, and g dW* to the
+    Adds s sqrt|g| alpha_k as new output neurons/channels of the producer of growable module
+    ``in_index`` (bias last in alpha), widens the channel-wise modules in between (``widen_between``;
+    a BatchNorm's new channels take their statistics from inputs ``X`` when given), adds s sqrt|g|
+    omega_k as new inputs of the consumer in the positions its new inputs take, and g dW* to the
     consumer's existing weights. With gamma = 0 the function is unchanged (new fan-in and fan-out are 0).
+    A residual block grows its middle channels: conv1 -> bn1 -> activation -> conv2.
     """
+    pair = pair_at(model, candidate.in_index)
+    alpha, omega, dW = _scaled(candidate, gamma)
+    moments = _norm_moments(model, pair, alpha, X) if X is not None else {}
     grown = copy.deepcopy(model)
-    scale = _signed_root(gamma)
     k = candidate.n_neurons
-    grown[candidate.in_index] = widen_producer(grown[candidate.in_index], scale * candidate.alpha)
-    for index in range(candidate.in_index + 1, candidate.out_index):
-        grown[index] = widen_between(grown[index], k)
-    dW = gamma * candidate.dW if candidate.dW is not None and gamma != 0.0 else None
-    grown[candidate.out_index] = widen_consumer(grown[candidate.out_index], scale * candidate.omega, dW)
+    grown.set_submodule(pair.producer_path, widen_producer(pair.producer(grown), alpha))
+    for path in pair.between_paths:
+        grown.set_submodule(path, widen_between(grown.get_submodule(path), k, *moments.get(path, (None, None))))
+    grown.set_submodule(pair.consumer_path, widen_consumer(pair.consumer(grown), omega, dW))
     return grown
 
 
@@ -157,28 +220,29 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 @torch.no_grad()
 def grown_output(model: nn.Sequential, candidate: Candidate, X: torch.Tensor):
-    """g -> outputs of ``add_neurons(model, candidate, g)`` on ``X``, without copying the model.
+    """g -> outputs of ``add_neurons(model, candidate, g)`` on ``X`` (eval mode), without copying the model.
 
     The activities up to the grown layer are computed once; each call only redoes the new channels,
     what they pass through, the consumer's new inputs and what follows, so a line search over g
     costs little. The consumer is linear in its input channels, so its output is the old output plus
     the new channels' contribution plus g times the best update's.
     """
-    producer, consumer = model[candidate.in_index], model[candidate.out_index]
-    between = model[candidate.in_index + 1 : candidate.out_index]
-    fresh = new_channel_modules(between, candidate.n_neurons)
-    suffix = model[candidate.out_index + 1 :]
+    pair = pair_at(model, candidate.in_index)
+    producer, consumer = pair.producer(model), pair.consumer(model)
+    fresh = new_channel_modules(pair.between(model), candidate.n_neurons)
     dtype = producer.weight.dtype
     alpha, omega = candidate.alpha.to(dtype), candidate.omega.to(dtype)
-    x = model[: candidate.in_index](X)
-    h_old = between(producer(x))
-    a_new = _apply(producer, x, alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:]), alpha[:, -1])
-    base = consumer(h_old)
-    new_weight = omega.reshape(omega.shape[0], -1) if isinstance(consumer, nn.Linear) else omega
-    moved = None
-    if candidate.dW is not None:
-        dW = candidate.dW.to(dtype)
-        moved = _apply(consumer, h_old, dW[:, :-1].reshape(consumer.weight.shape), dW[:, -1])
+    with _evaluating(model):
+        x = pair.producer_input(model, X)
+        suffix = pair.continuation(model, x)
+        h_old = pair.between(model)(producer(x))
+        a_new = _apply(producer, x, alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:]), alpha[:, -1])
+        base = consumer(h_old)
+        new_weight = omega.reshape(omega.shape[0], -1) if isinstance(consumer, nn.Linear) else omega
+        moved = None
+        if candidate.dW is not None:
+            dW = candidate.dW.to(dtype)
+            moved = _apply(consumer, h_old, dW[:, :-1].reshape(consumer.weight.shape), dW[:, -1])
 
     @torch.no_grad()
     def output(gamma: float) -> torch.Tensor:
@@ -186,6 +250,7 @@ def grown_output(model: nn.Sequential, candidate: Candidate, X: torch.Tensor):
         pre = base + _apply(consumer, fresh(scale * a_new), scale * new_weight, None)
         if moved is not None:
             pre = pre + gamma * moved
-        return suffix(pre)
+        with _evaluating(model):
+            return suffix(pre)
 
     return output

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tinydeploy.errors import SpecError
-from tinydeploy.model.spec import ArchSpec
+from tinydeploy.model.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, ArchSpec, needs_projection
 
 class ReLU(nn.ReLU):
     """max(x, 0) whose derivative at 0 is 1 (the right derivative) instead of torch's 0.
@@ -36,6 +36,41 @@ ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
 ELEMENTWISE_TYPES: tuple[type[nn.Module], ...] = (*ACTIVATION_MODULES.values(), nn.ReLU)
 CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 POOL_MODULES: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d}
+NORM_MODULES: dict[int, type[nn.Module]] = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+
+
+def batchnorm(channels: int, dims: int = 2) -> nn.Module:
+    """The spec's BatchNorm over ``channels`` channels of (C,), (C, L) (``dims`` 0, 1) or (C, H, W) inputs."""
+    return NORM_MODULES[dims](channels, eps=BATCHNORM_EPS, momentum=BATCHNORM_MOMENTUM)
+
+
+class ResidualBlock(nn.Module):
+    """A BasicBlock: act(bn2(conv2(act(bn1(conv1(x))))) + shortcut(x)), 3x3 convolutions with padding 1,
+    ``conv1`` with the block's stride; the shortcut is the identity or a 1x1 conv + BatchNorm.
+
+    Its middle channels (``conv1``'s outputs, read by ``conv2``) are what growth widens; ``tail`` is the
+    part after ``conv2``, so that a growth step can replace conv2's output and finish the block.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, stride=stride, padding=1)
+        self.bn1 = batchnorm(mid_channels)
+        self.act1 = ACTIVATION_MODULES[activation]()
+        self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, stride=1, padding=1)
+        self.bn2 = batchnorm(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride), batchnorm(out_channels))
+        self.act2 = ACTIVATION_MODULES[activation]()
+
+    def tail(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from conv2's output ``pre`` and the block's input ``x``."""
+        return self.act2(self.bn2(pre) + self.shortcut(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.conv2(self.act1(self.bn1(self.conv1(x)))), x)
 
 
 class GlobalAvgPool(nn.Module):
@@ -61,6 +96,13 @@ def build_layer(spec: ArchSpec, index: int, shapes: list[tuple[int, ...]] | None
         return POOL_MODULES[len(shapes[index]) - 1](layer["kernel"], stride=layer["stride"])
     if kind == "global_avgpool":
         return GlobalAvgPool()
+    if kind == "batchnorm":
+        return batchnorm(shapes[index][0], len(shapes[index]) - 1)
+    if kind == "resblock":
+        block = ResidualBlock(shapes[index][0], layer["mid_channels"], layer["out_channels"], layer["stride"],
+                              layer["activation"])
+        assert isinstance(block.shortcut, nn.Sequential) == needs_projection(layer, shapes[index][0])
+        return block
     return ACTIVATION_MODULES[layer["name"]]()
 
 
@@ -71,18 +113,21 @@ def build_model(spec: ArchSpec) -> nn.Sequential:
 
 
 def module_width(module: nn.Module) -> int:
-    """Output width of a weight module: out_features (linear) or out_channels (conv)."""
+    """Growable width of a weight module: out_features (linear), out_channels (conv), a residual block's
+    middle channels."""
+    if isinstance(module, ResidualBlock):
+        return module.conv1.out_channels
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.out_channels
-    raise SpecError(f"{type(module).__name__} has no width: expected Linear, Conv1d or Conv2d")
+    raise SpecError(f"{type(module).__name__} has no width: expected Linear, Conv1d, Conv2d or ResidualBlock")
 
 
 def spec_from_model(model: nn.Sequential, template: ArchSpec) -> ArchSpec:
     """``template`` with the growable widths read back from ``model``'s linear and conv layers."""
     widths = []
-    expected = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d)}
+    expected = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d), "resblock": ResidualBlock}
     for i in template.growable_indices:
         module, kind = model[i], template.layers[i]["kind"]
         if not isinstance(module, expected[kind]):

@@ -12,15 +12,25 @@ Layer kinds (JSON objects with a ``kind``):
 * ``activation``: ``name``, one of ``ACTIVATIONS`` (sigma(0) = 0);
 * ``avgpool``: ``kernel``, ``stride`` (average pooling without padding, over the last ``dims`` axes);
 * ``flatten``: (C, ...) -> (C * ...), channel-major as ``torch.flatten``;
-* ``global_avgpool``: (C, ...) -> (C,), the mean over every spatial position.
+* ``global_avgpool``: (C, ...) -> (C,), the mean over every spatial position;
+* ``batchnorm``: per-channel batch normalisation of (C, ...) or (C,) inputs (affine, eps 1e-5,
+  momentum 0.1, running statistics);
+* ``resblock``: a residual BasicBlock on 2-D images, ``out_channels`` (the residual stream),
+  ``mid_channels`` (its middle width), ``stride``, ``activation``, ``growable``: conv 3x3 (stride) ->
+  BatchNorm -> activation -> conv 3x3 -> BatchNorm, plus a shortcut (identity, or a 1x1 conv with
+  that stride and a BatchNorm when the stride or the channel count changes), then the activation.
+  State-dict keys ``{i}.conv1.*``, ``{i}.bn1.*``, ``{i}.conv2.*``, ``{i}.bn2.*``, ``{i}.shortcut.0.*``,
+  ``{i}.shortcut.1.*``.
 
 ``feature_names`` (optional) names the input features of a flat input, in order (a CSV header):
 clients may then send features by name. It is serialised only when present, so specs without names
 keep their JSON (and hashes).
 
-A growable layer's width (``out_features`` or ``out_channels``) is what growth changes; between it
-and the next weight layer (its consumer) only activations, pooling and flatten may sit. Specs
-written before convolutions existed (flatten / linear / activation) are valid specs of this format.
+A growable layer's width (``out_features``, ``out_channels``, or a block's ``mid_channels``) is what
+growth changes; between a growable linear/conv layer and the next weight layer (its consumer) only
+channel-wise layers (activations, pooling, flatten, batchnorm) may sit; a block's middle channels are
+produced by its conv1 and consumed by its conv2. Specs written before convolutions existed (flatten /
+linear / activation) are valid specs of this format.
 """
 
 from __future__ import annotations
@@ -55,11 +65,16 @@ def check_activation(name: str) -> str:
     return name
 
 
-WEIGHT_KINDS = ("linear", "conv")
+WEIGHT_KINDS = ("linear", "conv", "resblock")
 #: Kinds allowed between a growable layer and its consumer: they act on each channel on its own.
-CHANNELWISE_KINDS = ("activation", "avgpool", "flatten", "global_avgpool")
+CHANNELWISE_KINDS = ("activation", "avgpool", "flatten", "global_avgpool", "batchnorm")
 LAYER_KINDS = (*WEIGHT_KINDS, *CHANNELWISE_KINDS)
 TRANSITIONS = ("flatten", "global_avgpool")
+#: ResNet presets: residual blocks per stage (four stages, stream widths 64/128/256/512 at full size).
+RESNET_STAGES: dict[str, tuple[int, ...]] = {"resnet18": (2, 2, 2, 2), "resnet10": (1, 1, 1, 1)}
+RESNET_STREAM = (64, 128, 256, 512)
+BATCHNORM_EPS = 1e-5
+BATCHNORM_MOMENTUM = 0.1
 
 
 @dataclass(frozen=True)
@@ -91,8 +106,25 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def width_key(layer: dict[str, Any]) -> str:
-    """The key holding a weight layer's width: ``out_features`` (linear) or ``out_channels`` (conv)."""
-    return "out_channels" if layer["kind"] == "conv" else "out_features"
+    """The key holding a weight layer's growable width: ``out_features`` (linear), ``out_channels``
+    (conv) or ``mid_channels`` (a residual block's middle channels)."""
+    return {"conv": "out_channels", "resblock": "mid_channels"}.get(layer["kind"], "out_features")
+
+
+def needs_projection(layer: dict[str, Any], in_channels: int) -> bool:
+    """Whether a residual block's shortcut is a 1x1 conv + BatchNorm (stride or channel count changes)."""
+    return layer["stride"] != 1 or layer["out_channels"] != in_channels
+
+
+def block_shapes(layer: dict[str, Any], in_channels: int) -> dict[str, list[int]]:
+    """Parameter name (relative to the block) -> shape of a residual block's parameters."""
+    mid, out = layer["mid_channels"], layer["out_channels"]
+    shapes = {"conv1.weight": [mid, in_channels, 3, 3], "conv1.bias": [mid], "bn1.weight": [mid], "bn1.bias": [mid],
+              "conv2.weight": [out, mid, 3, 3], "conv2.bias": [out], "bn2.weight": [out], "bn2.bias": [out]}
+    if needs_projection(layer, in_channels):
+        shapes.update({"shortcut.0.weight": [out, in_channels, 1, 1], "shortcut.0.bias": [out],
+                       "shortcut.1.weight": [out], "shortcut.1.bias": [out]})
+    return shapes
 
 
 @dataclass(frozen=True)
@@ -172,6 +204,48 @@ class ArchSpec:
         layers += _hidden_and_output(hidden_widths, n_outputs, activation)
         return _checked(task, input_shape, layers, classes, preprocessing, dataset)
 
+    @staticmethod
+    def resnet(
+        *,
+        task: str,
+        input_shape: tuple[int, ...],
+        stages: tuple[int, ...],
+        stream_widths: list[int],
+        mid_widths: list[int],
+        n_outputs: int,
+        activation: str = "relu",
+        classes: tuple[str, ...] = (),
+        preprocessing: dict[str, Any] | None = None,
+        dataset: str = "",
+    ) -> "ArchSpec":
+        """A ResNet of BasicBlocks on (C, H, W) images: stem conv 3x3 (stride 1) -> BatchNorm -> activation,
+        ``stages[s]`` residual blocks at stream width ``stream_widths[s]`` (the first block of every stage
+        after the first has stride 2), global average pooling, linear output layer. ``mid_widths`` lists
+        every block's middle width (growable), in order."""
+        check_activation(activation)
+        if len(input_shape) != 3:
+            raise SpecError(f"a ResNet takes images of shape (C, H, W); inputs have shape {list(input_shape)}: "
+                            "use --arch cnn or mlp")
+        if len(stream_widths) != len(stages) or len(mid_widths) != sum(stages):
+            raise SpecError(f"a ResNet with stages {list(stages)} needs {len(stages)} stream widths and "
+                            f"{sum(stages)} middle widths, got {stream_widths} and {mid_widths}")
+        if any(int(w) < 1 for w in [*stream_widths, *mid_widths]):
+            raise SpecError(f"widths must be positive integers, got {[*stream_widths, *mid_widths]}")
+        layers: list[dict[str, Any]] = [
+            {"kind": "conv", "dims": 2, "out_channels": int(stream_widths[0]), "kernel": 3, "stride": 1,
+             "padding": 1, "growable": False},
+            {"kind": "batchnorm"},
+            {"kind": "activation", "name": activation},
+        ]
+        mids = iter(mid_widths)
+        for stage, (blocks, width) in enumerate(zip(stages, stream_widths)):
+            for b in range(blocks):
+                layers.append({"kind": "resblock", "out_channels": int(width), "mid_channels": int(next(mids)),
+                               "stride": 2 if stage > 0 and b == 0 else 1, "activation": activation,
+                               "growable": True})
+        layers += [{"kind": "global_avgpool"}, {"kind": "linear", "out_features": int(n_outputs), "growable": False}]
+        return _checked(task, input_shape, layers, classes, preprocessing, dataset)
+
     # ----- derived quantities -------------------------------------------------------------------
     @property
     def n_features(self) -> int:
@@ -194,7 +268,11 @@ class ArchSpec:
 
     @property
     def has_convolutions(self) -> bool:
-        return any(layer["kind"] == "conv" for layer in self.layers)
+        return any(layer["kind"] in ("conv", "resblock") for layer in self.layers)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(layer["kind"] in ("batchnorm", "resblock") for layer in self.layers)
 
     def width(self, index: int) -> int:
         """Output width of the weight layer at module ``index`` (features or channels)."""
@@ -211,7 +289,10 @@ class ArchSpec:
         return self.layers[self.linear_indices[-1]]["out_features"]
 
     def consumer(self, index: int) -> int:
-        """The next weight layer after module ``index`` (the one that reads a growable layer's output)."""
+        """The next weight layer after module ``index`` (the one that reads a growable layer's output);
+        a residual block's middle channels are read inside the block: its own index."""
+        if self.layers[index]["kind"] == "resblock":
+            return index
         following = [i for i in self.weight_indices if i > index]
         if not following:
             raise SpecError(f"layer {index} has no weight layer after it")
@@ -236,23 +317,41 @@ class ArchSpec:
         """Channels entering the weight layer at module ``index`` (features for a linear layer)."""
         return self.shapes()[index][0]
 
-    def weight_shapes(self) -> dict[str, list[int]]:
-        """State-dict name -> shape of every parameter: ``"{i}.weight"`` and ``"{i}.bias"``."""
+    def weight_shapes(self, folded: bool = False) -> dict[str, list[int]]:
+        """State-dict name -> shape of every parameter: ``"{i}.weight"`` and ``"{i}.bias"``, a block's
+        ``"{i}.conv1.weight"`` ... With ``folded``, those of the model with every BatchNorm folded into
+        the convolution before it (``tinydeploy.model.fold``): the BatchNorm parameters are gone."""
         shapes = self.shapes()
         found: dict[str, list[int]] = {}
-        for i in self.weight_indices:
-            layer = self.layers[i]
+        for i, layer in enumerate(self.layers):
             if layer["kind"] == "conv":
                 weight = [layer["out_channels"], shapes[i][0], *[layer["kernel"]] * layer["dims"]]
-            else:
+            elif layer["kind"] == "linear":
                 weight = [layer["out_features"], math.prod(shapes[i])]
+            elif layer["kind"] == "batchnorm" and not folded:
+                weight = [shapes[i][0]]
+            elif layer["kind"] == "resblock":
+                found.update({f"{i}.{name}": shape for name, shape in block_shapes(layer, shapes[i][0]).items()
+                              if not (folded and name.startswith(("bn", "shortcut.1")))})
+                continue
+            else:
+                continue
             found[f"{i}.weight"], found[f"{i}.bias"] = weight, [weight[0]]
         return found
 
-    def layer_params(self, index: int) -> int:
-        """Weights and biases of the layer at module ``index``."""
-        shapes = self.weight_shapes()
-        return sum(math.prod(shapes.get(f"{index}.{name}", [0])) for name in ("weight", "bias"))
+    def layer_tensors(self, index: int, folded: bool = False) -> dict[str, list[int]]:
+        """State-dict name -> shape of the parameters of the weight layer at module ``index`` together with
+        the BatchNorm layers right after it (the ones folded into it at export); a block's: all of its
+        convolutions and BatchNorms. ``folded``: as stored after folding (``weight_shapes``)."""
+        owners = [index]
+        while owners[-1] + 1 < len(self.layers) and self.layers[owners[-1] + 1]["kind"] == "batchnorm":
+            owners.append(owners[-1] + 1)
+        prefixes = tuple(f"{i}." for i in owners)
+        return {name: shape for name, shape in self.weight_shapes(folded).items() if name.startswith(prefixes)}
+
+    def layer_params(self, index: int, folded: bool = False) -> int:
+        """Parameters of the layer at module ``index`` with its BatchNorms (``layer_tensors``)."""
+        return sum(math.prod(shape) for shape in self.layer_tensors(index, folded).values())
 
     def layer_macs(self, index: int, shapes: list[tuple[int, ...]] | None = None) -> int:
         """Multiply-accumulates per sample of the weight layer at ``index`` (weights only, no biases)."""
@@ -263,10 +362,16 @@ class ArchSpec:
             return shapes[index][0] * kernel * math.prod(shapes[index + 1])
         if layer["kind"] == "linear":
             return math.prod(shapes[index]) * layer["out_features"]
+        if layer["kind"] == "resblock":
+            positions = math.prod(shapes[index + 1][1:])
+            c_in, mid, out = shapes[index][0], layer["mid_channels"], layer["out_channels"]
+            shortcut = c_in * out if needs_projection(layer, c_in) else 0
+            return (9 * c_in * mid + 9 * mid * out + shortcut) * positions
         return 0
 
-    def n_params(self) -> int:
-        return sum(math.prod(shape) for shape in self.weight_shapes().values())
+    def n_params(self, folded: bool = False) -> int:
+        """Parameters of the model (``folded``: after folding every BatchNorm into its convolution)."""
+        return sum(math.prod(shape) for shape in self.weight_shapes(folded).values())
 
     def macs(self) -> int:
         """Multiply-accumulates per sample (weights only; biases, activations and pooling not counted)."""
@@ -300,6 +405,8 @@ class ArchSpec:
         if self.weight_indices[-1] != self.linear_indices[-1]:
             raise SpecError("the last weight layer must be linear (the output layer)")
         for i in self.growable_indices:
+            if self.layers[i]["kind"] == "resblock":
+                continue
             consumer = self.consumer(i) if i != self.weight_indices[-1] else None
             if consumer is None:
                 raise SpecError(f"layer {i} is growable but no weight layer reads its output")
@@ -402,6 +509,10 @@ def _check_layer(i: int, layer: dict[str, Any]) -> None:
     elif kind == "avgpool":
         _positive_int(i, layer, "kernel")
         _positive_int(i, layer, "stride")
+    elif kind == "resblock":
+        for key in ("out_channels", "mid_channels", "stride"):
+            _positive_int(i, layer, key)
+        check_activation(str(layer.get("activation")))
     elif kind == "activation":
         check_activation(str(layer.get("name")))
     elif kind not in LAYER_KINDS:
@@ -416,6 +527,13 @@ def _layer_output(i: int, layer: dict[str, Any], shape: tuple[int, ...]) -> tupl
             raise SpecError(f"layer {i} (linear) gets inputs of shape {list(shape)}: put a flatten or "
                             "global_avgpool layer before it")
         return (int(layer["out_features"]),)
+    if kind == "resblock":
+        if len(shape) != 3:
+            raise SpecError(f"layer {i} (resblock) gets inputs of shape {list(shape)}: a residual block needs "
+                            "(channels, height, width)")
+        return (int(layer["out_channels"]), *(_out_size(s, 3, layer["stride"], 1) for s in shape[1:]))
+    if kind == "batchnorm" and len(shape) > 3:
+        raise SpecError(f"layer {i} (batchnorm) gets inputs of shape {list(shape)}: it needs (C,), (C, L) or (C, H, W)")
     if kind in ("conv", "avgpool"):
         dims = layer["dims"] if kind == "conv" else len(shape) - 1
         if len(shape) != dims + 1 or dims < 1:

@@ -6,9 +6,37 @@ from dataclasses import dataclass, replace
 
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.candidates import METHODS
-from tinydeploy.model.spec import TASKS, TRANSITIONS, check_activation
+from tinydeploy.model.spec import RESNET_STAGES, TASKS, TRANSITIONS, check_activation
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", *RESNET_STAGES)
+OPTIMIZERS = ("adam", "sgd")
+#: Arithmetic of training steps: float32, or autocast to bfloat16 / float16 on CUDA (auto: bf16 on CUDA).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def recipe_of(arch: str) -> str:
+    """The ``RECIPES`` entry of an architecture: ``mlp``, ``cnn``, or ``resnet`` for every ResNet preset."""
+    return "resnet" if arch in RESNET_STAGES else arch
+
+
+def is_convolutional(arch: str | None) -> bool:
+    """Whether ``arch`` takes images / signals as (C, ...) tensors (a CNN or a ResNet)."""
+    return arch is not None and recipe_of(arch) in ("cnn", "resnet")
+
+
+def parse_fraction(text: str | float, option: str) -> float:
+    """'1/64', '0.25' or 1 -> a float in (0, 1]; a one-line error otherwise."""
+    try:
+        if isinstance(text, str) and "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise TinyDeployError(f"{option} must be a fraction in (0, 1] like 1/64 or 0.25; got '{text}'")
+    return value
 
 #: Below this parameter budget one CPU thread is fastest: compact MLPs' matrices are too small to split.
 SINGLE_THREAD_MAX_PARAMS = 100_000
@@ -16,7 +44,8 @@ SINGLE_THREAD_MAX_PARAMS = 100_000
 #: Defaults sized to each built-in dataset, used when the option is not given: the parameter budget,
 #: and Gaussian noise (std, on standardised inputs) added to training batches where it was measured
 #: to help (digits: 64 features, 1,149 training samples); low-dimensional sets keep 0, since noise
-#: would blur their fine class boundaries.
+#: would blur their fine class boundaries. ``hflip``: random horizontal flips of training images (CIFAR:
+#: the labels survive a mirror image; digits do not).
 DATASET_DEFAULTS: dict[str, dict[str, float]] = {
     "digits": {"max_params": 3000, "input_noise": 0.3},
     "mnist1d": {"max_params": 12000},
@@ -28,8 +57,8 @@ DATASET_DEFAULTS: dict[str, dict[str, float]] = {
     "quadratic2d": {"max_params": 400},
     "mnist": {"max_params": 60000},
     "fashion-mnist": {"max_params": 60000},
-    "cifar10": {"max_params": 200000},
-    "cifar100": {"max_params": 300000},
+    "cifar10": {"max_params": 200000, "hflip": 1.0},
+    "cifar100": {"max_params": 300000, "hflip": 1.0},
 }
 
 #: Parameter budget of a dataset without a default (a user file): ``USER_PARAMS_PER_SAMPLE`` per training
@@ -60,6 +89,8 @@ RECIPES: dict[str, dict[str, float | int | bool]] = {
             "ridge": 0.0, "balance": False},
     "cnn": {"batch_size": 64, "grow_every": 1.0, "max_growth_epochs": 12.0, "final_epochs": 40.0,
             "ridge": 1e-3, "balance": True},
+    "resnet": {"batch_size": 64, "grow_every": 1.0, "max_growth_epochs": 10.0, "final_epochs": 20.0,
+               "ridge": 1e-3, "balance": True},
 }
 #: CNN batches hold n_train / CNN_STEPS_PER_EPOCH samples, within [16, RECIPES["cnn"]["batch_size"]]:
 #: small datasets (digits, 1,149 images) still get about 50 optimizer steps per epoch.
@@ -88,6 +119,8 @@ class GrowConfig:
     conv_pools: list[int] | None = None
     transition: str = "flatten"
     hidden_layers: int | None = None
+    width_factor: float | None = None
+    stream_width: float = 1.0
     activation: str = "relu"
     grow_every: float | None = None
     max_growth_epochs: float | None = None
@@ -100,6 +133,8 @@ class GrowConfig:
     target_accuracy: float | None = None
     patience: int = 8
     lr: float = 3e-3
+    optimizer: str = "adam"
+    precision: str = "auto"
     batch_size: int | None = None
     weight_decay: float = 1e-3
     input_noise: float | None = None
@@ -120,7 +155,17 @@ class GrowConfig:
         if self.task is not None and self.task not in TASKS:
             raise TinyDeployError(f"unknown --task '{self.task}': use classification or regression")
         if self.arch is not None and self.arch not in ARCHS:
-            raise TinyDeployError(f"unknown --arch '{self.arch}': use mlp or cnn")
+            raise TinyDeployError(f"unknown --arch '{self.arch}': use one of {', '.join(ARCHS)}")
+        if self.precision not in PRECISIONS:
+            raise TinyDeployError(f"unknown --precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TinyDeployError(f"unknown --optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
+        for name in ("width_factor", "stream_width"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_fraction(value, f"--{name.replace('_', '-')}")
+        if (self.width_factor is not None or self.stream_width != 1.0) and recipe_of(self.arch or "") != "resnet":
+            raise TinyDeployError("--width-factor and --stream-width apply to ResNets: add --arch resnet18 or resnet10")
         if self.init_widths is not None and (not self.init_widths or min(self.init_widths) < 1):
             raise TinyDeployError(f"--init-widths must be positive integers like 1,1; got {self.init_widths}")
         if self.transition not in TRANSITIONS:
@@ -159,8 +204,8 @@ class GrowConfig:
     def resolved(self, arch: str, n_train: int) -> "GrowConfig":
         """A copy with ``arch`` set and the options left None filled from ``RECIPES[arch]`` (for a CNN
         the batch size also follows the number of training samples, ``CNN_STEPS_PER_EPOCH``)."""
-        recipe = dict(RECIPES[arch])
-        if arch == "cnn":
+        recipe = dict(RECIPES[recipe_of(arch)])
+        if recipe_of(arch) in ("cnn", "resnet"):
             recipe["batch_size"] = min(int(recipe["batch_size"]), max(MIN_CNN_BATCH, n_train // CNN_STEPS_PER_EPOCH))
         return replace(self, arch=arch, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 

@@ -28,6 +28,7 @@ import torch
 from tinydeploy import __version__
 from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, load_dataset
 from tinydeploy.errors import TinyDeployError
+from tinydeploy.growth.batchnorm import has_batchnorm, recalibrate
 from tinydeploy.growth.candidates import check_method
 from tinydeploy.growth.policy import Batch, Growth, GrowthSettings, growth_step, neuron_budget
 from tinydeploy.growth.surgery import carry_optimizer_state
@@ -38,7 +39,7 @@ from tinydeploy.model.scores import regression_scores
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
 from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
-from tinydeploy.training.architecture import initial_spec, live_initialisation
+from tinydeploy.training.architecture import full_widths, initial_spec, live_initialisation
 from tinydeploy.training.config import (
     DATASET_DEFAULTS,
     SINGLE_THREAD_MAX_PARAMS,
@@ -46,6 +47,8 @@ from tinydeploy.training.config import (
     USER_PARAMS_PER_SAMPLE,
     GrowConfig,
     default_max_params,
+    is_convolutional,
+    recipe_of,
 )
 from tinydeploy.training.devices import resolve_device, synchronize
 from tinydeploy.training.rundir import (
@@ -64,6 +67,8 @@ if TYPE_CHECKING:
 
 #: Optimizer steps between two looks at the clock and at stop requests (a possible checkpoint).
 SLICE_STEPS = 32
+#: Training samples on which a network with BatchNorm re-estimates its running statistics before a growth step.
+RECALIBRATION_SAMPLES = 2048
 
 
 @dataclass
@@ -129,10 +134,10 @@ class GrowJob:
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         self.data = data if data is not None else load_dataset(
             cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
-            val_fraction=cfg.val_fraction, as_images=cfg.arch == "cnn", task=cfg.task)
+            val_fraction=cfg.val_fraction, as_images=is_convolutional(cfg.arch), task=cfg.task)
         self.arch = cfg.arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
-        prep = fit_standardizer(self.data.X_train, per_channel=self.arch == "cnn")
+        prep = fit_standardizer(self.data.X_train, per_channel=is_convolutional(self.arch))
         # The spec at the initial widths; current widths are read back with spec_from_model.
         self.spec = initial_spec(cfg, self.data, prep)
         self.task = self.data.task
@@ -151,12 +156,16 @@ class GrowJob:
         check_method(cfg.method, model, self.spec.growable_indices, self.task)
         self.trainer = Trainer(model, self.train_set.X, self.train_set.y, self.loss_fn, lr=cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               input_noise=self.input_noise, max_shift=self.max_shift,
-                               generator=self.cpu_generator, parallel=parallel)
+                               input_noise=self.input_noise, max_shift=self.max_shift, hflip=self.hflip,
+                               optimizer=cfg.optimizer, precision=cfg.precision, generator=self.cpu_generator,
+                               device_generator=self.generator, parallel=parallel)
+        full = full_widths(self.spec)
         self.settings = GrowthSettings(method=cfg.method, neurons_per_step=cfg.neurons_per_step,
                                        layers_per_step=cfg.layers_per_step, max_params=self.max_params,
                                        max_macs=self.max_macs, max_width=cfg.max_width, ridge=cfg.ridge,
-                                       balance=cfg.balance)
+                                       balance=cfg.balance, layer_max_width=full or None,
+                                       layer_neurons=self._layer_neurons(full) or None,
+                                       reuse_statistics=recipe_of(self.arch) == "resnet")
         self.loop = LoopState()
         self.log: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -185,12 +194,27 @@ class GrowJob:
 
     @property
     def max_shift(self) -> int:
-        """--max-shift, else 2 pixels for CNNs on images at least 16 pixels wide, 1 below, 0 for signals."""
+        """--max-shift, else 2 pixels for CNNs on images at least 16 pixels wide (ResNets on 32-pixel
+        images: 4, the usual CIFAR random crop with padding), 1 below, 0 for signals."""
         if self.cfg.max_shift is not None:
             return self.cfg.max_shift
-        if self.arch != "cnn" or len(self.data.input_shape) != 3:
+        if not is_convolutional(self.arch) or len(self.data.input_shape) != 3:
             return 0
+        if recipe_of(self.arch) == "resnet" and min(self.data.input_shape[1:]) >= 32:
+            return 4
         return 2 if min(self.data.input_shape[1:]) >= 16 else 1
+
+    @property
+    def hflip(self) -> bool:
+        """Random horizontal flips of training images: on for datasets whose labels survive a mirror (CIFAR)."""
+        return bool(DATASET_DEFAULTS.get(self.cfg.dataset, {}).get("hflip", False)) and is_convolutional(self.arch)
+
+    def _layer_neurons(self, full: dict[int, int]) -> dict[int, int]:
+        """Most channels a residual block gains per step: --neurons-per-step for the widest blocks, in
+        proportion to the full width for the others (the paper's per-depth counts grow with the width,
+        App. F.1 Table 2)."""
+        widest = max(full.values(), default=1)
+        return {i: max(1, round(self.cfg.neurons_per_step * w / widest)) for i, w in full.items()}
 
     @property
     def input_noise(self) -> float:
@@ -199,10 +223,16 @@ class GrowJob:
         return DATASET_DEFAULTS.get(self.cfg.dataset, {}).get("input_noise", 0.0)
 
     def cpu_threads(self) -> int:
-        """--threads, else 1 for compact budgets and torch's default for large or unbounded ones."""
+        """--threads, else 1 for compact nets (a parameter budget, or a ResNet at its full widths, of at most
+        ``SINGLE_THREAD_MAX_PARAMS``) and torch's default for large or unbounded ones."""
         if self.cfg.threads is not None:
             return self.cfg.threads
-        small = self.max_params is not None and self.max_params <= SINGLE_THREAD_MAX_PARAMS
+        bound = self.max_params
+        full = full_widths(self.spec)
+        if bound is None and full:
+            bound = self.spec.with_hidden_widths([full.get(i, self.spec.width(i))
+                                                  for i in self.spec.growable_indices]).n_params()
+        small = bound is not None and bound <= SINGLE_THREAD_MAX_PARAMS
         return 1 if small else torch.get_num_threads()
 
     @property
@@ -215,9 +245,12 @@ class GrowJob:
 
     def _budget(self, name: str) -> int | None:
         """--max-params / --max-macs, else the dataset's default budget (for user files a parameter budget
-        from the number of training samples, ``default_max_params``; no MAC budget)."""
+        from the number of training samples, ``default_max_params``; no MAC budget; none for ResNets, whose
+        blocks stop at their full width)."""
         if getattr(self.cfg, name) is not None:
             return getattr(self.cfg, name)
+        if recipe_of(self.arch) == "resnet":
+            return None
         if name == "max_params":
             return default_max_params(self.cfg.dataset, len(self.data.X_train), math.prod(self.spec.input_shape),
                                       self.spec.n_outputs)
@@ -275,6 +308,8 @@ class GrowJob:
     def _grow(self, step: int) -> list[Growth]:
         start = time.perf_counter()
         old_model = self.model
+        if has_batchnorm(old_model):
+            recalibrate(old_model, self.train_set.take(RECALIBRATION_SAMPLES, self.generator).X)
         held_out = self.val_set.take(self.cfg.line_search_batch, self.generator)
         metric = lambda out, y: task_metric(self.task, out, y)  # noqa: E731
         sharded = self.parallel if self.parallel is not None and self.parallel.world > 1 else None
@@ -314,7 +349,7 @@ class GrowJob:
 
     def _budget_left(self) -> bool:
         sample = self.train_set.X[:1]
-        return any(neuron_budget(self.model, i, o, self.settings, sample) > 0 for i, o in self.spec.pairs())
+        return any(neuron_budget(self.model, i, None, self.settings, sample) > 0 for i in self.spec.growable_indices)
 
     def _budget_reason(self) -> str:
         spec = spec_from_model(self.model, self.spec)
@@ -323,7 +358,9 @@ class GrowJob:
             return "max_macs" if spec.macs() / self.max_macs > spec.n_params() / self.max_params else "max_params"
         if self.max_macs is not None:
             return "max_macs"
-        return "max_params" if self.max_params is not None else "max_width"
+        if self.max_params is not None:
+            return "max_params"
+        return "full_width" if self.settings.layer_max_width else "max_width"
 
     def _stop_growing(self) -> str:
         """Why growth stops before this step ("" to grow): a budget, the epoch limit or the target accuracy."""
