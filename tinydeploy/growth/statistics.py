@@ -31,9 +31,7 @@ from torch import nn
 
 from tinydeploy.growth import linalg
 from tinydeploy.growth.pairs import (
-    NORM_TYPES,
     Pair,
-    as_grid,
     consumer_goal,
     consumer_inputs,
     consumer_window,
