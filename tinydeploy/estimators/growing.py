@@ -62,6 +62,10 @@ NOT_PARAMETERS = {
     "val_fraction": "validation_fraction",
     "checkpoint_every": "fit writes no checkpoints",
     "line_search_batch": "not a grow option either (the line search's held-out batch size)",
+    "width_factor": "ResNets only: the estimators grow MLPs and CNNs of tabular or signal data",
+    "stream_width": "ResNets only: the estimators grow MLPs and CNNs of tabular or signal data",
+    "optimizer": "set by the architecture's recipe (SGD is the ResNet protocol's)",
+    "precision": "CUDA autocast for ResNets; the estimators train in float32",
 }
 _LIST_PARAMETERS = ("init_widths", "conv_kernels", "conv_strides", "conv_pools")
 
