@@ -73,7 +73,7 @@ def widen_between(module: nn.Module, k: int, mean: torch.Tensor | None = None,
 
     Without ``mean``/``var`` (no data at hand) the new channels get m_k = 0, v_k = 1 (weight
     sqrt(1 + eps), bias 0): the identity in eval mode too, but train mode re-normalises them. Growth
-    statistics and the line search run in eval mode (``statistics._evaluating``), and the job
+    statistics and the line search run in eval mode (``pairs.evaluating``), and the job
     re-estimates the running statistics before each growth step (``growth.batchnorm.recalibrate``) so
     that eval mode matches what training sees.
     """
