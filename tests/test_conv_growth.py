@@ -242,3 +242,23 @@ def test_mac_budget_counts_each_channel_s_positions() -> None:
     assert neuron_budget(model, 0, consumer_index(model), settings, X[:1]) == 3
     with pytest.raises(ValueError, match="sample"):
         neuron_budget(model, 0, consumer_index(model), settings)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_balance_equalises_relative_sizes_and_keeps_each_neuron_s_product(case: Case) -> None:
+    """candidates.balance: (c_k alpha_k, omega_k / c_k) with RMS(c alpha_k) / producer_rms = RMS(omega_k / c_k) /
+    consumer_rms; omega_k alpha_k^T unchanged; a neuron with a zero fan-in is left as it is."""
+    model, X, y = build(case)
+    cand = all_neurons(_moments(model, X, y))
+    k = cand.n_neurons
+    alpha = cand.alpha.clone()
+    alpha[-1] = 0.0  # a GradMax-like neuron
+    cand = replace(cand, alpha=alpha)
+    balanced = candidates.balance(cand, 0.5, 3.0)
+    fan_out = balanced.omega.transpose(0, 1).reshape(k, -1)
+    a_rms, o_rms = balanced.alpha.pow(2).mean(1).sqrt(), fan_out.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(a_rms[:-1] / 0.5, o_rms[:-1] / 3.0, rtol=1e-10, atol=0)
+    before = torch.einsum("ko,kd->kod", cand.omega.transpose(0, 1).reshape(k, -1), cand.alpha)
+    after = torch.einsum("ko,kd->kod", fan_out, balanced.alpha)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-300)
+    assert torch.equal(balanced.omega[:, -1], cand.omega[:, -1]) and k >= 2
