@@ -1,0 +1,84 @@
+"""The small helpers under the growth math, each against its formula: psd_factor, ridged, rank_cut,
+best_update with a ridge, the per-neuron cost, and GradMax's first-step signs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from growth_fixtures import moments_for, small_problem
+from torch import nn
+
+from tinydeploy.growth import linalg
+from tinydeploy.growth.costs import neuron_cost, output_shapes
+from tinydeploy.growth.gradmax import first_step_signs, gradmax
+
+F64 = torch.float64
+
+
+def test_psd_factor_is_the_cholesky_factor_of_s_plus_its_jitter() -> None:
+    """C is lower triangular with C C^T = S + j I, j = 16 d eps max(diag S) (here d = 8, S diagonal, so
+    the only rounding is that of the square roots, about eps max(diag S), against j = 128 eps max)."""
+    S = torch.diag(torch.arange(1.0, 9.0, dtype=F64))
+    C = linalg.psd_factor(S)
+    assert torch.equal(C, C.tril())
+    jitter = 16 * 8 * torch.finfo(F64).eps * 8.0
+    added = C @ C.T - S
+    torch.testing.assert_close(added.diagonal(), torch.full((8,), jitter, dtype=F64), rtol=0.03, atol=0)
+    assert float((added - torch.diag(added.diagonal())).abs().max()) == 0.0
+
+
+def test_psd_factor_of_a_singular_s_is_still_a_triangular_factor() -> None:
+    """Rank 3 of 6 (dead units, n < d): the jitter keeps the Cholesky factorisation defined."""
+    B = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
+    S = B.T @ B / 3
+    C = linalg.psd_factor(S)
+    assert torch.equal(C, C.tril())
+    torch.testing.assert_close(C @ C.T, S, rtol=0, atol=1e-12 * float(S.diagonal().max()))
+
+
+def test_ridged_adds_ridge_times_the_mean_eigenvalue() -> None:
+    B = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    S = B.T @ B
+    assert linalg.ridged(S, 0.0) is S
+    for ridge in (0.1, 1.0):
+        expected = S + ridge * float(torch.trace(S)) / 4 * torch.eye(4, dtype=F64)
+        torch.testing.assert_close(linalg.ridged(S, ridge), expected, rtol=1e-15, atol=0)
+
+
+def test_rank_cut_follows_the_sample_count_and_the_dtype() -> None:
+    eps = torch.finfo(torch.float32).eps
+    assert linalg.rank_cut(3200, 10, eps) == pytest.approx((3200 * eps) ** 2, rel=1e-12)
+    assert linalg.rank_cut(10, 3200, eps) == pytest.approx((3200 * eps) ** 2, rel=1e-12)
+    assert linalg.rank_cut(10, 3, torch.finfo(F64).eps) == linalg.DEFAULT_RELATIVE_CUT
+
+
+def test_best_update_with_a_ridge_inverts_the_ridged_s_h() -> None:
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(20, 5, dtype=F64, generator=g)
+    S_h, N_h = B.T @ B / 20, torch.randn(5, 3, dtype=F64, generator=g)
+    ridged = S_h + 0.1 * float(torch.trace(S_h)) / 5 * torch.eye(5, dtype=F64)
+    torch.testing.assert_close(linalg.best_update(S_h, N_h, ridge=0.1), N_h.T @ torch.linalg.inv(ridged),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_neuron_cost_counts_fan_in_bias_batchnorm_and_fan_out() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    shapes = output_shapes(model.eval(), torch.zeros(2, 4))
+    assert neuron_cost(model, 0) == (4 + 1 + 2 + 3, None)  # BatchNorm: weight and bias per channel
+    assert neuron_cost(model, 0, 3, shapes) == (10, 4 + 3)  # a vector layer has one output position
+    with pytest.raises(ValueError, match=r"^module 0's consumer is in module 3, not 2$"):
+        neuron_cost(model, 0, 2)
+
+
+def test_gradmax_signs_make_the_first_step_turn_each_new_neuron_on() -> None:
+    """After one gradient step on the fan-in (gradient -N~ omega_k), neuron k's mean pre-activation is
+    lr E[[x 1]] . N~ omega_k = lr S[:, -1] N~ omega_k: the sign chosen makes it positive for every k."""
+    _, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    unsigned, _ = linalg.gradmax_fan_out(m.N_v, 4)
+    signed = unsigned * first_step_signs(m, unsigned)
+    assert bool((m.S[:, -1] @ m.N_v @ signed > 0).all())
+    assert bool((m.S[:, -1] @ m.N_v @ unsigned < 0).any())  # the choice matters on this instance
+    cand = gradmax(m, max_neurons=4)
+    assert cand.n_neurons >= 1 and (cand.in_index, cand.out_index) == (m.in_index, m.out_index)
+    assert bool((m.S[:, -1] @ m.N_v @ cand.omega > 0).all())
