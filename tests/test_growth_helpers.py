@@ -82,3 +82,9 @@ def test_gradmax_signs_make_the_first_step_turn_each_new_neuron_on() -> None:
     cand = gradmax(m, max_neurons=4)
     assert cand.n_neurons >= 1 and (cand.in_index, cand.out_index) == (m.in_index, m.out_index)
     assert bool((m.S[:, -1] @ m.N_v @ cand.omega > 0).all())
+
+
+def test_psd_factor_falls_back_to_the_symmetric_square_root_where_cholesky_fails() -> None:
+    """An indefinite S (rounding gone wrong): the eigenvalue square root with negative eigenvalues at 0."""
+    S = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))
+    torch.testing.assert_close(linalg.psd_factor(S), linalg.psd_sqrt(S), rtol=0, atol=0)
