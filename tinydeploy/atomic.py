@@ -67,10 +67,11 @@ def fsync_tree(directory: str | os.PathLike[str]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
-def _fsync_dir(path: str | os.PathLike[str]) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make new entries of the directory ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # some platforms cannot open directories
@@ -130,4 +131,4 @@ def replace_directory(new: str | os.PathLike[str], target: str | os.PathLike[str
         os.rename(target, trash)
         os.rename(new, target)
         shutil.rmtree(trash)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinydeploy import __version__
-from tinydeploy.atomic import write_json
+from tinydeploy.atomic import fsync_dir, write_json
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.model.build import build_model
 from tinydeploy.model.serialization import ARCH_FILE, MODEL_FILE, SPEC_KEY, load_model, save_model
@@ -110,20 +110,6 @@ def generation_file(generation: int) -> str:
     return f"{CHECKPOINTS_DIR}/{generation:06d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make new entries of ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -172,7 +158,7 @@ class RunWriter:
         self._open()
         for path in (current, *(self.run_dir / name for name in (*LOGS, COMMIT_LOG))):
             _fsync_file(path)  # the generation resumed from becomes the durable one
-        _fsync_dir(current.parent)
+        fsync_dir(current.parent)
         self._last_sync = time.monotonic()
 
     def _open(self) -> None:
@@ -226,7 +212,7 @@ class RunWriter:
                 os.fsync(handle.fileno())
             for name in LOGS:
                 os.fsync(self._files[name].fileno())
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         crashpoints.point("generation-written")
         widths = metrics.get("final_widths")
         line = {"format": RUN_FORMAT, "generation": generation, "file": generation_file(generation), "status": status,
