@@ -42,6 +42,7 @@ from tinydeploy.atomic import write_json
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.export.artifacts import FORMATS, INPUTS_KEY, INT8_FILE, METADATA_KEYS
 from tinydeploy.serving.manifest import read_verified
+from tinydeploy.serving.providers import import_onnxruntime
 from tinydeploy.serving.runtime import OnnxModel, resolve_model_path
 
 BENCH_FILE = "bench.json"
@@ -282,8 +283,7 @@ def run_bench(
             ratios[f"{e.name}/{BASELINE}"] = {
                 str(b): results[e.name][str(b)]["p50_ms"] / results[BASELINE][str(b)]["p50_ms"] for b in batch_sizes
             }
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     return {
         "format": BENCH_FORMAT,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -29,7 +28,7 @@ from tinydeploy.export.torch_formats import load_pt2, load_torchscript, save_pt2
 from tinydeploy.model.freeze import freeze
 from tinydeploy.model.serialization import SPEC_KEY, load_model_bytes, metadata_from_bytes, save_model
 from tinydeploy.model.spec import ArchSpec
-from tinydeploy.serving.providers import open_session
+from tinydeploy.serving.providers import import_onnxruntime, open_session
 from tinydeploy.serving.runtime import check_self_contained
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -111,7 +110,7 @@ def load_artifact(fmt: str, data: bytes, provider: str = "cpu", *, trusted: bool
         def predict(x: np.ndarray) -> np.ndarray:
             return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-        runtime = {"runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers()}
+        runtime = {"runtime": f"onnxruntime {import_onnxruntime().__version__}", "providers": session.get_providers()}
         return Loaded(predict, runtime, metadata)
     if fmt == "torchscript":
         module, metadata = load_torchscript(data, METADATA_KEYS)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from tinydeploy.serving.providers import CPU, quiet_session_options
+from tinydeploy.serving.providers import CPU, import_onnxruntime, quiet_session_options
+
+ort = import_onnxruntime()
 
 #: Oldest versions probed; anything older is not worth exporting to.
 _OLDEST_IR = 7

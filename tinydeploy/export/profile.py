@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinydeploy.serving.providers import import_onnxruntime
+
 #: Timed runs (after one warm-up run) per batch size, the batch sizes, and the seed of the random inputs.
 PROFILE_RUNS = 20
 PROFILE_BATCHES = (1, 32)
@@ -53,7 +55,7 @@ def _module_of(kernel: str, modules: dict[str, str]) -> str:
 def layer_latency(model_bytes: bytes, x: np.ndarray, runs: int = PROFILE_RUNS) -> dict[str, float]:
     """Top-level module -> mean kernel time per run (microseconds) of its nodes on input ``x``, over
     ``runs`` profiled runs after one warm-up run (whose events are dropped)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     modules = node_modules(model_bytes)
     with tempfile.TemporaryDirectory() as scratch:

@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tinydeploy.serving.server import serve
-
     try:
+        from tinydeploy.serving.server import serve
+
         serve(args.export_dir, host=args.host, port=args.port, provider=args.provider, workers=args.workers,
               max_batch=args.max_batch, log_level=args.log_level, verify=not args.no_verify,
               body_timeout_s=args.body_timeout)

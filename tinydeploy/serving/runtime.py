@@ -35,14 +35,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from tinydeploy.errors import IntegrityError, TinyDeployError
 from tinydeploy.serving.features import FeatureMismatch, column_order, rows_by_name
 from tinydeploy.serving.images import image_format
 from tinydeploy.serving.manifest import read_file, read_verified, sha256_bytes, verify_manifest
 from tinydeploy.serving.onnx_scan import MalformedModel, external_tensors
-from tinydeploy.serving.providers import CUDA, DEFAULT_PROVIDER, choose_providers, quiet_session_options
+from tinydeploy.serving.providers import (
+    CUDA,
+    DEFAULT_PROVIDER,
+    choose_providers,
+    import_onnxruntime,
+    quiet_session_options,
+)
+
+ort = import_onnxruntime()
 
 MODEL_FILE = "model.onnx"
 ARCH_FILE = "arch.json"
@@ -181,7 +188,7 @@ class OnnxModel:
         if provider == "cuda" and CUDA not in self.providers:
             raise TinyDeployError(
                 f"provider 'cuda' requested but the session for {self.model_path} runs on "
-                f"{', '.join(self.providers)}: install onnxruntime-gpu matching the CUDA driver, or use 'cpu'"
+                f"{', '.join(self.providers)}: install onnxruntime-gpu matching the CUDA driver (pip install 'tinydeploy[gpu]'), or use 'cpu'"
             )
         self._read_signature()
         self._read_metadata()
