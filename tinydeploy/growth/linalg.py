@@ -152,8 +152,15 @@ def null_threshold(S_inv_sqrt: torch.Tensor, N_null: torch.Tensor) -> torch.Tens
 
     N_null = B_prev V_gauss^T / n where V_gauss has the covariance of V_goal_proj but is independent of
     B_prev: singular values of S^(-1/2) N below lambda_- are indistinguishable from noise.
+
+    Computed as the square root of the largest eigenvalue of the smaller Gram matrix of M = S^(-1/2) N_null
+    (M^T M or M M^T): the largest eigenvalue is accurate to the dtype's relative precision, and eigvalsh
+    is 1.3-1.9x faster than the SVD behind ``matrix_norm(M, 2)`` at d = 65..577 on CPU
+    (``benchmarks/linalg_timing.py``).
     """
-    return torch.linalg.matrix_norm(S_inv_sqrt @ N_null, ord=2)
+    M = S_inv_sqrt @ N_null
+    gram = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T
+    return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
 
 
 def gradmax_fan_out(N_tilde: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
