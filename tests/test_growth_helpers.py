@@ -47,9 +47,30 @@ def test_ridged_adds_ridge_times_the_mean_eigenvalue() -> None:
 
 def test_rank_cut_follows_the_sample_count_and_the_dtype() -> None:
     eps = torch.finfo(torch.float32).eps
-    assert linalg.rank_cut(3200, 10, eps) == pytest.approx((3200 * eps) ** 2, rel=1e-12)
-    assert linalg.rank_cut(10, 3200, eps) == pytest.approx((3200 * eps) ** 2, rel=1e-12)
-    assert linalg.rank_cut(10, 3, torch.finfo(F64).eps) == linalg.DEFAULT_RELATIVE_CUT
+    assert linalg.rank_cut(3200, 10, eps) == pytest.approx(1 / 3200, rel=1e-12)  # sampling: 1 / n
+    assert linalg.rank_cut(10**5, 10, eps) == pytest.approx((10**5 * eps) ** 2, rel=1e-12)  # rounding
+    assert linalg.rank_cut(10**4, 10**5, eps) == pytest.approx((10**5 * eps) ** 2, rel=1e-12)
+    assert linalg.rank_cut(10**11, 3, 0.0) == linalg.DEFAULT_RELATIVE_CUT
+
+
+def test_rank_cut_keeps_fan_in_off_a_direction_the_samples_cannot_resolve() -> None:
+    """A feature with 1e-6 of the others' variance (a near-constant pixel), n = 2,000: above the rounding
+    cut, below the sampling one (1 / n). With the rank cut the new neurons leave it alone (fan-in ~0 on
+    it, moderate weights); with the rounding cut alone they put weights ~ sigma^(-1/2) times the goal's
+    chance correlation with it (thousands of times larger) on its noise."""
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    B = torch.randn(n, 3, dtype=F64, generator=g) * torch.tensor([1.0, 1.0, 1e-3], dtype=F64)
+    B = torch.cat([B, torch.ones(n, 1, dtype=F64)], dim=1)
+    V = torch.stack([B[:, 0] - B[:, 1], B[:, 1]], dim=1) + 0.5 * torch.randn(n, 2, dtype=F64, generator=g)
+    S, N = B.T @ B / n, B.T @ V / n
+    eps = torch.finfo(torch.float32).eps
+    cut = linalg.rank_cut(n, 4, eps)
+    kept = linalg.new_neurons(linalg.psd_inverse_sqrt(S, cut), N)
+    assert kept.alpha[:, 2].abs().max() < 1e-3
+    assert kept.alpha.abs().max() < 10
+    fitted = linalg.new_neurons(linalg.psd_inverse_sqrt(S, (n * eps) ** 2), N)
+    assert fitted.alpha[:, 2].abs().max() > 1
 
 
 def test_best_update_with_a_ridge_inverts_the_ridged_s_h() -> None:

@@ -24,13 +24,22 @@ def ridged(S: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def rank_cut(n: int, d: int, eps: float) -> float:
-    """Relative eigenvalue cut of S = B B^T / n (B: d x n, entries of unit roundoff ``eps``) at B's
-    numerical rank: singular values of B below max(n, d) eps s_max are indistinguishable from the
-    rounding of its entries (the LAPACK / numpy ``matrix_rank`` tolerance), i.e. eigenvalues of S below
-    (max(n, d) eps)^2 sigma_max; never below ``DEFAULT_RELATIVE_CUT``. For float32 activities and
-    n = 3,200 samples: 1.5e-7. Directions below it would get fan-in weights ~ sigma^(-1/2) (Prop. 3.2:
-    alpha_k = sqrt(lambda_k) S^(-1/2) u_k) that amplify rounding (and unseen test values) by > 2,500."""
-    return max(DEFAULT_RELATIVE_CUT, (max(n, d) * eps) ** 2)
+    """Relative eigenvalue cut of S = B B^T / n (B: d x n, n samples, entries of unit roundoff ``eps``):
+    the larger of the two levels below which an eigenvalue sigma of S is not measured.
+
+    * Sampling: S estimates E[b b^T] from n samples. The estimate couples a direction of variance sigma
+      with the top one (variance sigma_max) through a cross term of standard error
+      ~ sqrt(sigma sigma_max / n); the direction (and so its eigenvalue) is resolved only while that
+      coupling is below sigma itself (Davis-Kahan), i.e. sigma / sigma_max > 1 / n. This is App. E.1's
+      "variance grows as 1 / (n sigma_min)" turned into a cut.
+    * Rounding: singular values of B below max(n, d) eps s_max are indistinguishable from the rounding of
+      its entries (the LAPACK / numpy ``matrix_rank`` tolerance), i.e. eigenvalues below
+      (max(n, d) eps)^2 sigma_max.
+
+    Never below ``DEFAULT_RELATIVE_CUT``. Directions below the cut would get fan-in weights
+    ~ sigma^(-1/2) (Prop. 3.2: alpha_k = sqrt(lambda_k) S^(-1/2) u_k) fitted to noise: on raw pixels
+    with near-constant pixels, fan-ins in the thousands and test outputs in the hundreds."""
+    return max(DEFAULT_RELATIVE_CUT, 1.0 / n, (max(n, d) * eps) ** 2)
 
 
 def _eigen(S: torch.Tensor, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
