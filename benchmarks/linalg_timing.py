@@ -93,8 +93,8 @@ def main() -> None:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    rows = [measure(d, o, device, args.repeats, gen) for d, o in shapes]
     report = Report(NAME, f"eigh vs SVD in a TINY step ({args.device}, {args.threads} thread(s), float64)")
+    rows = [measure(d, o, device, args.repeats, gen) for d, o in shapes]
     report.table(
         "median ms per call",
         ["d", "o", "eigh(S)", "svd(S)", "svd(M)", "eigh(Gram M)", "norm2(M)", "eigvalsh(Gram M)", "lambda rel. diff"],
