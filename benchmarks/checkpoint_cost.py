@@ -39,7 +39,7 @@ CASES = ("digits", "mnist1d-long")
 def config(case: str, epochs: float) -> dict[str, Any]:
     if case == "digits":
         return {"device": "cpu"}
-    return {"dataset": "mnist1d", "device": "cpu", "grow_every": 0.05, "max_growth_epochs": epochs,
+    return {"dataset": "mnist1d", "arch": "mlp", "device": "cpu", "grow_every": 0.05, "max_growth_epochs": epochs,
             "max_params": 15000, "patience": 1000}
 
 

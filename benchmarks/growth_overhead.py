@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     machine = machine_info()
     report = Report(args.name, f"Growth overhead: {args.dataset}, {args.method}, seed {args.seed}")
-    cfg = GrowConfig(dataset=args.dataset, method=args.method, seed=args.seed, device="cpu", **thread_kwargs(args.threads))
+    cfg = GrowConfig(dataset=args.dataset, method=args.method, seed=args.seed, device="cpu", arch="mlp",
+                     **thread_kwargs(args.threads))
     if args.quick:
         cfg.max_growth_epochs, cfg.final_epochs, args.cap_epochs = 8.0, 8.0, 30
 

@@ -117,7 +117,7 @@ def plan(dataset: str, seed: int, args) -> list[tuple[str, GrowConfig | None]]:
 
 
 def config_for(label: str, dataset: str, seed: int, args, tiny: dict[str, Any] | None) -> GrowConfig:
-    base = dict(dataset=dataset, seed=seed, device="cpu", **thread_kwargs(args.threads))
+    base = dict(dataset=dataset, seed=seed, device="cpu", arch="mlp", **thread_kwargs(args.threads))
     if args.quick:
         base.update(max_growth_epochs=args.quick_growth_epochs, final_epochs=args.quick_final_epochs)
     if label in GROWN:

@@ -50,13 +50,13 @@ def get_run(dataset: str, kind: str, work: Path, big_epochs: float, quick: bool)
     if stored.is_dir() and not quick:
         return stored, f"trained by growth_quality.py ({stored.relative_to(results_path('').parent.parent)})"
     if kind == "grown":
-        cfg = GrowConfig(dataset=dataset, method="tiny", seed=0, device="cpu", **thread_kwargs(1))
+        cfg = GrowConfig(dataset=dataset, method="tiny", seed=0, device="cpu", arch="mlp", **thread_kwargs(1))
         if quick:
             cfg.max_growth_epochs, cfg.final_epochs = 8.0, 8.0
         why = "grown here, default settings" if not quick else "grown here, QUICK schedule"
     else:
         cfg = GrowConfig(dataset=dataset, init_widths=[1000, 1000], max_growth_epochs=0, final_epochs=big_epochs,
-                         max_params=10**9, seed=0, device="cpu", **thread_kwargs(1))
+                         max_params=10**9, seed=0, device="cpu", arch="mlp", **thread_kwargs(1))
         why = f"trained here for {big_epochs:g} epochs only: latency/size reference, accuracy not comparable"
     run_dir = work / f"{dataset}-{kind}-run"
     prepare_grow(cfg, run_dir).run()

@@ -65,7 +65,7 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
 
 
 def one_dataset(dataset: str, kills: int, rng: random.Random, tmp: Path) -> dict[str, Any]:
-    flags = ["--dataset", dataset, "--device", "cpu"]
+    flags = ["--dataset", dataset, "--arch", "mlp", "--device", "cpu"]
     reference, killed = tmp / f"{dataset}-reference", tmp / f"{dataset}-killed"
     launched = time.perf_counter()
     process = tinydeploy([*flags, "--out", str(reference)])

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more grow options")
     args = parser.parse_args()
-    flags = ["--dataset", args.dataset, "--device", "cpu", *args.extra]
+    flags = ["--dataset", args.dataset, "--arch", "mlp", "--device", "cpu", *args.extra]
     report = Report(NAME, f"Multi-process growth on {args.dataset} (gloo, CPU)")
     records, rows = [], []
     runs = [("1 process", [])] + [(f"--nproc {n}", ["--nproc", str(n)]) for n in args.nprocs]

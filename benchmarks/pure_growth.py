@@ -66,7 +66,7 @@ def scores(job, model) -> dict[str, float]:
 def run(dataset: str, method: str, seed: int, max_params: int, patience: int, max_calls: int) -> dict[str, Any]:
     ablation = method == "tiny-nothreshold"
     method = "tiny" if ablation else method
-    cfg = GrowConfig(dataset=dataset, method=method, seed=seed, device="cpu", max_params=max_params)
+    cfg = GrowConfig(dataset=dataset, method=method, seed=seed, device="cpu", arch="mlp", max_params=max_params)
     with tempfile.TemporaryDirectory() as tmp:
         job = prepare_grow(cfg, Path(tmp) / "unused")  # builds data + model, writes nothing
     model = job.model

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"tiny_vs_random_steps_{args.dataset}"
     report = Report(name, f"TINY vs Random, paired growth steps: {args.dataset}, seed {args.seed}")
     with tempfile.TemporaryDirectory() as tmp:
-        job = prepare_grow(GrowConfig(dataset=args.dataset, seed=args.seed, device="cpu"), Path(tmp) / "unused")
+        job = prepare_grow(GrowConfig(dataset=args.dataset, seed=args.seed, device="cpu", arch="mlp"), Path(tmp) / "unused")
     cfg = job.cfg
     metric = lambda out, y: task_metric(job.task, out, y)  # noqa: E731
     random_settings = dataclasses.replace(job.settings, method="random")

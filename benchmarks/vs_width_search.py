@@ -2,10 +2,11 @@
 
 For each dataset and seed, in one process, one after the other, on CPU with one torch thread:
 
-* ``grow``: one default ``tinydeploy grow`` (the dataset's default budget and the MLP recipe);
+* ``grow``: one default ``tinydeploy grow`` (the dataset's default architecture, budget and recipe:
+  an MLP for digits and moons, a 1-D CNN for mnist1d);
 * ``FS``: the grown widths trained from scratch for the same number of epochs (the cost of training
   the final architecture, for the overhead ratio grow / FS);
-* ``grid [w,w]``: each fixed width of ``--widths`` on every hidden layer, trained with the same recipe
+* ``grid [w,w]``: each fixed width of ``--widths`` on every growable layer, trained with the same recipe
   for the same number of epochs as the grow of that seed
   (``GrowConfig(init_widths=[w,w], max_growth_epochs=0, final_epochs=E)``).
 
@@ -79,16 +80,17 @@ def warm_up(dataset: str) -> None:
         prepare_grow(config(dataset, 0, max_growth_epochs=0.5, final_epochs=0.5), Path(scratch) / "run").run()
 
 
-def run_dataset(dataset: str, seeds: list[int], widths: list[int], layers: int) -> list[dict[str, Any]]:
+def run_dataset(dataset: str, seeds: list[int], widths: list[int], layers: int | None) -> list[dict[str, Any]]:
     warm_up(dataset)
     rows = []
     for seed in seeds:
         grown = run_one(dataset, seed, "grow", config(dataset, seed))
         rows.append(grown)
         rows.append(run_one(dataset, seed, "FS", fixed(dataset, seed, list(grown["widths"]), grown["epochs"])))
+        depth = layers or len(grown["widths"])
         for w in widths:
-            rows.append(run_one(dataset, seed, f"grid [{','.join([str(w)] * layers)}]",
-                                fixed(dataset, seed, [w] * layers, grown["epochs"])))
+            rows.append(run_one(dataset, seed, f"grid [{','.join([str(w)] * depth)}]",
+                                fixed(dataset, seed, [w] * depth, grown["epochs"])))
     return rows
 
 
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--digits-seeds", default="0,1,2,3,4", help="seeds for digits (the acceptance asks 5)")
     p.add_argument("--widths", default="4,8,16,32,64,128", help="fixed width w of each hidden layer")
-    p.add_argument("--layers", type=int, default=2, help="hidden layers of the grid nets (the grow's default: 2)")
+    p.add_argument("--layers", type=int, default=None, help="growable layers of the grid nets (default: as many "
+                   "as the grown net, e.g. 2 hidden layers of the MLP, 2 conv blocks + 1 hidden layer of the CNN)")
     p.add_argument("--name", default=NAME, help="results file stem")
     p.add_argument("--from", dest="sources", help="comma-separated results JSON files (their 'rows') to "
                    "report together instead of running, e.g. two runs of different datasets")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "best validation accuracy (any size). 'grow / grid': per seed, the grow's time over the sum of the grid's, "
         "averaged; 'grow / FS': over training the grown widths from scratch for the same epochs. Wall time and "
         "the process's CPU time (less sensitive to other users of the shared cores) of each job. "
-        f"Grid widths {widths} on each of {args.layers} hidden layers; default recipe and budgets; 1 torch thread."))
+        f"Grid widths {widths} on each growable layer of the default architecture; default recipe and budgets; 1 torch thread."))
     report.write({"settings": vars(args), "sources": [str(f) for f in sources], "summary": summaries, "rows": rows},
                  machine)
     results_path(f"{NAME}.partial.json").unlink(missing_ok=True)

@@ -228,3 +228,16 @@ def test_per_channel_standardisation_is_recorded_and_frozen_exactly() -> None:
     with pytest.raises(DataError, match="fitted on 3 channels"):
         apply_standardizer(X[:, :2], prep)
     assert math.prod(module.mean.shape) == 3
+
+
+def test_mnist1d_grows_a_1d_cnn_unless_an_mlp_is_asked_for() -> None:
+    from tinydeploy.training.job import prepare_grow
+
+    def convs(job) -> int:
+        return sum(isinstance(m, torch.nn.Conv1d) for m in job.model.modules())
+
+    signals = prepare_grow(GrowConfig(dataset="mnist1d", device="cpu"))
+    assert (signals.arch, signals.data.input_shape, convs(signals)) == ("cnn", (1, 40), 2)
+    flat = prepare_grow(GrowConfig(dataset="mnist1d", arch="mlp", device="cpu"))
+    assert (flat.arch, flat.data.input_shape, convs(flat)) == ("mlp", (40,), 0)
+    assert prepare_grow(GrowConfig(dataset="digits", device="cpu")).arch == "mlp"

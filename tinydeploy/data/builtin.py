@@ -25,8 +25,10 @@ def _digits(split_seed: int) -> RawSplit:
     return split_pool("digits", digits.data, digits.target, classes, 360, split_seed)
 
 
-def _mnist1d(split_seed: int) -> RawSplit:
-    """MNIST-1D generated locally (4000 train / 1000 test as the generator splits it)."""
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> tuple[np.ndarray, ...]:
+    """MNIST-1D as the generator makes it (x, y, x_test, y_test), read-only: generated once per process
+    (it takes seconds)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     numpy_state, python_state = np.random.get_state(), random.getstate()
@@ -35,8 +37,16 @@ def _mnist1d(split_seed: int) -> RawSplit:
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+    arrays = tuple(np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test"))
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def _mnist1d(split_seed: int) -> RawSplit:
+    """MNIST-1D generated locally (4000 train / 1000 test as the generator splits it)."""
     classes = tuple(str(c) for c in range(10))
-    return RawSplit("mnist1d", "classification", data["x"], data["y"], data["x_test"], data["y_test"], classes)
+    return RawSplit("mnist1d", "classification", *_mnist1d_arrays(), classes)
 
 
 @functools.lru_cache(maxsize=1)
