@@ -240,6 +240,51 @@ def test_fold_point_outside_the_segment_moves_to_the_network_s_boundary():
     torch.testing.assert_close(x_f, _point(0.6, 0.4))
 
 
+def _far_boundary_problem(extra_unit: bool):
+    """Three classes on [-1, 1]^2 with logits (0, x1 - 10, x2) (hidden units on everywhere in the box): the
+    boundary of class 1 against class 0 is x1 = 10, far outside the data, that of class 2 against class 0
+    is x2 = 0. Planted losses: a cluster of class 1 at (0.5, -0.5) (loss 3, its fold point (10, -0.5)),
+    a cluster of class 2 at (-0.5, -0.5) (loss 2, fold point (-0.5, 0)), the rest class 0 (loss 0.01,
+    away from both).
+    ``extra_unit``: one more hidden unit relu(x2) with fan-out 0, already folding on x2 = 0."""
+    width = 3 if extra_unit else 2
+    net = nn.Sequential(nn.Linear(2, width), ReLU(), nn.Linear(width, 3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]][:width], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([10.0, 10.0, 0.0][:width], dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)[:, :width])
+        net[2].bias.copy_(torch.tensor([0.0, -20.0, -10.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    background = torch.rand(600, 2, dtype=torch.float64, generator=g) * 2 - 1
+    away = ((background - _point(0.5, -0.5)).norm(dim=1) > 0.3) & ((background - _point(-0.5, -0.5)).norm(dim=1) > 0.3)
+    background = background[away][:300]
+    far = _point(0.5, -0.5) + 0.05 * torch.randn(30, 2, dtype=torch.float64, generator=g)
+    near = _point(-0.5, -0.5) + 0.05 * torch.randn(30, 2, dtype=torch.float64, generator=g)
+    X = torch.cat([background, far, near])
+    y = torch.cat([torch.zeros(300, dtype=torch.long), torch.ones(30, dtype=torch.long), torch.full((30,), 2)])
+    losses = torch.cat([torch.full((300,), 0.01), torch.full((30,), 3.0), torch.full((30,), 2.0)]).double()
+    with torch.no_grad():
+        logits = net(X)
+    return net, X, y, logits, losses
+
+
+def test_folding_takes_the_highest_loss_cluster_whose_fold_point_lies_in_the_data_and_is_not_folded_yet():
+    net, X, y, logits, losses = _far_boundary_problem(extra_unit=False)
+    # the talk's pick, the highest-loss cluster, folds at x1 = 10: outside the data's box
+    top = folding.typical_instance(X, losses, folding.CLUSTERS, torch.Generator().manual_seed(1))
+    assert int(y[top.index]) == 1 and folding.fold_point(net, X[top.index], 1, 0)[0][0] == pytest.approx(10.0)
+    fold = folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1))
+    assert fold is not None and fold.rank >= 1 and fold.label == 2 and fold.rival == 0  # the far blob may split
+    assert folding.in_domain(fold.x_f, X) and fold.x_f[1] == pytest.approx(0.0, abs=1e-12)
+    # with a unit already folding on x2 = 0 that fold point is taken: every other cluster folds there or at
+    # x1 = 10, so no neuron is added at this step
+    net, X, y, logits, losses = _far_boundary_problem(extra_unit=True)
+    assert folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1)) is None
+    loss_fn = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")  # noqa: E731
+    m = moments_for(net, X, y, loss_fn, 0)
+    assert folding.folding(m, 1, Context(net, X, y, loss_fn), torch.Generator().manual_seed(1)).n_neurons == 0
+
+
 def test_folding_refuses_deep_or_regression_networks_in_one_line():
     from tinydeploy.errors import TinyDeployError
 
