@@ -95,7 +95,7 @@ def test_gradmax_conv_kernels_train():
                           nn.Flatten(), nn.Linear(3, 4)).double()
     X = torch.randn(64, 1, 6, 6, dtype=torch.float64)
     y = (X[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :3].sum((1, 2)) > 0).long()
-    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
     m = moments_for_conv(model, X, y, per_sample)
     cand = gradmax.gradmax(m, 2)
     grown = add_neurons(model, cand, 1.0)
@@ -280,7 +280,7 @@ def test_folding_takes_the_highest_loss_cluster_whose_fold_point_lies_in_the_dat
     # x1 = 10, so no neuron is added at this step
     net, X, y, logits, losses = _far_boundary_problem(extra_unit=True)
     assert folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1)) is None
-    loss_fn = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")  # noqa: E731
+    loss_fn = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")
     m = moments_for(net, X, y, loss_fn, 0)
     assert folding.folding(m, 1, Context(net, X, y, loss_fn), torch.Generator().manual_seed(1)).n_neurons == 0
 
