@@ -16,7 +16,7 @@ from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.statistics import with_ones
 from tinydeploy.growth.surgery import add_neurons
 from tinydeploy.model.build import ReLU
-from tinydeploy.model.regions import count_linear_regions
+from tinydeploy.model.regions import count_linear_regions, count_patterns
 
 #: The amplitude each method's neurons are added with when the function is unchanged: its paper's.
 AT_INSERTION = {"tiny": 0.0, "random": 0.0, "gradmax": 1.0, "north": 1.0, "folding": 1.0}
@@ -276,13 +276,12 @@ def test_folding_takes_the_highest_loss_cluster_whose_fold_point_lies_in_the_dat
     fold = folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1))
     assert fold is not None and fold.rank >= 1 and fold.label == 2 and fold.rival == 0  # the far blob may split
     assert folding.in_domain(fold.x_f, X) and fold.x_f[1] == pytest.approx(0.0, abs=1e-12)
-    # with a unit already folding on x2 = 0 that fold point is taken: every other cluster folds there or at
-    # x1 = 10, so no neuron is added at this step
+    assert fold.passed
+    # with a unit already folding on x2 = 0 that fold point is taken, and every other cluster folds there or at
+    # x1 = 10: no cluster passes, and the talk's own pick, the highest-loss cluster, is folded
     net, X, y, logits, losses = _far_boundary_problem(extra_unit=True)
-    assert folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1)) is None
-    loss_fn = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")
-    m = moments_for(net, X, y, loss_fn, 0)
-    assert folding.folding(m, 1, Context(net, X, y, loss_fn), torch.Generator().manual_seed(1)).n_neurons == 0
+    fold = folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1))
+    assert not fold.passed and fold.rank == 0 and fold.label == 1 and fold.x_f[0] == pytest.approx(10.0)
 
 
 def test_folding_refuses_deep_or_regression_networks_in_one_line():
@@ -313,3 +312,14 @@ def test_region_count_of_three_lines_in_general_position_is_seven():
         deep[2].weight.fill_(1.0)
         deep[2].bias.fill_(-0.5)
     assert count_linear_regions(deep, (-1.0, -1.0), (1.0, 1.0)) == 3
+
+
+def test_pattern_count_on_samples_counts_only_the_regions_that_hold_data():
+    net = nn.Sequential(nn.Linear(2, 3), ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():  # the seven regions of the lines x1 = 0, x2 = 0, x1 + x2 = 0.5
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, -0.5], dtype=torch.float64))
+    # samples in three of them: (-, -, -), (+, -, -), (+, +, +) twice
+    X = torch.tensor([[-0.5, -0.5], [0.2, -0.5], [0.8, 0.8], [0.9, 0.7]], dtype=torch.float64)
+    assert count_patterns(net, X) == 3
+    assert count_patterns(net, X[:1]) == 1

@@ -36,16 +36,15 @@ Choices where the talk leaves a step open (its "next milestones" list three open
   ``FOLDED_FRACTION`` (2%) of that box's diagonal of it (the talk's fold points are where the activation
   pattern changes; a second neuron through the same point adds no new linear segment). The clusters
   are tried from the highest mean loss down and the first whose fold point passes both is folded; when
-  none does, no neuron is added at this step. Why: a new neuron has fan-out 0, so the step after a fold
+  none does, the talk's own pick (the highest-loss cluster) is folded, so that the budget, not this
+  rule, ends growth (with "no neuron" instead, growth stopped at 12 to 66 units of a 79-unit budget). Why: a new neuron has fan-out 0, so the step after a fold
   (a quarter epoch later in the default recipe, where the talk trains to convergence) usually finds
   the same mistake and would fold on the same line again, and the segment's closest boundary point is
-  often far outside the data (up to 5 box widths on sine2d and quadratic2d), where the new hyperplane
-  does not cross the data at all. Measured at the talk's scale (2-2-2 grown to 12 units, 6 seeds, end of
-  growth): linear regions on the 200 x 200 grid 45.0 -> 48.3 (sine2d), 39.0 -> 54.5 (quadratic2d),
-  58.5 -> 55.2 (moons), 51.8 -> 50.7 (spirals) against a random initialisation's 52.8 / 53.2 / 57.7 /
-  54.2 (``benchmarks/folding_regions.py`` has the full table). Tried and not kept: k = 16 or 24
-  clusters, the direction x_t - x_f itself (cone 0) or any half-plane direction (cone 89 degrees), and
-  two epochs of training between folds: none gave more regions.
+  often far outside the data (x_f = (-9.7, 1.1) with the data in [-1.7, 1.7]^2 on quadratic2d), where the new hyperplane
+  does not cross the data at all. ``benchmarks/folding_regions.py`` measures this rule against the
+  talk's (its ``--rules domain,talk``). Tried in exploratory runs and not kept, as none gave more
+  regions: k = 16 or 24 clusters, the direction x_t - x_f itself (a cone of 0 degrees) or any direction
+  with x_t on the active side (89 degrees), and two epochs of training between folds.
 * How many: one neuron per growth step (the talk grows 2-2-2 into 2-3-2 by one fold), none when no
   sampled instance is mis-predicted. k = ``CLUSTERS`` clusters (the talk does not say how many).
 * When x_t lies where every hidden unit is off, the segment is constant and has no boundary: x_f is
@@ -229,7 +228,8 @@ def fold_distance(model: nn.Sequential, x: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class Fold:
     """Where to fold: the typical instance x_t of the cluster ranked ``rank`` by mean loss (0: the highest),
-    its class ``label`` and ``rival``, the fold point x_f and how it was found (``fold_point``)."""
+    its class ``label`` and ``rival``, the fold point x_f and how it was found (``fold_point``); ``passed``:
+    whether x_f lies in the data's box and is not a fold yet."""
 
     typical: Typical
     x_t: torch.Tensor
@@ -238,14 +238,16 @@ class Fold:
     x_f: torch.Tensor
     how: str
     rank: int
+    passed: bool
 
 
 def choose_fold(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, losses: torch.Tensor,
-                generator: torch.Generator | None = None) -> Fold | None:
+                generator: torch.Generator | None = None) -> Fold:
     """The fold of the cluster of highest mean loss whose fold point lies in the samples' box (x_f ~ D) and
-    is not already a fold of the network (module docstring, choices A and B); None when no cluster has
-    one."""
+    is not already a fold of the network (module docstring, choices A and B); when no cluster has one,
+    the talk's own pick, the highest-loss cluster (``Fold.passed`` False)."""
     tolerance = FOLDED_FRACTION * float((X.max(dim=0).values - X.min(dim=0).values).norm())
+    first = None
     for rank, typical in enumerate(typical_instances(X, losses, CLUSTERS, generator)):
         x_t, label = X[typical.index], int(y[typical.index])
         rival = rival_class(logits[typical.index], label)
@@ -255,9 +257,13 @@ def choose_fold(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, logits: 
             x_f, how = (x_t + outside.mean(dim=0)) / 2, "dead-region"
         else:
             x_f, how = found
-        if in_domain(x_f, X) and fold_distance(model, x_f) >= tolerance:
-            return Fold(typical, x_t, label, rival, x_f, how, rank)
-    return None
+        passed = in_domain(x_f, X) and fold_distance(model, x_f) >= tolerance
+        fold = Fold(typical, x_t, label, rival, x_f, how, rank, passed)
+        if passed:
+            return fold
+        first = first or fold
+    assert first is not None  # k-means has at least one non-empty cluster
+    return first
 
 
 # ----- 4. direction of the new neuron -----------------------------------------------------------------
@@ -321,8 +327,6 @@ def folding(m: LayerMoments, max_neurons: int, context: Context, generator: torc
     if max_neurons < 1 or not bool(wrong.any()):
         return empty
     fold = choose_fold(model, X, context.y, logits, losses, generator)
-    if fold is None:
-        return empty
     x_t, x_f = fold.x_t, fold.x_f
     if float((x_t - x_f).norm()) == 0.0:
         return empty
@@ -345,5 +349,6 @@ def folding(m: LayerMoments, max_neurons: int, context: Context, generator: torc
         searches_amplitude=False,
         details={"x_t": x_t.tolist(), "x_f": x_f.tolist(), "label": fold.label, "rival": fold.rival,
                  "fold": fold.how, "cluster_mean_loss": fold.typical.mean_loss, "cluster_rank": fold.rank,
+                 "x_f_in_data_and_new": fold.passed,
                  "cluster_size": int(fold.typical.cluster.sum())},
     )
