@@ -16,7 +16,7 @@ from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.statistics import with_ones
 from tinydeploy.growth.surgery import add_neurons
 from tinydeploy.model.build import ReLU
-from tinydeploy.model.regions import count_linear_regions
+from tinydeploy.model.regions import count_linear_regions, count_patterns
 
 #: The amplitude each method's neurons are added with when the function is unchanged: its paper's.
 AT_INSERTION = {"tiny": 0.0, "random": 0.0, "gradmax": 1.0, "north": 1.0, "folding": 1.0}
@@ -95,7 +95,7 @@ def test_gradmax_conv_kernels_train():
                           nn.Flatten(), nn.Linear(3, 4)).double()
     X = torch.randn(64, 1, 6, 6, dtype=torch.float64)
     y = (X[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :3].sum((1, 2)) > 0).long()
-    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
     m = moments_for_conv(model, X, y, per_sample)
     cand = gradmax.gradmax(m, 2)
     grown = add_neurons(model, cand, 1.0)
@@ -240,6 +240,50 @@ def test_fold_point_outside_the_segment_moves_to_the_network_s_boundary():
     torch.testing.assert_close(x_f, _point(0.6, 0.4))
 
 
+def _far_boundary_problem(extra_unit: bool):
+    """Three classes on [-1, 1]^2 with logits (0, x1 - 10, x2) (hidden units on everywhere in the box): the
+    boundary of class 1 against class 0 is x1 = 10, far outside the data, that of class 2 against class 0
+    is x2 = 0. Planted losses: a cluster of class 1 at (0.5, -0.5) (loss 3, its fold point (10, -0.5)),
+    a cluster of class 2 at (-0.5, -0.5) (loss 2, fold point (-0.5, 0)), the rest class 0 (loss 0.01,
+    away from both).
+    ``extra_unit``: one more hidden unit relu(x2) with fan-out 0, already folding on x2 = 0."""
+    width = 3 if extra_unit else 2
+    net = nn.Sequential(nn.Linear(2, width), ReLU(), nn.Linear(width, 3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]][:width], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([10.0, 10.0, 0.0][:width], dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)[:, :width])
+        net[2].bias.copy_(torch.tensor([0.0, -20.0, -10.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    background = torch.rand(600, 2, dtype=torch.float64, generator=g) * 2 - 1
+    away = ((background - _point(0.5, -0.5)).norm(dim=1) > 0.3) & ((background - _point(-0.5, -0.5)).norm(dim=1) > 0.3)
+    background = background[away][:300]
+    far = _point(0.5, -0.5) + 0.05 * torch.randn(30, 2, dtype=torch.float64, generator=g)
+    near = _point(-0.5, -0.5) + 0.05 * torch.randn(30, 2, dtype=torch.float64, generator=g)
+    X = torch.cat([background, far, near])
+    y = torch.cat([torch.zeros(300, dtype=torch.long), torch.ones(30, dtype=torch.long), torch.full((30,), 2)])
+    losses = torch.cat([torch.full((300,), 0.01), torch.full((30,), 3.0), torch.full((30,), 2.0)]).double()
+    with torch.no_grad():
+        logits = net(X)
+    return net, X, y, logits, losses
+
+
+def test_folding_takes_the_highest_loss_cluster_whose_fold_point_lies_in_the_data_and_is_not_folded_yet():
+    net, X, y, logits, losses = _far_boundary_problem(extra_unit=False)
+    # the talk's pick, the highest-loss cluster, folds at x1 = 10: outside the data's box
+    top = folding.typical_instance(X, losses, folding.CLUSTERS, torch.Generator().manual_seed(1))
+    assert int(y[top.index]) == 1 and folding.fold_point(net, X[top.index], 1, 0)[0][0] == pytest.approx(10.0)
+    fold = folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1))
+    assert fold is not None and fold.rank >= 1 and fold.label == 2 and fold.rival == 0  # the far blob may split
+    assert folding.in_domain(fold.x_f, X) and fold.x_f[1] == pytest.approx(0.0, abs=1e-12)
+    assert fold.passed
+    # with a unit already folding on x2 = 0 that fold point is taken, and every other cluster folds there or at
+    # x1 = 10: no cluster passes, and the talk's own pick, the highest-loss cluster, is folded
+    net, X, y, logits, losses = _far_boundary_problem(extra_unit=True)
+    fold = folding.choose_fold(net, X, y, logits, losses, torch.Generator().manual_seed(1))
+    assert not fold.passed and fold.rank == 0 and fold.label == 1 and fold.x_f[0] == pytest.approx(10.0)
+
+
 def test_folding_refuses_deep_or_regression_networks_in_one_line():
     from tinydeploy.errors import TinyDeployError
 
@@ -268,3 +312,14 @@ def test_region_count_of_three_lines_in_general_position_is_seven():
         deep[2].weight.fill_(1.0)
         deep[2].bias.fill_(-0.5)
     assert count_linear_regions(deep, (-1.0, -1.0), (1.0, 1.0)) == 3
+
+
+def test_pattern_count_on_samples_counts_only_the_regions_that_hold_data():
+    net = nn.Sequential(nn.Linear(2, 3), ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():  # the seven regions of the lines x1 = 0, x2 = 0, x1 + x2 = 0.5
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64))
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, -0.5], dtype=torch.float64))
+    # samples in three of them: (-, -, -), (+, -, -), (+, +, +) twice
+    X = torch.tensor([[-0.5, -0.5], [0.2, -0.5], [0.8, 0.8], [0.9, 0.7]], dtype=torch.float64)
+    assert count_patterns(net, X) == 3
+    assert count_patterns(net, X[:1]) == 1

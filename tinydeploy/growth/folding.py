@@ -30,6 +30,21 @@ Choices where the talk leaves a step open (its "next milestones" list three open
   x_t - x_f itself and ``DIRECTIONS`` random directions of that cone. (``fold_direction``)
 * Constrained optimisation (open problem 3) is thus avoided: the hyperplane constraint fixes the
   bias, the direction is a search over a cone. |a| is the mean norm of the existing fan-in rows.
+* Which cluster gives x_t (the talk takes the highest mean loss, and requires x_f ~ D): (A) the fold
+  point must lie in the input domain, taken as the bounding box of the sampled instances; (B) it must
+  not already be a fold point of the network, i.e. no existing hidden unit's hyperplane passes within
+  ``FOLDED_FRACTION`` (2%) of that box's diagonal of it (the talk's fold points are where the activation
+  pattern changes; a second neuron through the same point adds no new linear segment). The clusters
+  are tried from the highest mean loss down and the first whose fold point passes both is folded; when
+  none does, the talk's own pick (the highest-loss cluster) is folded, so that the budget, not this
+  rule, ends growth (with "no neuron" instead, growth stopped at 12 to 66 units of a 79-unit budget). Why: a new neuron has fan-out 0, so the step after a fold
+  (a quarter epoch later in the default recipe, where the talk trains to convergence) usually finds
+  the same mistake and would fold on the same line again, and the segment's closest boundary point is
+  often far outside the data (x_f = (-9.7, 1.1) with the data in [-1.7, 1.7]^2 on quadratic2d), where the new hyperplane
+  does not cross the data at all. ``benchmarks/folding_regions.py`` measures this rule against the
+  talk's (its ``--rules domain,talk``). Tried in exploratory runs and not kept, as none gave more
+  regions: k = 16 or 24 clusters, the direction x_t - x_f itself (a cone of 0 degrees) or any direction
+  with x_t on the active side (89 degrees), and two epochs of training between folds.
 * How many: one neuron per growth step (the talk grows 2-2-2 into 2-3-2 by one fold), none when no
   sampled instance is mis-predicted. k = ``CLUSTERS`` clusters (the talk does not say how many).
 * When x_t lies where every hidden unit is off, the segment is constant and has no boundary: x_f is
@@ -60,6 +75,9 @@ DIRECTIONS = 256
 WALK = (1.0, 2.0, 4.0)
 #: Bisection steps for the margin's zero on the way.
 BISECTION_STEPS = 60
+#: A fold point closer than this fraction of the samples' bounding-box diagonal to an existing hidden
+#: unit's hyperplane is already a fold point of the network (choice B of the module docstring).
+FOLDED_FRACTION = 0.02
 
 
 def check_model(model: nn.Sequential, growable: list[int], task: str) -> None:
@@ -117,18 +135,27 @@ class Typical:
     mean_loss: float
 
 
+def typical_instances(X: torch.Tensor, losses: torch.Tensor, k: int = CLUSTERS,
+                      generator: torch.Generator | None = None) -> list[Typical]:
+    """find_typical_mis_predicted_instance for every non-empty cluster of the loss-weighted k-means, from
+    the highest mean loss down: each cluster's member closest to its centroid."""
+    centroids, labels = weighted_kmeans(X, losses, k, generator)
+    mean = torch.zeros(centroids.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, labels, losses)
+    count = torch.bincount(labels, minlength=centroids.shape[0]).to(losses.dtype)
+    mean = mean / count.clamp_min(1)
+    out = []
+    for c in sorted((c for c in range(centroids.shape[0]) if count[c] > 0), key=lambda c: -float(mean[c])):
+        members = torch.nonzero(labels == c).flatten()
+        index = int(members[(X[members] - centroids[c]).pow(2).sum(dim=1).argmin()])
+        out.append(Typical(index, labels == c, float(mean[c])))
+    return out
+
+
 def typical_instance(X: torch.Tensor, losses: torch.Tensor, k: int = CLUSTERS,
                      generator: torch.Generator | None = None) -> Typical:
     """find_typical_mis_predicted_instance: loss-weighted k-means, the cluster with the highest mean loss,
     its member closest to the centroid."""
-    centroids, labels = weighted_kmeans(X, losses, k, generator)
-    mean = torch.zeros(centroids.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, labels, losses)
-    count = torch.bincount(labels, minlength=centroids.shape[0]).to(losses.dtype)
-    mean = torch.where(count > 0, mean / count.clamp_min(1), torch.full_like(mean, -math.inf))
-    best = int(mean.argmax())
-    members = torch.nonzero(labels == best).flatten()
-    index = int(members[(X[members] - centroids[best]).pow(2).sum(dim=1).argmin()])
-    return Typical(index, labels == best, float(mean[best]))
+    return typical_instances(X, losses, k, generator)[0]
 
 
 # ----- 2-3. activated linear segment, fold point ------------------------------------------------------
@@ -184,6 +211,59 @@ def fold_point(model: nn.Sequential, x_t: torch.Tensor, label: int, rival: int) 
         else:
             hi = mid
     return x_t + hi * (x_p - x_t), "boundary"
+
+
+def in_domain(x_f: torch.Tensor, X: torch.Tensor) -> bool:
+    """Whether ``x_f`` lies in the bounding box of the samples X (the talk's x_f ~ D)."""
+    return bool(((x_f >= X.min(dim=0).values) & (x_f <= X.max(dim=0).values)).all())
+
+
+def fold_distance(model: nn.Sequential, x: torch.Tensor) -> float:
+    """The distance from ``x`` to the nearest hyperplane of the existing hidden units (where the network
+    already folds)."""
+    W, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    return float(((W @ x + b).abs() / W.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)).min())
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Where to fold: the typical instance x_t of the cluster ranked ``rank`` by mean loss (0: the highest),
+    its class ``label`` and ``rival``, the fold point x_f and how it was found (``fold_point``); ``passed``:
+    whether x_f lies in the data's box and is not a fold yet."""
+
+    typical: Typical
+    x_t: torch.Tensor
+    label: int
+    rival: int
+    x_f: torch.Tensor
+    how: str
+    rank: int
+    passed: bool
+
+
+def choose_fold(model: nn.Sequential, X: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, losses: torch.Tensor,
+                generator: torch.Generator | None = None) -> Fold:
+    """The fold of the cluster of highest mean loss whose fold point lies in the samples' box (x_f ~ D) and
+    is not already a fold of the network (module docstring, choices A and B); when no cluster has one,
+    the talk's own pick, the highest-loss cluster (``Fold.passed`` False)."""
+    tolerance = FOLDED_FRACTION * float((X.max(dim=0).values - X.min(dim=0).values).norm())
+    first = None
+    for rank, typical in enumerate(typical_instances(X, losses, CLUSTERS, generator)):
+        x_t, label = X[typical.index], int(y[typical.index])
+        rival = rival_class(logits[typical.index], label)
+        found = fold_point(model, x_t, label, rival)
+        if found is None:
+            outside = X[~typical.cluster] if bool((~typical.cluster).any()) else X
+            x_f, how = (x_t + outside.mean(dim=0)) / 2, "dead-region"
+        else:
+            x_f, how = found
+        passed = in_domain(x_f, X) and fold_distance(model, x_f) >= tolerance
+        fold = Fold(typical, x_t, label, rival, x_f, how, rank, passed)
+        if passed:
+            return fold
+        first = first or fold
+    assert first is not None  # k-means has at least one non-empty cluster
+    return first
 
 
 # ----- 4. direction of the new neuron -----------------------------------------------------------------
@@ -246,15 +326,8 @@ def folding(m: LayerMoments, max_neurons: int, context: Context, generator: torc
     wrong = logits.argmax(dim=1) != context.y
     if max_neurons < 1 or not bool(wrong.any()):
         return empty
-    typical = typical_instance(X, losses, CLUSTERS, generator)
-    x_t, label = X[typical.index], int(context.y[typical.index])
-    rival = rival_class(logits[typical.index], label)
-    found = fold_point(model, x_t, label, rival)
-    if found is None:
-        outside = X[~typical.cluster] if bool((~typical.cluster).any()) else X
-        x_f, how = (x_t + outside.mean(dim=0)) / 2, "dead-region"
-    else:
-        x_f, how = found
+    fold = choose_fold(model, X, context.y, logits, losses, generator)
+    x_t, x_f = fold.x_t, fold.x_f
     if float((x_t - x_f).norm()) == 0.0:
         return empty
     direction, gain = fold_direction(X, V, x_t, x_f, generator)
@@ -274,6 +347,8 @@ def folding(m: LayerMoments, max_neurons: int, context: Context, generator: torc
         gain=gain * float(a @ a),
         signed_amplitude=False,
         searches_amplitude=False,
-        details={"x_t": x_t.tolist(), "x_f": x_f.tolist(), "label": label, "rival": rival, "fold": how,
-                 "cluster_mean_loss": typical.mean_loss, "cluster_size": int(typical.cluster.sum())},
+        details={"x_t": x_t.tolist(), "x_f": x_f.tolist(), "label": fold.label, "rival": fold.rival,
+                 "fold": fold.how, "cluster_mean_loss": fold.typical.mean_loss, "cluster_rank": fold.rank,
+                 "x_f_in_data_and_new": fold.passed,
+                 "cluster_size": int(fold.typical.cluster.sum())},
     )

@@ -3,7 +3,8 @@
 A ReLU network is affine on each set of inputs that share one activation pattern (which units are on);
 counting the patterns met on a fine grid over the data's bounding box measures how many linear
 pieces the network actually uses where the data lives (the folding talk's "utilization of
-approximatability").
+approximatability"). ``count_patterns`` counts the same patterns among given inputs, e.g. the training
+samples: only the regions that hold data.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ def count_linear_regions(model: nn.Sequential, low: tuple[float, float], high: t
     weight = next(p for p in model.parameters())
     axes = [torch.linspace(lo, hi, resolution, dtype=weight.dtype, device=weight.device) for lo, hi in zip(low, high)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2)
+    return count_patterns(model, grid)
+
+
+@torch.no_grad()
+def count_patterns(model: nn.Sequential, X: torch.Tensor) -> int:
+    """The number of distinct activation patterns among the inputs X (n, d): on a grid, the regions met
+    there; on the training inputs, the regions that hold data (a count over the data's support rather
+    than its bounding box, bounded by the number of samples)."""
     was_training = model.training
     try:
-        patterns = activation_patterns(model.eval(), grid)
+        patterns = activation_patterns(model.eval(), X)
     finally:
         model.train(was_training)
     packed = np.packbits(patterns.cpu().numpy(), axis=1)  # one row of bytes per point: unique rows, fast
