@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"dataset": "digits", "arch": "resnet10", "stream_width": 1 / 16, "factors": [1 / 4],
               "max_growth_epochs": 1.0, "final_epochs": 1.0, "threads": 1},
     "cpu": {"dataset": "mnist5k", "arch": "resnet18", "stream_width": 1 / 8, "factors": [1 / 64],
-            "max_growth_epochs": 5.0, "final_epochs": 5.0},
+            "max_growth_epochs": 4.0, "grow_every": 2.0, "final_epochs": 14.0, "threads": 1},
     "paper": {"dataset": "cifar100", "arch": "resnet18", "stream_width": 1.0, "factors": [1 / 64, 1 / 4],
               "max_growth_epochs": 10.0, "final_epochs": 20.0, "optimizer": "sgd", "lr": 1e-2},
 }
