@@ -7,7 +7,7 @@ Presets (each run is ``tinydeploy grow`` through the library, one seed):
 * ``quick``: digits as 1x8x8 images, ``resnet10`` (one block per stage), stream 1/16 (4/8/16/32),
   s = 1/4, 1 growth epoch + 1 final epoch, one torch thread: a smoke test of a few minutes on CPU;
 * ``cpu`` (the documented CPU configuration): mnist5k, ``resnet18``, stream 1/8 (8/16/32/64), s = 1/64,
-  5 growth epochs + 5 final epochs;
+  4 growth epochs with a growth step every 2, then 14 final epochs, one torch thread;
 * ``paper``: CIFAR-100 from ``--data-dir`` on CUDA, ``resnet18`` at the full stream, s = 1/64 and 1/4,
   SGD lr 1e-2 (App. E/F.1), 10 growth epochs + 20 final epochs (bf16 autocast, GPU-resident data).
 
