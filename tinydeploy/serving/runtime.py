@@ -188,7 +188,8 @@ class OnnxModel:
         if provider == "cuda" and CUDA not in self.providers:
             raise TinyDeployError(
                 f"provider 'cuda' requested but the session for {self.model_path} runs on "
-                f"{', '.join(self.providers)}: install onnxruntime-gpu matching the CUDA driver (pip install 'tinydeploy[gpu]'), or use 'cpu'"
+                f"{', '.join(self.providers)}: install onnxruntime-gpu matching the CUDA driver "
+                "(pip install 'tinydeploy[gpu]'), or use 'cpu'"
             )
         self._read_signature()
         self._read_metadata()
