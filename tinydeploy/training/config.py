@@ -43,11 +43,12 @@ SINGLE_THREAD_MAX_PARAMS = 100_000
 
 #: Defaults sized to each built-in dataset, used when the option is not given: the parameter budget,
 #: and Gaussian noise (std, on standardised inputs) added to training batches where it was measured
-#: to help (digits: 64 features, 1,149 training samples); low-dimensional sets keep 0, since noise
-#: would blur their fine class boundaries. ``hflip``: random horizontal flips of training images (CIFAR:
+#: to help (digits: 64 features, 1,149 training samples; 0.5 chosen on validation accuracy, default grow,
+#: seeds 0-4: 0.3 gave 96.9% val / 96.8% test, 0.5 97.7% / 97.2%); low-dimensional sets keep 0, since
+#: noise would blur their fine class boundaries. ``hflip``: random horizontal flips of training images (CIFAR:
 #: the labels survive a mirror image; digits do not).
 DATASET_DEFAULTS: dict[str, dict[str, float]] = {
-    "digits": {"max_params": 3000, "input_noise": 0.3},
+    "digits": {"max_params": 3000, "input_noise": 0.5},
     "mnist1d": {"max_params": 12000},
     "mnist5k": {"max_params": 15000, "max_macs": 400000},
     "moons": {"max_params": 400},
