@@ -15,9 +15,11 @@ import torch
 from growth_fixtures import explicit_activities, moments_for, small_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from tinydeploy.growth import candidates, gradmax, linalg, policy
 from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
 from tinydeploy.growth.policy import (
     Batch,
     GrowthSettings,
@@ -28,11 +30,9 @@ from tinydeploy.growth.policy import (
 )
 from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, layer_pairs
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
-from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
 from tinydeploy.model.build import ResidualBlock, build_model
 from tinydeploy.model.losses import per_sample_loss
 from tinydeploy.model.spec import ArchSpec
-from torch import nn
 
 F64 = torch.float64
 
