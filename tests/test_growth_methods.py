@@ -438,3 +438,50 @@ def test_fold_point_evaluates_a_float32_network_in_its_own_dtype():
     x_f, how = folding.fold_point(net, _point(0.3, 0.1), 1, 0)
     assert how == "boundary"
     torch.testing.assert_close(x_f, _point(0.54, 0.34), rtol=0, atol=1e-6)
+
+
+# ----- NORTH-pre: the candidate against brute force -----------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_north_candidate_fan_out_gradient_and_scale_by_brute_force(scale):
+    """A layer of 3 on 6 inputs (one neuron asked by the trigger): the new pre-activation has the mean RMS of
+    the existing ones, lambda_k = ||E[V_goal b^T] alpha_k||, the gain their sum of
+    squares; fan-out 0, no amplitude search, the same neuron for the same seed whatever the global RNG."""
+    _, model, X, y, loss_fn = small_problem(widths=(3, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+        model[0].bias.mul_(scale)
+    m = moments_for(model, X, y, loss_fn, 0)
+    torch.manual_seed(0)
+    cand = north.north(m, 16, Context(model, X, y, loss_fn), torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    again = north.north(m, 16, Context(model, X, y, loss_fn), torch.Generator().manual_seed(0))
+    assert torch.equal(cand.alpha, again.alpha) and cand.n_neurons == 1
+    B_prev, _, V = explicit_activities(model, X, y, loss_fn, 0, 2)
+    n = X.shape[0]
+    existing = (north.fan_in_matrix(model[0]) @ B_prev).pow(2).mean(dim=1).sqrt().mean()
+    new = (cand.alpha @ B_prev).pow(2).mean(dim=1).sqrt()
+    assert float(new[0]) == pytest.approx(float(existing), rel=1e-9)
+    gradient = V @ B_prev.T @ cand.alpha.T / n  # (o, k): E[V_goal b^T] alpha_k
+    assert cand.lambdas == pytest.approx(gradient.norm(dim=0).tolist(), rel=1e-9)
+    assert cand.gain == pytest.approx(float(gradient.pow(2).sum()), rel=1e-9)
+    assert (cand.method, cand.in_index, cand.out_index, cand.dW, cand.lambda_null) == ("north", 0, 2, None, None)
+    assert (cand.signed_amplitude, cand.searches_amplitude, cand.psi) == (False, False, candidates.bottleneck(m))
+    assert torch.equal(cand.omega, torch.zeros(4, 1, dtype=torch.float64))
+    assert cand.details == {"effective_dimension": cand.details["effective_dimension"], "width": 3,
+                            "trigger": north.trigger(cand.details["effective_dimension"], 3)}
+
+
+def test_north_kernel_is_exhausted_at_a_relative_size_of_1e_6_whatever_the_scale():
+    """W spans e1, e2 of R^3 (S = I): a draw keeping 1e-4 of its size off that span gives a neuron, one
+    keeping 1e-7 does not (below 1e-6), at any scale of the draw; a zero draw gives none."""
+    S, W = torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[:2]
+    for size in (1e-6, 1.0, 1e6):
+        kept = north.kernel_fan_in(S, W, size * _point(1.0, 1.0, 1e-4)[:, None])
+        torch.testing.assert_close(kept, size * _point(0.0, 0.0, 1e-4)[None], rtol=1e-9, atol=0)
+        assert north.kernel_fan_in(S, W, size * _point(1.0, 1.0, 1e-7)[:, None]).shape == (0, 3)
+    assert north.kernel_fan_in(S, W, torch.zeros(3, 1, dtype=torch.float64)).shape == (0, 3)
+
+
+def test_north_trigger_scales_with_the_initial_effective_dimension():
+    """T_act = M (phi_a - gamma phi_a(f_0)): with phi_a(f_0) = 0.5, 5 of 10 directions ask for one neuron."""
+    assert north.trigger(5, 10, phi_0=0.5) == 1 and north.trigger(4, 10, phi_0=0.5) == 0
