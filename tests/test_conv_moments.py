@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conv_fixtures import Case, brute_force, build, cases, consumer_index, one_thread  # noqa: F401
+
 from tinydeploy.growth import candidates, linalg, statistics
 from tinydeploy.growth.statistics import gather_moments
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -95,7 +95,7 @@ def test_gradmax_conv_kernels_train():
                           nn.Flatten(), nn.Linear(3, 4)).double()
     X = torch.randn(64, 1, 6, 6, dtype=torch.float64)
     y = (X[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :3].sum((1, 2)) > 0).long()
-    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
     m = moments_for_conv(model, X, y, per_sample)
     cand = gradmax.gradmax(m, 2)
     grown = add_neurons(model, cand, 1.0)
@@ -136,7 +136,7 @@ def test_north_candidate_scales_to_the_existing_pre_activations_and_stops_when_t
     cand = north.north(m, 16, context, torch.Generator().manual_seed(0))
     assert cand.details["trigger"] == north.trigger(cand.details["effective_dimension"], 4)
     W = north.fan_in_matrix(model[2])
-    rms = lambda A: torch.einsum("kd,de,ke->k", A, m.S, A).sqrt()  # noqa: E731
+    rms = lambda A: torch.einsum("kd,de,ke->k", A, m.S, A).sqrt()
     torch.testing.assert_close(rms(cand.alpha), rms(W).mean().expand(cand.n_neurons), rtol=1e-9, atol=0)
     assert torch.count_nonzero(cand.omega) == 0
     # the layer's 4 pre-activations are linear in its 3 inputs + bias: 4 = D directions, none is left
