@@ -8,7 +8,7 @@ import torch
 from conv_fixtures import Case, brute_force, build, cases, consumer_index, one_thread  # noqa: F401
 
 from tinydeploy.growth import candidates, linalg, statistics
-from tinydeploy.growth.statistics import gather_moments
+from tinydeploy.growth.statistics import gather_bottlenecks, gather_moments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,3 +180,13 @@ def test_a_residual_blocks_continuation_finishes_the_block_and_the_network() -> 
             x = pair.producer_input(model, X)
             pre = block.conv2(block.act1(block.bn1(block.conv1(x))))
             torch.testing.assert_close(pair.continuation(model, x)(pre), model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_rows_limit_the_consumer_only_bottleneck_to_the_first_samples() -> None:
+    """A consumer whose unfolded input is costly (8 channels x 9 taps x 256 positions per sample) reads only
+    the first rows[k] samples."""
+    model, X, y = build(Case(dims=2, kind="conv", size=16, width=8, n=30))
+    both = gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8, rows=[11])
+    alone = gather_bottlenecks(model, [0], X[:11], y[:11], _loss, chunk_size=8)
+    assert both.keys() == {0} and both[0] == pytest.approx(alone[0], rel=1e-12)
+    assert both[0] != pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-6)

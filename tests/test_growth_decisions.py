@@ -746,3 +746,34 @@ def test_balanced_growth_sizes_fan_in_and_fan_out_alike_relative_to_their_layers
         torch.testing.assert_close(rms(b.alpha[k]) / rms(model[2].weight), rms(b.omega[:, k]) / rms(model[4].weight),
                                    rtol=1e-12, atol=0)
     assert balanced.loss_after == pytest.approx(plain.loss_after, rel=1e-9)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs(world):
+    """Every rank reads its rows of every chunk (7 rows a chunk, so later ranks start inside it) and the sums
+    go over the ranks: each returns the one-process moments (the Gaussian goal too) and bottlenecks."""
+    spec, model, X, y, loss_fn = small_problem(n=40)
+    whole = gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=7, generator=torch.Generator().manual_seed(1))
+    psi = gather_bottlenecks(model, [0, 2], X, y, loss_fn, chunk_size=7)
+
+    def shard(rank):
+        moments = gather_moments(copy.deepcopy(model), [0, 2], X, y, loss_fn, chunk_size=7,
+                                 generator=torch.Generator().manual_seed(1), shard=(rank.rank, world), total=rank.sum)
+        return moments, gather_bottlenecks(copy.deepcopy(model), [0, 2], X, y, loss_fn, chunk_size=7,
+                                           shard=(rank.rank, world), total=rank.sum)
+
+    for moments, psi_r in _Ranks(world).run(shard):
+        assert psi_r.keys() == psi.keys() and all(psi_r[k] == pytest.approx(psi[k], rel=1e-10) for k in psi)
+        for a, b in zip(moments, whole):
+            assert a.n == b.n == 40
+            for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_statistics_on_a_shard_without_the_sum_over_processes_are_refused():
+    spec, model, X, y, loss_fn = small_problem(n=20)
+    message = "statistics on a shard of the batch need `total`, the sum over the processes"
+    for gather in (gather_moments, gather_bottlenecks):
+        with pytest.raises(ValueError) as error:
+            gather(model, [0, 2], X, y, loss_fn, shard=(0, 2))
+        assert str(error.value) == message
