@@ -19,6 +19,7 @@ from torch import nn
 
 from tinydeploy.growth import candidates, gradmax, linalg, policy
 from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
 from tinydeploy.growth.policy import (
     Batch,
@@ -777,3 +778,71 @@ def test_statistics_on_a_shard_without_the_sum_over_processes_are_refused():
         with pytest.raises(ValueError) as error:
             gather(model, [0, 2], X, y, loss_fn, shard=(0, 2))
         assert str(error.value) == message
+
+
+# ----- candidates: ridge, dispatch, balance, the Gaussian goal ------------------------------------------------
+@pytest.mark.parametrize("ridge", [0.1, 1.0])
+def test_tiny_with_a_ridge_ridges_s_and_s_h_and_reports_the_papers_bottleneck(ridge):
+    """``ridge``: dW* is the ridge regression on B_h, S^(-1/2) inverts the ridged S (both change the
+    neurons), and Psi stays the paper's (pseudo-inverse dW*), the same as without a ridge."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    plain, ridged = candidates.tiny(m, 100), candidates.propose("tiny", m, 100, ridge=ridge)
+    assert ridged.psi == pytest.approx(candidates.bottleneck(m), rel=1e-12)
+    assert plain.psi == pytest.approx(candidates.bottleneck(m), rel=1e-9)
+    dW = m.best_update(ridge)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
+    expected = linalg.new_neurons(S_inv_sqrt, m.projected_cross_moment(dW))
+    assert ridged.n_neurons > 0 and torch.equal(ridged.dW, dW)
+    assert ridged.lambdas == pytest.approx(expected.lambdas[: ridged.n_neurons].tolist(), rel=1e-12)
+    assert ridged.lambdas != pytest.approx(plain.lambdas[: ridged.n_neurons], rel=1e-3)
+    assert (ridged.in_index, ridged.out_index, plain.out_index) == (2, 4, 4)
+
+
+def test_random_candidate_names_its_pair():
+    spec, model, X, y, loss_fn = small_problem()
+    cand = candidates.random(moments_for(model, X, y, loss_fn, 0), 2, torch.Generator().manual_seed(0))
+    assert (cand.in_index, cand.out_index, cand.n_neurons) == (0, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["north", "folding"])
+def test_propose_gives_north_and_folding_the_context_and_the_generator(method):
+    spec, model, X, y, loss_fn = small_problem(widths=(4,))
+    m = moments_for(model, X, y, loss_fn, 0)
+    with pytest.raises(ValueError) as error:
+        candidates.propose(method, m, 3)
+    assert str(error.value) == f"growth method '{method}' needs the model and the estimation batch (context)"
+    context = Context(model, X, y, loss_fn)
+    torch.manual_seed(0)
+    a = candidates.propose(method, m, 3, torch.Generator().manual_seed(5), context=context)
+    torch.manual_seed(1)
+    b = candidates.propose(method, m, 3, torch.Generator().manual_seed(5), context=context)
+    assert a.method == method and a.n_neurons >= 1 and torch.equal(a.alpha, b.alpha)
+    c = candidates.propose(method, m, 3, torch.Generator().manual_seed(6), context=context)
+    assert not torch.equal(a.alpha, c.alpha)  # the generator, not the global RNG, draws
+
+
+def test_balance_rescales_a_single_neuron_and_leaves_neurons_without_fan_out():
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    one = candidates.tiny(m, 1)
+    scaled = candidates.balance(one, 0.2, 3.0)
+    rms = lambda t: float(t.pow(2).mean().sqrt())
+    assert rms(scaled.alpha) / 0.2 == pytest.approx(rms(scaled.omega) / 3.0, rel=1e-12)
+    assert not torch.allclose(scaled.alpha, one.alpha)
+    torch.testing.assert_close(scaled.omega @ scaled.alpha, one.omega @ one.alpha, rtol=1e-12, atol=1e-15)
+    silent = replace(one, omega=torch.zeros_like(one.omega))  # fan-out 0 (NORTH, Folding): nothing to balance
+    kept = candidates.balance(silent, 0.2, 3.0)
+    assert torch.equal(kept.alpha, silent.alpha) and torch.equal(kept.omega, silent.omega)
+
+
+@pytest.mark.parametrize("case", [conv_fixtures.Case(kind="conv"), conv_fixtures.Case(dims=1, next_kernel=2, next_padding=0),
+                                  conv_fixtures.Case(kind="flatten-linear")], ids=str)
+def test_gaussian_goal_with_the_covariance_of_a_unit_goal_per_position_is_n_z(case):
+    """covariance / L = I (a standard Gaussian goal at each of the L output positions): N_null = N_z itself,
+    for any number of taps."""
+    model, X, y = conv_fixtures.build(case)
+    m = gather_moments(model, [0], X, y, per_sample_loss("classification"), generator=torch.Generator().manual_seed(0))[0]
+    assert m.out_positions > 1 or case.kind == "flatten-linear"
+    covariance = m.out_positions * torch.eye(m.n_outputs, dtype=F64)
+    torch.testing.assert_close(candidates.gaussian_like_goal(m, covariance), m.N_z, rtol=1e-12, atol=1e-15)
