@@ -416,9 +416,9 @@ def test_export_run_refuses_bad_requests_before_writing(run_dir: Path, tmp_path:
 def test_an_unfinished_run_is_exported_from_its_checkpoint_with_a_warning(run_dir: Path, tmp_path: Path):
     unfinished = _legacy_run(run_dir, tmp_path / "run", status="interrupted", epochs=3)
     result = export_run(unfinished, tmp_path / "out", formats=())
-    assert result.run_status == "interrupted" and result.warnings == [
+    assert result.run_status == "interrupted" and result.warnings == [(
         f"the run in {unfinished} is interrupted at epoch 3: this exports its last checkpoint, not a finished model; "
-        f"finish it with 'tinydeploy grow --resume {unfinished}' and export again"]
+        f"finish it with 'tinydeploy grow --resume {unfinished}' and export again")]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["run_status"] == "interrupted"
     later = export_run(_legacy_run(run_dir, tmp_path / "run2", status="running"), tmp_path / "run2" / "artifacts",
                        formats=())
