@@ -309,3 +309,10 @@ def test_a_single_output_consumer_gains_one_column_per_new_neuron() -> None:
     assert grown.weight.shape == (1, 5)
     torch.testing.assert_close(grown.weight, torch.cat([head.weight + dW[:, :-1], omega], 1), rtol=0, atol=0)
     torch.testing.assert_close(grown.bias, head.bias + dW[:, -1], rtol=0, atol=0)
+
+
+def test_has_batchnorm_finds_a_batchnorm_at_any_depth() -> None:
+    from tinydeploy.growth.batchnorm import has_batchnorm
+
+    assert not has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.BatchNorm1d(2))))

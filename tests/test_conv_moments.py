@@ -190,3 +190,12 @@ def test_rows_limit_the_consumer_only_bottleneck_to_the_first_samples() -> None:
     alone = gather_bottlenecks(model, [0], X[:11], y[:11], _loss, chunk_size=8)
     assert both.keys() == {0} and both[0] == pytest.approx(alone[0], rel=1e-12)
     assert both[0] != pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-6)
+
+
+def test_rows_do_not_limit_a_cheap_consumer_even_when_its_producer_is_costly() -> None:
+    """Only the consumer's views count for the consumer-only bottleneck: the producer's patches would be costly
+    (16 x 9 + 1 features x 9 taps x 64 positions per sample), its one channel is cheap for the consumer to read
+    (10 x 64 values), so every sample is read."""
+    model, X, y = build(Case(dims=2, kind="conv", size=8, channels=16, width=1, n=30))
+    limited = gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8, rows=[11])
+    assert limited[0] == pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-12)
