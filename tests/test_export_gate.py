@@ -370,7 +370,17 @@ def test_stale_staging_of_dead_exports_is_removed_and_an_interrupted_swap_is_und
     out = tmp_path / "export"
     prefix = tmp_path / staging_name(out)
     assert staging_name(out) == ".tinydeploy-staging-export-"
-    dead, mine, alive = _dead_pid(), os.getpid(), 1
+    # only processes this test started are probed (a broken probe could signal them)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _check_staging(tmp_path, out, prefix, child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _check_staging(tmp_path: Path, out: Path, prefix: Path, alive: int) -> None:
+    dead, mine = _dead_pid(), os.getpid()
     for pid in (dead, mine, alive):
         Path(f"{prefix}{pid}-abcd").mkdir()
     Path(f"{prefix}notapid-abcd").mkdir()
