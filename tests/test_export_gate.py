@@ -447,3 +447,26 @@ def test_export_without_onnx_checks_widths_on_the_safetensors_and_publishes_ever
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {"model.safetensors", "parity.json", "arch.json"} <= set(manifest["files"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tinydeploy")]  # staging gone
+
+
+def test_verify_reproduces_the_measurements_the_export_recorded(run_dir: Path, tmp_path: Path):
+    """With and without the preprocessing inside the artifacts: verify rebuilds the frozen model and the inputs
+    the same way, so every gated format's metric is the one parity.json recorded."""
+    for preprocessing in (True, False):
+        out = export_run(run_dir, tmp_path / f"export-{preprocessing}", formats=(), preprocessing=preprocessing).out_dir
+        recorded = json.loads((out / "parity.json").read_text())
+        assert recorded["inputs"]["space"] == ("raw features" if preprocessing else "standardized features")
+        result = verify_export(out)
+        assert [r.format for r in result.parity] == ["safetensors"] and result.parity[0].passed
+        assert result.parity[0].metric == recorded["formats"]["safetensors"]["metric"]
+
+
+def test_verify_checks_arch_json_against_the_weights_when_the_export_has_one(export_dir: Path, tmp_path: Path):
+    copy = _copy(export_dir, tmp_path / "export")
+    _edit_json(copy, "arch.json", lambda d: d["classes"].__setitem__(0, "zero"))
+    with pytest.raises(IntegrityError) as error:
+        verify_export(copy)
+    assert str(error.value) == f"{copy / 'arch.json'} disagrees with the spec stored in model.safetensors: re-export the run"
+    (copy / "arch.json").unlink()
+    _edit_json(copy, "manifest.json", lambda d: d["files"].pop("arch.json"))
+    assert all(r.passed for r in verify_export(copy).parity)  # arch.json is optional
