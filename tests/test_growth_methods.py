@@ -287,7 +287,11 @@ def _goal_by_hand(model, X, y, loss_fn):
 def test_folding_candidate_is_the_fold_with_its_gain_and_norms_by_brute_force():
     _, model, X, y, loss_fn = _shallow()
     m = moments_for(model, X, y, loss_fn, 0)
+    torch.manual_seed(0)
     cand = folding.folding(m, 3, Context(model, X, y, loss_fn), torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # the generator draws the cone, not the global RNG: the same fold
+    assert torch.equal(folding.folding(m, 3, Context(model, X, y, loss_fn), torch.Generator().manual_seed(3)).alpha,
+                       cand.alpha)
     assert (cand.method, cand.in_index, cand.out_index, cand.dW, cand.lambda_null) == ("folding", 0, 2, None, None)
     assert cand.alpha.shape == (1, X.shape[1] + 1) and cand.alpha.dtype == m.S.dtype
     assert torch.equal(cand.omega, torch.zeros(5, 1, dtype=torch.float64))
