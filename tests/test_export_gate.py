@@ -470,3 +470,52 @@ def test_verify_checks_arch_json_against_the_weights_when_the_export_has_one(exp
     (copy / "arch.json").unlink()
     _edit_json(copy, "manifest.json", lambda d: d["files"].pop("arch.json"))
     assert all(r.passed for r in verify_export(copy).parity)  # arch.json is optional
+
+
+def test_verify_refuses_files_the_manifest_does_not_list_and_names_the_directory(export_dir: Path, tmp_path: Path):
+    assert verify_export(export_dir).directory == export_dir
+    assert verify_export(export_dir, hashes_only=True).directory == export_dir
+    copy = _copy(export_dir, tmp_path / "export")
+    (copy / "extra.bin").write_bytes(b"x")
+    with pytest.raises(IntegrityError) as error:
+        verify_export(copy, hashes_only=True)
+    assert str(error.value) == f"integrity check failed in {copy}: extra.bin is not listed in the manifest"
+
+
+def test_verify_needs_the_parity_record_in_the_manifest_and_applies_an_explicit_rtol(export_dir: Path, tmp_path: Path):
+    assert verify_export(export_dir, rtol=1e-2).rtol == 1e-2 and verify_export(export_dir, rtol=1e-2).atol == 2e-5
+    copy = _copy(export_dir, tmp_path / "export")
+    (copy / "parity.json").unlink()
+    _edit_json(copy, "manifest.json", lambda d: d["files"].pop("parity.json"))
+    with pytest.raises(IntegrityError) as error:
+        verify_export(copy)
+    assert str(error.value) == f"{copy} has no parity.json in its manifest: re-run 'tinydeploy export'"
+
+
+def test_verify_draws_the_random_batches_of_the_recorded_seed(export_dir: Path, tmp_path: Path):
+    """An artifact off by 0.01 everywhere (its differences depend on the inputs): two verify runs measure the same
+    differences on every batch, and another recorded seed gives other random batches."""
+    copy = _copy(export_dir, tmp_path / "export")
+    _shift_weights(copy, 0.01)
+
+    def measured():
+        with pytest.raises(ParityError) as error:
+            verify_export(copy, trust_pickle=True)
+        return {name: check["mean_abs_diff"] for name, check in error.value.results[1].checks.items()}
+
+    first = measured()
+    assert measured() == first
+    _edit_json(copy, "parity.json", lambda d: d["inputs"].update(seed=d["inputs"]["seed"] + 1))
+    other = measured()
+    assert other["test"] == first["test"] and other["random_7"] != first["random_7"]
+
+
+def test_export_reports_its_progress_and_creates_missing_parents_with_the_usual_mode(run_dir: Path, tmp_path: Path):
+    said = []
+    out = tmp_path / "new" / "deeper" / "out"
+    export_run(run_dir, out, formats=(), progress=said.append)
+    assert said == ["loading the test split", "exporting safetensors", "checking safetensors parity",
+                    "writing the width report"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o7777 == 0o777 & ~umask
