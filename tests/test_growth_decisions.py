@@ -846,3 +846,20 @@ def test_gaussian_goal_with_the_covariance_of_a_unit_goal_per_position_is_n_z(ca
     assert m.out_positions > 1 or case.kind == "flatten-linear"
     covariance = m.out_positions * torch.eye(m.n_outputs, dtype=F64)
     torch.testing.assert_close(candidates.gaussian_like_goal(m, covariance), m.N_z, rtol=1e-12, atol=1e-15)
+
+
+def test_growth_step_gathers_and_proposes_with_its_ridge():
+    """``ridge``: the statistics' second pass (layer 0 here: 1 output after 8 neurons, so the projected N comes
+    from a second pass) and TINY's S^(-1/2) use it; the applied neurons are the ridged ones."""
+    _spec, model, X, y, loss_fn = small_problem(widths=(8, 1), n=2000)
+    s = GrowthSettings(ridge=0.5, min_estimation_batch=4096)
+    m = gather_moments(model, [0], X, y, loss_fn, chunk_size=s.chunk_size, generator=torch.Generator().manual_seed(0),
+                       ridge=0.5)[0]
+    expected = candidates.tiny(m, neuron_budget(model, 0, 2, s), ridge=0.5)
+    _, growths, _ = growth_step(model, [0], Batch(X, y), Batch(X[:500], y[:500]), loss_fn, _metric, s,
+                                torch.Generator().manual_seed(0))
+    assert len(growths) == 1 and expected.n_neurons >= 1
+    torch.testing.assert_close(growths[0].candidate.alpha, expected.alpha, rtol=1e-10, atol=1e-12)
+    assert growths[0].candidate.lambdas == pytest.approx(expected.lambdas, rel=1e-10)
+    unridged = gather_moments(model, [0], X, y, loss_fn, generator=torch.Generator().manual_seed(0))[0]
+    assert candidates.tiny(unridged, 100, ridge=0.5).lambdas != pytest.approx(expected.lambdas, rel=1e-6)
