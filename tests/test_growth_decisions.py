@@ -549,9 +549,26 @@ def test_a_growth_step_shared_by_ranks_takes_the_one_process_decisions():
     s = GrowthSettings(min_estimation_batch=300)
     one, growths, psi = growth_step(model, [0, 2], train, held, loss_fn, _metric, s, torch.Generator().manual_seed(3))
     assert len(growths) == 2
-    shared = _Ranks(2).run(lambda rank: growth_step(copy.deepcopy(model), [0, 2], train, held, loss_fn, _metric, s,
-                                                     torch.Generator().manual_seed(3), parallel=rank))
-    for grown, growths_r, psi_r in shared:
+    def rows_seen(net, work):
+        """Rows that reach the first layer while ``work`` runs (the work this process does)."""
+        seen = []
+        hook = net[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        try:
+            return work(), sum(seen)
+        finally:
+            hook.remove()
+
+    _, alone = rows_seen(model, lambda: growth_step(model, [0, 2], train, held, loss_fn, _metric, s,
+                                                    torch.Generator().manual_seed(3)))
+
+    def shard(rank):
+        net = copy.deepcopy(model)
+        return rows_seen(net, lambda: growth_step(net, [0, 2], train, held, loss_fn, _metric, s,
+                                                  torch.Generator().manual_seed(3), parallel=rank))
+
+    shared = _Ranks(2).run(shard)
+    assert all(seen < 0.6 * alone for _, seen in shared)  # each rank does its half of the work
+    for (grown, growths_r, psi_r), _ in shared:
         assert [g.candidate.in_index for g in growths_r] == [g.candidate.in_index for g in growths]
         for a, b in zip(growths_r, growths):
             assert a.gamma == pytest.approx(b.gamma, rel=1e-6)
@@ -610,6 +627,11 @@ def test_a_candidate_fits_only_the_pair_it_was_computed_for(widths):
     grown_2 = add_neurons(model, tiny, 0.5)
     assert not policy._fits(grown_2, first[0])  # its consumer now has more outputs
     assert not policy._fits(grown_2, tiny) and policy._fits(grown_2, first[2])  # dW no longer matches
+    head = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 1)).double()  # a one-output regression head
+    target = X[:, :1].pow(2)
+    regression = per_sample_loss("regression")
+    one = conv_fixtures.all_neurons(moments_for(head, X, target, regression, 0))
+    assert one.dW.shape == (1, 4) and policy._fits(head, one)
 
 
 def _three_block_resnet() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -863,3 +885,34 @@ def test_growth_step_gathers_and_proposes_with_its_ridge():
     assert growths[0].candidate.lambdas == pytest.approx(expected.lambdas, rel=1e-10)
     unridged = gather_moments(model, [0], X, y, loss_fn, generator=torch.Generator().manual_seed(0))[0]
     assert candidates.tiny(unridged, 100, ridge=0.5).lambdas != pytest.approx(expected.lambdas, rel=1e-6)
+
+
+def test_neuron_budget_reads_the_per_layer_caps_and_needs_a_sample_for_macs():
+    _spec, model, X, y, loss_fn = small_problem(widths=(3, 4))
+    s = GrowthSettings(neurons_per_step=16, layer_neurons={0: 2}, layer_max_width={2: 5})
+    assert (neuron_budget(model, 0, 2, s), neuron_budget(model, 2, 4, s)) == (2, 1)  # 2 asked; 5 - 4 wide
+    with pytest.raises(ValueError) as error:
+        neuron_budget(model, 0, 2, GrowthSettings(max_macs=10**6))
+    assert str(error.value) == "a MAC budget needs a sample input to measure output positions"
+
+
+def test_reused_candidates_without_room_are_skipped_for_the_next_that_has_some():
+    """After the best block grows, the budget has room for one channel of a stage-1 block (39 parameters) but
+    none of the stage-2 block (48): the stage-2 candidate, next in the first round's order, is skipped and the
+    stage-1 one after it is grown."""
+    model, X, y = _three_block_resnet()
+    blocks = [i for i, m in enumerate(model) if isinstance(m, ResidualBlock)]
+    loss_fn = per_sample_loss("classification")
+    train, held = Batch(X[:50], y[:50]), Batch(X[50:], y[50:])
+    s = GrowthSettings(method="random", reuse_statistics=True, neurons_per_step=2)
+    first, score = _first_round(model, blocks, train, held, loss_fn, s)
+    order = sorted(score, key=score.get, reverse=True)
+    cost = {i: neuron_cost(model, i)[0] for i in blocks}
+    assert order == [3, 5, 4] and (cost[3], cost[4], cost[5]) == (39, 39, 48)
+    s = replace(s, max_params=count_params(model) + first[3].n_neurons * cost[3] + 40)
+    grown, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(_SEED))
+    assert [(g.candidate.in_index, g.candidate.n_neurons) for g in growths] == [(3, first[3].n_neurons), (4, 1)]
+    # new channels' BatchNorm holds their statistics on the held-out batch (not the identity defaults)
+    bn = grown[3].bn1
+    assert not torch.equal(bn.running_var[2:], torch.ones_like(bn.running_var[2:]))
+
