@@ -65,7 +65,7 @@ def test_consumer_only_bottleneck_equals_psi_from_the_full_moments(case: Case) -
 
 
 # ----- the pair geometry on its own, against explicit loops ---------------------------------------------
-def _patches_by_hand(x: torch.Tensor, kernel, stride, padding, pool: int = 1) -> torch.Tensor:
+def _patches_by_hand(x: torch.Tensor, kernel, stride, padding, pool: int | tuple[int, int] = 1) -> torch.Tensor:
     """(n, D, H', W'): the patch behind every output pixel of a conv with a ones feature, averaged over
     ``pool`` x ``pool`` windows of output pixels (a following AvgPool2d(pool))."""
     from conv_fixtures import patch
@@ -75,19 +75,19 @@ def _patches_by_hand(x: torch.Tensor, kernel, stride, padding, pool: int = 1) ->
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype)
     P = torch.stack([torch.stack([torch.cat([patch(grid, r, c, kernel, stride, padding), ones], 1) for c in range(W)], -1)
                      for r in range(H)], -2)
-    if pool > 1:
+    if pool != 1:
         P = torch.nn.functional.avg_pool2d(P, pool)
     return P
 
 
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [((3, 1), (1, 2), (1, 0)), ((2, 3), (2, 1), (0, 1))])
-@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("pool", [1, 2, (2, 1)])
 def test_producer_patches_of_non_square_convolutions_equal_explicit_patches(kernel, stride, padding, pool) -> None:
     from tinydeploy.growth.pairs import producer_patches, window_of
 
     conv = torch.nn.Conv2d(2, 3, kernel, stride, padding).double()
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    P = producer_patches(conv, x, window_of(torch.nn.AvgPool2d(pool)) if pool > 1 else None)
+    P = producer_patches(conv, x, window_of(torch.nn.AvgPool2d(pool)) if pool != 1 else None)
     torch.testing.assert_close(P, _patches_by_hand(x, kernel, stride, padding, pool), rtol=1e-12, atol=1e-14)
 
 
