@@ -925,3 +925,19 @@ def test_reused_candidates_without_room_are_skipped_for_the_next_that_has_some()
     bn = grown[3].bn1
     assert not torch.equal(bn.running_var[2:], torch.ones_like(bn.running_var[2:]))
 
+
+
+def test_conv_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs():
+    """A conv pair (unfolded in slices, the Gaussian goal drawn per chunk and sliced per rank): two ranks return
+    the one-process moments."""
+    model, X, y = conv_fixtures.build(conv_fixtures.Case(kind="pool-conv", n=20))
+    loss_fn = per_sample_loss("classification")
+    whole = gather_moments(model, [0], X, y, loss_fn, chunk_size=7, generator=torch.Generator().manual_seed(1))[0]
+
+    def shard(rank):
+        return gather_moments(copy.deepcopy(model), [0], X, y, loss_fn, chunk_size=7, shard=(rank.rank, 2),
+                              total=rank.sum, generator=torch.Generator().manual_seed(1))[0]
+
+    for m in _Ranks(2).run(shard):
+        for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+            torch.testing.assert_close(getattr(m, name), getattr(whole, name), rtol=1e-10, atol=1e-13, msg=name)
