@@ -313,13 +313,14 @@ def test_verify_reads_the_seed_and_the_preprocessing_the_export_recorded(export_
     assert record["inputs"]["space"] == "raw features"
 
 
-def test_verify_needs_the_weights_in_the_manifest(export_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("name", ["model.safetensors", "parity.json"])
+def test_verify_needs_the_weights_and_the_parity_record_in_the_manifest(export_dir: Path, tmp_path: Path, name: str):
     copy = _copy(export_dir, tmp_path / "export")
-    (copy / "model.safetensors").unlink()
-    _edit_json(copy, "manifest.json", lambda d: d["files"].pop("model.safetensors"))
+    (copy / name).unlink()
+    _edit_json(copy, "manifest.json", lambda d: d["files"].pop(name))
     with pytest.raises(IntegrityError) as error:
         verify_export(copy)
-    assert str(error.value) == f"{copy} has no model.safetensors in its manifest: re-run 'tinydeploy export'"
+    assert str(error.value) == f"{copy} has no {name} in its manifest: re-run 'tinydeploy export'"
 
 
 # ----- pipeline: the output directory, staging, the run ---------------------------------------------------------
@@ -482,14 +483,9 @@ def test_verify_refuses_files_the_manifest_does_not_list_and_names_the_directory
     assert str(error.value) == f"integrity check failed in {copy}: extra.bin is not listed in the manifest"
 
 
-def test_verify_needs_the_parity_record_in_the_manifest_and_applies_an_explicit_rtol(export_dir: Path, tmp_path: Path):
-    assert verify_export(export_dir, rtol=1e-2).rtol == 1e-2 and verify_export(export_dir, rtol=1e-2).atol == 2e-5
-    copy = _copy(export_dir, tmp_path / "export")
-    (copy / "parity.json").unlink()
-    _edit_json(copy, "manifest.json", lambda d: d["files"].pop("parity.json"))
-    with pytest.raises(IntegrityError) as error:
-        verify_export(copy)
-    assert str(error.value) == f"{copy} has no parity.json in its manifest: re-run 'tinydeploy export'"
+def test_verify_applies_an_explicit_rtol_with_the_recorded_atol(export_dir: Path):
+    result = verify_export(export_dir, rtol=1e-2)
+    assert (result.atol, result.rtol) == (2e-5, 1e-2)
 
 
 def test_verify_draws_the_random_batches_of_the_recorded_seed(export_dir: Path, tmp_path: Path):

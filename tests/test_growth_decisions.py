@@ -666,16 +666,22 @@ def _first_round(model, blocks, train, held, loss_fn, s):
             c.in_index: loss_0 - policy._amplitude(model, c, held, scores)[1] for c in first}
 
 
-def test_reused_statistics_apply_the_first_rounds_candidates_in_the_order_of_their_scores():
-    """ResNet blocks are independent pairs: with ``reuse_statistics`` one round of statistics serves the
-    whole step, and the first round's candidates are applied as they were (only their amplitude searched
-    again), best first."""
+def _reuse_problem():
+    """The three-block ResNet with a reuse_statistics step's settings, its first round and their scores."""
     model, X, y = _three_block_resnet()
     blocks = [i for i, m in enumerate(model) if isinstance(m, ResidualBlock)]
     loss_fn = per_sample_loss("classification")
     train, held = Batch(X[:50], y[:50]), Batch(X[50:], y[50:])
     s = GrowthSettings(method="random", reuse_statistics=True, neurons_per_step=2)
     first, score = _first_round(model, blocks, train, held, loss_fn, s)
+    return model, blocks, loss_fn, train, held, s, first, score
+
+
+def test_reused_statistics_apply_the_first_rounds_candidates_in_the_order_of_their_scores():
+    """ResNet blocks are independent pairs: with ``reuse_statistics`` one round of statistics serves the
+    whole step, and the first round's candidates are applied as they were (only their amplitude searched
+    again), best first."""
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
     order = sorted(score, key=score.get, reverse=True)
     assert len(blocks) == 3 and len(set(score.values())) == 3 and min(score.values()) > 0
     _, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(_SEED))
@@ -688,12 +694,7 @@ def test_reused_statistics_apply_the_first_rounds_candidates_in_the_order_of_the
 def test_reused_candidates_are_cut_to_the_budget_left_by_the_growths_before_them():
     """A parameter budget with room for the best candidate and one channel of the next: the reused second
     candidate is cut to that one channel, the third gets none, and the budget holds to the parameter."""
-    model, X, y = _three_block_resnet()
-    blocks = [i for i, m in enumerate(model) if isinstance(m, ResidualBlock)]
-    loss_fn = per_sample_loss("classification")
-    train, held = Batch(X[:50], y[:50]), Batch(X[50:], y[50:])
-    s = GrowthSettings(method="random", reuse_statistics=True, neurons_per_step=2)
-    first, score = _first_round(model, blocks, train, held, loss_fn, s)
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
     best, second = sorted(score, key=score.get, reverse=True)[:2]
     cost = {i: neuron_cost(model, i)[0] for i in blocks}
     assert first[second].n_neurons == 2
@@ -909,12 +910,7 @@ def test_reused_candidates_without_room_are_skipped_for_the_next_that_has_some()
     """After the best block grows, the budget has room for one channel of a stage-1 block (39 parameters) but
     none of the stage-2 block (48): the stage-2 candidate, next in the first round's order, is skipped and the
     stage-1 one after it is grown."""
-    model, X, y = _three_block_resnet()
-    blocks = [i for i, m in enumerate(model) if isinstance(m, ResidualBlock)]
-    loss_fn = per_sample_loss("classification")
-    train, held = Batch(X[:50], y[:50]), Batch(X[50:], y[50:])
-    s = GrowthSettings(method="random", reuse_statistics=True, neurons_per_step=2)
-    first, score = _first_round(model, blocks, train, held, loss_fn, s)
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
     order = sorted(score, key=score.get, reverse=True)
     cost = {i: neuron_cost(model, i)[0] for i in blocks}
     assert order == [3, 5, 4] and (cost[3], cost[4], cost[5]) == (39, 39, 48)
