@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing with mutmut (configured in pyproject.toml, [tool.mutmut]); not part of CI.
 #
-#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume | --retest] [MODULE ...]
+#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume | --retest [--only TEXT]] [MODULE ...]
 #
 # MODULE is a file or a folder under tinydeploy/ (default: the only_mutate list of pyproject.toml:
 # tinydeploy/growth/ and the export, verify and serving modules). The tree (git's tracked and untracked,
@@ -12,7 +12,8 @@
 # --tests narrows the tests run against the mutants (default: all of tests/; for tinydeploy/growth/ the
 # growth unit tests are enough and several times faster). --resume keeps the results of an earlier run
 # of the same modules and tests, and tests only what is left; --retest also runs the survivors and
-# timeouts of that run (except listed equivalents) again against the tests as they are now.
+# timeouts of that run (except listed equivalents) again against the tests as they are now; --only TEXT
+# retests only the mutants whose name contains TEXT (e.g. tinydeploy.growth.policy).
 set -euo pipefail
 
 minutes=90
@@ -20,6 +21,7 @@ jobs=$(nproc 2>/dev/null || echo 2)
 resume=0
 retest=0
 tests=""
+only=""
 modules=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -28,8 +30,9 @@ while [[ $# -gt 0 ]]; do
         --tests) tests=$2; shift 2 ;;
         --resume) resume=1; shift ;;
         --retest) resume=1; retest=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest or module paths" >&2; exit 2 ;;
+        --only) only=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest, --only TEXT or module paths" >&2; exit 2 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -95,14 +98,17 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 unset PYTHONPATH  # the tests must import the mutated copy, never the checkout
 again=()
 if [[ $retest -eq 1 && -d mutants ]]; then  # mutmut reruns only the mutants it is given by name
-    mapfile -t again < <("$python" - "$repo/scripts" "$repo/tests/mutation_equivalents.md" <<'EOF'
+    mapfile -t again < <("$python" - "$repo/scripts" "$repo/tests/mutation_equivalents.md" "$only" <<'EOF'
 import json, pathlib, sys
 sys.path.insert(0, sys.argv[1])
+only = sys.argv[3]
 from mutation_report import changed_text, function_of, read_equivalents
 listed = read_equivalents(pathlib.Path(sys.argv[2]))
 for meta in pathlib.Path("mutants").rglob("*.py.meta"):
     source = meta.relative_to("mutants").with_suffix("")
     for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        if only not in name:
+            continue
         if code in (0, 5, 33, 36, 24, -24, 152, 255) and (function_of(name), *changed_text(name, source)) not in listed:
             print(name)
 EOF

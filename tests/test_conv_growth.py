@@ -13,11 +13,11 @@ from conv_fixtures import KINDS, Case, all_neurons, brute_force, build, consumer
 from torch import nn
 
 from tinydeploy.growth import candidates, linalg
-from tinydeploy.growth.gradmax import gradmax
 from tinydeploy.growth.costs import count_macs, output_shapes
+from tinydeploy.growth.gradmax import gradmax
 from tinydeploy.growth.policy import GrowthSettings, neuron_budget
 from tinydeploy.growth.statistics import gather_moments
-from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
+from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output, widen_between
 from tinydeploy.model.build import GlobalAvgPool, build_model, spec_from_model
 from tinydeploy.model.losses import per_sample_loss
 from tinydeploy.model.spec import ArchSpec, ConvBlock
@@ -262,3 +262,57 @@ def test_balance_equalises_relative_sizes_and_keeps_each_neuron_s_product(case: 
     after = torch.einsum("ko,kd->kod", fan_out, balanced.alpha)
     torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-300)
     assert torch.equal(balanced.omega[:, -1], cand.omega[:, -1]) and k >= 2
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_widened_batchnorm_keeps_every_option_of_the_old_one(affine: bool) -> None:
+    """eps, momentum, affine, running statistics and dtype carry over; the old channels keep their state,
+    the new ones get the given mean and variance with weight sqrt(v + eps) and bias m (without an affine
+    map: mean 0 and variance 1 - eps, the only identity)."""
+    old = nn.BatchNorm2d(3, eps=1e-3, momentum=0.3, affine=affine, dtype=torch.float64)
+    with torch.no_grad():
+        old.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        old.running_var.copy_(torch.tensor([4.0, 5.0, 6.0]))
+        old.num_batches_tracked.fill_(17)
+    grown = widen_between(old.eval(), 2, torch.tensor([7.0, 8.0]), torch.tensor([9.0, 10.0]))
+    assert type(grown) is nn.BatchNorm2d and grown.num_features == 5 and not grown.training
+    assert int(grown.num_batches_tracked) == 17 and widen_between(old.train(), 1).training
+    assert (grown.eps, grown.momentum, grown.affine, grown.track_running_stats) == (1e-3, 0.3, affine, True)
+    assert grown.running_mean.dtype == torch.float64
+    if not affine:
+        assert grown.running_mean.tolist() == [1, 2, 3, 0, 0] and grown.running_var.tolist() == [4, 5, 6, 0.999, 0.999]
+        return
+    assert grown.running_mean.tolist() == [1, 2, 3, 7, 8] and grown.running_var.tolist() == [4, 5, 6, 9, 10]
+    torch.testing.assert_close(grown.weight[3:], torch.tensor([9.001, 10.001], dtype=torch.float64).sqrt())
+    assert grown.bias[3:].tolist() == [7, 8]
+    default = widen_between(old, 2)  # no data: mean 0, variance 1, weight sqrt(1 + eps), bias 0
+    assert default.running_mean.tolist() == [1, 2, 3, 0, 0] and default.running_var.tolist() == [4, 5, 6, 1, 1]
+    assert default.bias[3:].tolist() == [0, 0] and default.weight[3:].tolist() == [1.001**0.5] * 2
+
+
+def test_growth_through_a_batchnorm_without_running_statistics_is_refused_in_one_line() -> None:
+    norm = nn.BatchNorm1d(3, track_running_stats=False)
+    with pytest.raises(ValueError) as error:
+        widen_between(norm, 2)
+    assert str(error.value) == f"{norm}: growth through a BatchNorm needs running statistics (track_running_stats)"
+    relu = nn.ReLU()
+    assert widen_between(relu, 2) is relu
+
+
+def test_a_single_output_consumer_gains_one_column_per_new_neuron() -> None:
+    """A regression head with one output: the consumer's new columns are the fan-out of each new neuron."""
+    from tinydeploy.growth.surgery import widen_consumer
+
+    head = nn.Linear(3, 1).double()
+    omega, dW = torch.tensor([[0.5, -2.0]], dtype=torch.float64), torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    grown = widen_consumer(head, omega, dW)
+    assert grown.weight.shape == (1, 5)
+    torch.testing.assert_close(grown.weight, torch.cat([head.weight + dW[:, :-1], omega], 1), rtol=0, atol=0)
+    torch.testing.assert_close(grown.bias, head.bias + dW[:, -1], rtol=0, atol=0)
+
+
+def test_has_batchnorm_finds_a_batchnorm_at_any_depth() -> None:
+    from tinydeploy.growth.batchnorm import has_batchnorm
+
+    assert not has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.BatchNorm1d(2))))

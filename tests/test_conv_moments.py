@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conv_fixtures import Case, brute_force, build, cases, consumer_index, one_thread  # noqa: F401
-from tinydeploy.growth import candidates, linalg, statistics
-from tinydeploy.growth.statistics import gather_moments
 
+from tinydeploy.growth import candidates, linalg, statistics
+from tinydeploy.growth.statistics import gather_bottlenecks, gather_moments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,3 +62,140 @@ def test_consumer_only_bottleneck_equals_psi_from_the_full_moments(case: Case) -
     psi = statistics.gather_bottlenecks(model, [0], X, y, _loss, chunk_size=6)[0]
     m = gather_moments(model, [0], X, y, _loss, chunk_size=6)[0]
     assert psi == pytest.approx(candidates.bottleneck(m), rel=1e-10) and psi > 0
+
+
+# ----- the pair geometry on its own, against explicit loops ---------------------------------------------
+def _patches_by_hand(x: torch.Tensor, kernel, stride, padding, pool: int | tuple[int, int] = 1) -> torch.Tensor:
+    """(n, D, H', W'): the patch behind every output pixel of a conv with a ones feature, averaged over
+    ``pool`` x ``pool`` windows of output pixels (a following AvgPool2d(pool))."""
+    from conv_fixtures import patch
+
+    grid = x if x.dim() == 4 else x[:, :, None, :]
+    H, W = ((s + 2 * p - k) // st + 1 for s, k, st, p in zip(grid.shape[-2:], kernel, stride, padding))
+    ones = torch.ones(x.shape[0], 1, dtype=x.dtype)
+    P = torch.stack([torch.stack([torch.cat([patch(grid, r, c, kernel, stride, padding), ones], 1) for c in range(W)], -1)
+                     for r in range(H)], -2)
+    if pool != 1:
+        P = torch.nn.functional.avg_pool2d(P, pool)
+    return P
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [((3, 1), (1, 2), (1, 0)), ((2, 3), (2, 1), (0, 1))])
+@pytest.mark.parametrize("pool", [1, 2, (2, 1)])
+def test_producer_patches_of_non_square_convolutions_equal_explicit_patches(kernel, stride, padding, pool) -> None:
+    from tinydeploy.growth.pairs import producer_patches, window_of
+
+    conv = torch.nn.Conv2d(2, 3, kernel, stride, padding).double()
+    x = torch.randn(3, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = producer_patches(conv, x, window_of(torch.nn.AvgPool2d(pool)) if pool != 1 else None)
+    torch.testing.assert_close(P, _patches_by_hand(x, kernel, stride, padding, pool), rtol=1e-12, atol=1e-14)
+
+
+def test_producer_patches_of_a_conv1d_and_of_a_linear_layer() -> None:
+    from tinydeploy.growth.pairs import producer_patches
+
+    x = torch.randn(3, 2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = producer_patches(torch.nn.Conv1d(2, 3, 3, 2, 1).double(), x)
+    torch.testing.assert_close(P, _patches_by_hand(x, (1, 3), (1, 2), (0, 1)), rtol=1e-12, atol=1e-14)
+    v = torch.randn(4, 3, 2, dtype=torch.float64)  # a Linear producer reads its input flattened
+    P = producer_patches(torch.nn.Linear(6, 2).double(), v)
+    assert P.shape == (4, 7, 1, 1)
+    torch.testing.assert_close(P[:, :, 0, 0], torch.cat([v.flatten(1), torch.ones(4, 1, dtype=torch.float64)], 1))
+
+
+def test_window_geometry_matches_torch_and_counts_every_read() -> None:
+    from tinydeploy.growth.pairs import Window, _two, window_of
+
+    assert (_two(3), _two((3,)), _two((3, 1))) == ((3, 3), (3, 3), (3, 1))
+    for kernel, stride, padding in [((3, 1), (1, 2), (1, 0)), ((2, 3), (2, 1), (0, 1)), ((1, 1), (3, 3), (2, 2))]:
+        conv = torch.nn.Conv2d(1, 1, kernel, stride, padding, bias=False)
+        window = window_of(conv)
+        assert window == Window(kernel, stride, padding)
+        assert window.out_size((7, 6)) == tuple(conv(torch.zeros(1, 1, 7, 6)).shape[2:])
+        counted = torch.zeros(7, 6)
+        rows, cols = window.out_size((7, 6))
+        for r, c, a, b in ((r, c, a, b) for r in range(rows) for c in range(cols)
+                           for a in range(kernel[0]) for b in range(kernel[1])):
+            i, j = r * stride[0] - padding[0] + a, c * stride[1] - padding[1] + b
+            if 0 <= i < 7 and 0 <= j < 6:
+                counted[i, j] += 1
+        torch.testing.assert_close(window.coverage((7, 6), torch.float32, torch.device("cpu")), counted)
+    assert window_of(torch.nn.Conv1d(2, 2, 5, 2, 1)) == Window((1, 5), (1, 2), (0, 1))
+    assert window_of(torch.nn.AvgPool1d(3)) == Window((1, 3), (1, 3), (0, 0))
+
+
+@pytest.mark.parametrize(("module", "message"), [
+    (torch.nn.Conv2d(4, 4, 3, groups=2), "TINY supports convolutions with groups 1, dilation 1, zero padding"),
+    (torch.nn.Conv2d(4, 4, 3, dilation=2), "TINY supports convolutions with groups 1, dilation 1, zero padding"),
+    (torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+     "TINY supports convolutions with groups 1, dilation 1, zero padding"),
+    (torch.nn.AvgPool2d(2, padding=1), "TINY supports average pooling without padding or ceil mode"),
+    (torch.nn.AvgPool2d(2, ceil_mode=True), "TINY supports average pooling without padding or ceil mode"),
+])
+def test_unsupported_windows_are_named_with_what_tiny_supports(module, message) -> None:
+    from tinydeploy.growth.pairs import window_of
+
+    with pytest.raises(ValueError) as error:
+        window_of(module)
+    assert str(error.value) == f"{module}: {message}"
+    with pytest.raises(ValueError) as error:
+        window_of(torch.nn.ReLU())
+    assert str(error.value) == "ReLU has no sliding window"
+
+
+def test_leading_pool_and_tap_shapes() -> None:
+    from torch import nn
+
+    from tinydeploy.growth.pairs import Window, leading_pool, tap_shape
+
+    pool = nn.AvgPool2d(2)
+    assert leading_pool(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), pool)) == Window((2, 2), (2, 2))
+    assert leading_pool(nn.Sequential(pool, nn.ReLU())) == Window((2, 2), (2, 2))
+    assert leading_pool(nn.Sequential(nn.ReLU(), nn.Flatten(), pool)) is None
+    assert leading_pool(nn.Sequential(nn.ReLU())) is None
+    linear = nn.Linear(4, 2)
+    assert [tap_shape(linear, g) for g in ((1, 1), (2, 1), (1, 2), (2, 3))] == [(), (2,), (2,), (6,)]
+    assert tap_shape(nn.Conv2d(1, 1, (3, 1)), (5, 5)) == (3, 1) and tap_shape(nn.Conv1d(1, 1, 5), (1, 9)) == (5,)
+
+
+def test_a_residual_blocks_continuation_finishes_the_block_and_the_network() -> None:
+    """pre = the block's conv2 output: continuation(x)(pre) is the network's output (BatchNorm, shortcut of
+    the block's input, activation, then the following modules)."""
+    from tinydeploy.growth.pairs import pair_at
+    from tinydeploy.model.build import ResidualBlock, build_model
+    from tinydeploy.model.spec import ArchSpec
+
+    spec = ArchSpec.resnet(task="classification", input_shape=(1, 4, 4), stages=(1, 1), stream_widths=[2, 3],
+                           mid_widths=[2, 2], n_outputs=3)
+    torch.manual_seed(0)
+    model = build_model(spec).double().eval()
+    X = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.bias.uniform_(-0.5, 0.5)
+        for i in (i for i, m in enumerate(model) if isinstance(m, ResidualBlock)):
+            block, pair = model[i], pair_at(model, i)
+            x = pair.producer_input(model, X)
+            pre = block.conv2(block.act1(block.bn1(block.conv1(x))))
+            torch.testing.assert_close(pair.continuation(model, x)(pre), model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_rows_limit_the_consumer_only_bottleneck_to_the_first_samples() -> None:
+    """A consumer whose unfolded input is costly (8 channels x 9 taps x 256 positions per sample) reads only
+    the first rows[k] samples."""
+    model, X, y = build(Case(dims=2, kind="conv", size=16, width=8, n=30))
+    both = gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8, rows=[11])
+    alone = gather_bottlenecks(model, [0], X[:11], y[:11], _loss, chunk_size=8)
+    assert both.keys() == {0} and both[0] == pytest.approx(alone[0], rel=1e-12)
+    assert both[0] != pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-6)
+
+
+def test_rows_do_not_limit_a_cheap_consumer_even_when_its_producer_is_costly() -> None:
+    """Only the consumer's views count for the consumer-only bottleneck: the producer's patches would be costly
+    (16 x 9 + 1 features x 9 taps x 64 positions per sample), its one channel is cheap for the consumer to read
+    (10 x 64 values), so every sample is read."""
+    model, X, y = build(Case(dims=2, kind="conv", size=8, channels=16, width=1, n=30))
+    limited = gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8, rows=[11])
+    assert limited[0] == pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-12)

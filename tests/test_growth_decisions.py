@@ -4,16 +4,23 @@ the layer picked, the budget, the estimation sample, and the surgery's exact wei
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+from dataclasses import replace
 
+import conv_fixtures
 import pytest
 import torch
 from growth_fixtures import explicit_activities, moments_for, small_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from tinydeploy.growth import candidates, gradmax, linalg
+from tinydeploy.growth import candidates, gradmax, linalg, policy
 from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.candidates import Context
+from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
 from tinydeploy.growth.policy import (
     Batch,
     GrowthSettings,
@@ -24,6 +31,9 @@ from tinydeploy.growth.policy import (
 )
 from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, layer_pairs
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
+from tinydeploy.model.build import ResidualBlock, build_model
+from tinydeploy.model.losses import per_sample_loss
+from tinydeploy.model.spec import ArchSpec
 
 F64 = torch.float64
 
@@ -285,9 +295,9 @@ def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
     train, held = Batch(X[:250], y[:250]), Batch(X[250:], y[250:])  # 250 < the estimation batch: no subsampling
     s = GrowthSettings(layers_per_step=1)
     gen = torch.Generator().manual_seed(5)
-    after = {}
+    after, proposed = {}, {}
     for m in gather_moments(model, order, train.X, train.y, loss_fn, chunk_size=s.chunk_size, generator=gen):
-        cand = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
+        cand = proposed[m.in_index] = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
         assert cand.n_neurons >= 1
         output = grown_output(model, cand, held.X)
         after[m.in_index] = line_search(lambda g, out=output: float(loss_fn(out(g), held.y).mean()))[1]
@@ -297,6 +307,7 @@ def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
     assert abs(after[0] - after[2]) > 0.01 and max(after.values()) < loss_0
     _, growths, _ = growth_step(model, order, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(5))
     assert [g.candidate.in_index for g in growths] == [best]
+    assert torch.equal(growths[0].candidate.alpha, proposed[best].alpha)  # as proposed: no balancing by default
     assert growths[0].loss_after == pytest.approx(after[best], rel=1e-9) and growths[0].gamma > 0
 
 
@@ -334,12 +345,18 @@ def test_growth_step_streams_its_statistics_in_chunks():
     """The estimation batch (256 of 1000 samples) goes through the model ``chunk_size`` samples at a time."""
     spec, model, X, y, loss_fn = small_problem(n=1400)
     seen = []
-    hook = model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+
+    def first_layer(module, args):  # every first layer, the grown model's too (the final bottleneck pass)
+        if isinstance(module, nn.Linear) and module.in_features == 6:
+            seen.append(args[0].shape[0])
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_layer)
     try:
-        growth_step(model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn, _metric,
-                    GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0))
+        _, growths, _ = growth_step(model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn,
+                                    _metric, GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0))
     finally:
         hook.remove()
+    assert growths  # so the last pass runs on a grown model
     chunks = [n for n in seen if n != 400]  # 400: the held-out evaluations
     assert chunks and max(chunks) == 64 and sum(chunks) % 256 == 0
 
@@ -481,3 +498,442 @@ def test_optimizer_carry_over_keeps_hyper_parameters_and_skips_parameters_withou
         assert new["step"] == old["step"] and new["exp_avg"].shape == named[name].shape
         corner = tuple(slice(0, s) for s in old["exp_avg"].shape)
         assert torch.equal(new["exp_avg"][corner], old["exp_avg"])
+
+
+# ----- policy: processes, reused statistics, budgets cut short, estimation rows --------------------------------
+class _Ranks:
+    """``world`` in-process ranks (threads) that sum float64 tensors through a barrier: the DataParallel
+    protocol of ``growth_step`` without processes (tests/test_distributed.py runs the real gloo group)."""
+
+    def __init__(self, world: int):
+        self.world, self.slots = world, [None] * world
+        self.barrier = threading.Barrier(world, timeout=30)
+
+    def rank(self, rank: int):
+        ranks = self
+
+        class _Rank:
+            world = ranks.world
+
+            def sum(self, values: torch.Tensor) -> torch.Tensor:
+                ranks.slots[self.rank] = values.clone()
+                ranks.barrier.wait()
+                total = sum(ranks.slots[1:], ranks.slots[0].clone())  # the same order on every rank
+                ranks.barrier.wait()
+                return total
+
+        view = _Rank()
+        view.rank = rank
+        return view
+
+    def run(self, work):
+        """``work(rank_view)`` on every rank at once; the results in rank order (a failure is raised)."""
+        results, errors = [None] * self.world, []
+
+        def target(r):
+            try:
+                results[r] = work(self.rank(r))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def test_a_growth_step_shared_by_ranks_takes_the_one_process_decisions():
+    """Two ranks, each on its half of the held-out rows and of every statistics chunk, summing through the
+    group: the same layers, amplitudes, losses, metrics and final Psi as one process on the whole batches."""
+    spec, model, X, y, loss_fn = small_problem(n=600)
+    train, held = Batch(X[:400], y[:400]), Batch(X[400:], y[400:])
+    s = GrowthSettings(min_estimation_batch=300)
+    one, growths, psi = growth_step(model, [0, 2], train, held, loss_fn, _metric, s, torch.Generator().manual_seed(3))
+    assert len(growths) == 2
+    seen: list[tuple[int, int]] = []  # (thread, rows) reaching any first layer, the grown models' too
+
+    def first_layer(module, args):
+        if isinstance(module, nn.Linear) and module.in_features == 6:
+            seen.append((threading.get_ident(), args[0].shape[0]))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_layer)
+    try:
+        growth_step(model, [0, 2], train, held, loss_fn, _metric, s, torch.Generator().manual_seed(3))
+        alone = sum(rows for _, rows in seen)
+
+        def shard(rank):
+            result = growth_step(copy.deepcopy(model), [0, 2], train, held, loss_fn, _metric, s,
+                                 torch.Generator().manual_seed(3), parallel=rank)
+            return result, sum(rows for thread, rows in seen if thread == threading.get_ident())
+
+        shared = _Ranks(2).run(shard)
+    finally:
+        hook.remove()
+    # each rank does its half of every pass (1150 of 2100 rows here: new neurons' BatchNorm statistics are
+    # taken on the whole held-out batch in every process)
+    assert all(work < 0.56 * alone for _, work in shared)
+    for (grown, growths_r, psi_r), _ in shared:
+        assert [g.candidate.in_index for g in growths_r] == [g.candidate.in_index for g in growths]
+        for a, b in zip(growths_r, growths):
+            assert a.gamma == pytest.approx(b.gamma, rel=1e-6)
+            for field in ("loss_before", "loss_after", "metric_before", "metric_after"):
+                assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-9), field
+        assert psi_r.keys() == psi.keys() and all(psi_r[k] == pytest.approx(psi[k], rel=1e-9) for k in psi)
+        torch.testing.assert_close(grown(X), one(X), rtol=1e-6, atol=1e-9)
+
+
+def test_ranks_score_the_whole_held_out_batch_even_with_a_rank_that_has_no_rows():
+    """Three ranks share two held-out rows: the summed (mean loss, accuracy) is the whole batch's."""
+    spec, model, X, y, loss_fn = small_problem()
+    batch = Batch(X[:2], y[:2])
+    with torch.no_grad():
+        out = model(X[:2])
+        expected = (float(loss_fn(out, y[:2]).mean()), _metric(out, y[:2]))
+
+    def score(rank):
+        rows = policy._rows(batch, rank)
+        with torch.no_grad():
+            return rows.X.shape[0], policy._evaluator(rows, loss_fn, _metric, rank)(model(rows.X))
+
+    results = _Ranks(3).run(score)
+    assert sorted(n for n, _ in results) == [0, 1, 1]
+    for _, (loss, metric) in results:
+        assert loss == pytest.approx(expected[0], rel=1e-12) and metric == pytest.approx(expected[1], rel=1e-12)
+
+
+def test_truncated_keeps_the_first_neurons_up_to_the_budget():
+    spec, model, X, y, loss_fn = _rich_problem()
+    cand = candidates.tiny(moments_for(model, X, y, loss_fn, 2), 100)
+    assert cand.n_neurons == 2
+    assert policy._truncated(cand, 2) is cand and policy._truncated(cand, 5) is cand
+    one = policy._truncated(cand, 1)
+    assert one.n_neurons == 1 and torch.equal(one.alpha, cand.alpha[:1]) and torch.equal(one.omega, cand.omega[:, :1])
+    assert one.lambdas == cand.lambdas[:1] and torch.equal(one.dW, cand.dW) and one.in_index == cand.in_index
+    for budget in (0, -3):
+        none = policy._truncated(cand, budget)
+        assert none.n_neurons == 0 and none.omega.shape == (cand.omega.shape[0], 0) and none.lambdas == []
+
+
+@pytest.mark.parametrize("widths", [(1, 3), (3, 1)])
+def test_a_candidate_fits_only_the_pair_it_was_computed_for(widths):
+    """A candidate still fits when its producer's fan-in, its consumer's outputs and (TINY's dW) its consumer's
+    fan-in are those it was computed for: growing layer 0 changes layer 2's fan-in, growing layer 2 changes
+    layer 0's consumer outputs and layer 2's own consumer fan-in."""
+    spec, model, X, y, loss_fn = small_problem(widths=widths)
+    gen = torch.Generator().manual_seed(0)
+    first = {m.in_index: candidates.random(m, 2, gen) for m in gather_moments(model, [0, 2], X, y, loss_fn)}
+    tiny = conv_fixtures.all_neurons(moments_for(model, X, y, loss_fn, 2))
+    assert tiny.dW is not None and first[0].dW is None and tiny.n_neurons > 0
+    assert policy._fits(model, first[0]) and policy._fits(model, first[2]) and policy._fits(model, tiny)
+    grown_0 = add_neurons(model, first[0], 0.5)
+    assert policy._fits(grown_0, first[0])  # no dW: its own pair's shapes are unchanged
+    assert not policy._fits(grown_0, first[2]) and not policy._fits(grown_0, tiny)  # producer fan-in changed
+    grown_2 = add_neurons(model, tiny, 0.5)
+    assert not policy._fits(grown_2, first[0])  # its consumer now has more outputs
+    assert not policy._fits(grown_2, tiny) and policy._fits(grown_2, first[2])  # dW no longer matches
+    head = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 1)).double()  # a one-output regression head
+    target = X[:, :1].pow(2)
+    regression = per_sample_loss("regression")
+    one = conv_fixtures.all_neurons(moments_for(head, X, target, regression, 0))
+    assert one.dW.shape == (1, 4) and policy._fits(head, one)
+
+
+def _three_block_resnet() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    spec = ArchSpec.resnet(task="classification", input_shape=(1, 4, 4), stages=(2, 1), stream_widths=[2, 3],
+                           mid_widths=[2, 2, 2], n_outputs=3)
+    torch.manual_seed(0)
+    model = build_model(spec).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(80, 1, 4, 4, dtype=F64, generator=generator)
+    return model, X, (X[:, 0, :2, :2].sum((1, 2)) > 0).long() + (X[:, 0, 2:].mean((1, 2)) > 0).long()
+
+
+_SEED = 2  # a seed where all three first-round candidates lower the loss (in the order 3, 5, 4)
+
+
+def _first_round(model, blocks, train, held, loss_fn, s):
+    """The first round's candidates of a step (same generator seed) and each one's held-out loss decrease."""
+    first = policy._propose(model, blocks, train, loss_fn, s, torch.Generator().manual_seed(_SEED), None)
+    scores = policy._evaluator(held, loss_fn, _metric)
+    with torch.no_grad():
+        loss_0 = scores(model(held.X))[0]
+        return {c.in_index: c for c in first}, {
+            c.in_index: loss_0 - policy._amplitude(model, c, held, scores)[1] for c in first}
+
+
+def _reuse_problem():
+    """The three-block ResNet with a reuse_statistics step's settings, its first round and their scores."""
+    model, X, y = _three_block_resnet()
+    blocks = [i for i, m in enumerate(model) if isinstance(m, ResidualBlock)]
+    loss_fn = per_sample_loss("classification")
+    train, held = Batch(X[:50], y[:50]), Batch(X[50:], y[50:])
+    s = GrowthSettings(method="random", reuse_statistics=True, neurons_per_step=2)
+    first, score = _first_round(model, blocks, train, held, loss_fn, s)
+    return model, blocks, loss_fn, train, held, s, first, score
+
+
+def test_reused_statistics_apply_the_first_rounds_candidates_in_the_order_of_their_scores():
+    """ResNet blocks are independent pairs: with ``reuse_statistics`` one round of statistics serves the
+    whole step, and the first round's candidates are applied as they were (only their amplitude searched
+    again), best first."""
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
+    order = sorted(score, key=score.get, reverse=True)
+    assert len(blocks) == 3 and len(set(score.values())) == 3 and min(score.values()) > 0
+    _, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(_SEED))
+    assert len(growths) >= 2 and [g.candidate.in_index for g in growths] == order[:len(growths)]
+    for g in growths:
+        assert torch.equal(g.candidate.alpha, first[g.candidate.in_index].alpha)
+        assert torch.equal(g.candidate.omega, first[g.candidate.in_index].omega)
+
+
+def test_reused_candidates_are_cut_to_the_budget_left_by_the_growths_before_them():
+    """A parameter budget with room for the best candidate and one channel of the next: the reused second
+    candidate is cut to that one channel, the third gets none, and the budget holds to the parameter."""
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
+    best, second = sorted(score, key=score.get, reverse=True)[:2]
+    cost = {i: neuron_cost(model, i)[0] for i in blocks}
+    assert first[second].n_neurons == 2
+    s = replace(s, max_params=count_params(model) + first[best].n_neurons * cost[best] + cost[second])
+    grown, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(_SEED))
+    params = count_params(model)
+    for g in growths:
+        i = g.candidate.in_index
+        assert g.candidate.n_neurons == min(first[i].n_neurons, (s.max_params - params) // cost[i])
+        params += g.candidate.n_neurons * cost[i]
+    assert [(g.candidate.in_index, g.candidate.n_neurons) for g in growths] == [(best, first[best].n_neurons), (second, 1)]
+    assert count_params(grown) == params <= s.max_params
+
+
+@pytest.mark.parametrize("widths", [(1, 3), (3, 1)])
+def test_estimation_rows_of_a_dense_pair_are_the_larger_of_its_two_app_e1_sizes(widths):
+    spec, model, X, y, loss_fn = small_problem(widths=widths, n=8)
+    s = GrowthSettings(estimation_scale=1.0, estimation_floor=1, min_estimation_batch=1)
+    train = Batch(torch.zeros(10**4, 6, dtype=F64), torch.zeros(10**4, dtype=torch.long))
+    for i_in, i_out in ((0, 2), (2, 4)):
+        fan_in, consumer_fan_in = model[i_in].in_features, model[i_out].in_features
+        assert policy._estimation_rows(model, i_in, train, s) == max((fan_in + 1) ** 2, (consumer_fan_in + 1) ** 2)
+
+
+@pytest.mark.parametrize(("kind", "channels", "width", "expected"), [
+    ("pool-conv", 4, 2, 37 * 37 // 9),        # producer: 4 x 3 x 3 + 1 = 37 over the 3 x 3 pooled grid
+    ("pool-conv", 2, 4, 37 * 37 // 9),        # consumer: 4 x 3 x 3 + 1 = 37 over its 3 x 3 outputs
+    ("pool-flatten-linear", 5, 2, 46 * 46 // 9),  # the grid before the flatten: 3 x 3
+    ("conv", 5, 2, 46 * 46 // 49),            # no pooling: 7 x 7
+])
+def test_estimation_rows_of_a_conv_pair_count_the_positions_of_its_grid(kind, channels, width, expected):
+    model, X, y = conv_fixtures.build(conv_fixtures.Case(kind=kind, channels=channels, width=width, next_width=4))
+    s = GrowthSettings(estimation_scale=1.0, estimation_floor=1, min_estimation_batch=1)
+    train = Batch(X.repeat(100, 1, 1, 1), y.repeat(100))
+    consumer = model[conv_fixtures.consumer_index(model)]
+    if kind == "pool-flatten-linear":  # the consumer reads 2 x 3 x 3 flattened inputs: one position
+        expected = max(expected, (consumer.in_features + 1) ** 2)
+    assert policy._estimation_rows(model, 0, train, s) == expected
+
+
+def test_estimation_batch_size_divides_by_the_positions_in_whole_samples():
+    """Per-position terms: (d+1)^2 / P and floor x (d+1) // P, whole samples."""
+    floor = GrowthSettings(estimation_scale=1.0, estimation_floor=16, min_estimation_batch=1)
+    scale = replace(floor, estimation_floor=1)
+    assert [estimation_batch_size(9, 10**6, floor, positions=3)] == [53]  # 160 // 3 beats 100 / 3
+    assert estimation_batch_size(9, 10**6, scale, positions=3) == 33  # int(100 / 3)
+    assert all(type(estimation_batch_size(9, 10**6, t, positions=3)) is int for t in (floor, scale))
+
+
+def test_growth_step_never_exceeds_a_mac_budget():
+    """Room for one more neuron's MACs at layer 2 (its fan-in 6 and fan-out 5) and none at layer 0."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    macs = count_macs(model, output_shapes(model, X[:1]))
+    s = GrowthSettings(max_macs=macs + 6 + 5, min_estimation_batch=4096)
+    grown, growths, _ = growth_step(model, [0, 2], Batch(X, y), Batch(X[:500], y[:500]), loss_fn, _metric, s,
+                                    torch.Generator().manual_seed(0))
+    assert [(g.candidate.in_index, g.candidate.n_neurons) for g in growths] == [(2, 1)]
+    assert count_macs(grown, output_shapes(grown, X[:1])) == s.max_macs
+
+
+@pytest.mark.parametrize("method", ["north", "folding"])
+def test_growth_step_gives_the_model_and_estimation_batch_to_the_methods_that_need_them(method):
+    spec, model, X, y, loss_fn = small_problem(widths=(3,))  # Folding grows the last hidden layer of an MLP
+    grown, growths, _ = growth_step(model, [0], Batch(X[:250], y[:250]), Batch(X[250:], y[250:]), loss_fn,
+                                    _metric, GrowthSettings(method=method), torch.Generator().manual_seed(0))
+    assert [g.candidate.method for g in growths] == [method] and grown[0].out_features > 3
+
+
+def test_balanced_growth_sizes_fan_in_and_fan_out_alike_relative_to_their_layers():
+    """``balance``: RMS(alpha_k) / RMS(producer weights) = RMS(omega_k) / RMS(consumer weights) for every new
+    neuron, with the same product omega_k alpha_k^T (so the same function for ReLU) as without it."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    run = lambda balanced: growth_step(model, [2], Batch(X, y), Batch(X[:500], y[:500]), loss_fn, _metric,
+                                       GrowthSettings(balance=balanced, min_estimation_batch=4096),
+                                       torch.Generator().manual_seed(0))[1]
+    (plain,), (balanced,) = run(False), run(True)
+    a, b = plain.candidate, balanced.candidate
+    assert a.n_neurons == b.n_neurons == 2 and not torch.allclose(a.alpha, b.alpha)
+    torch.testing.assert_close(b.omega @ b.alpha, a.omega @ a.alpha, rtol=1e-12, atol=1e-15)
+    rms = lambda w: w.pow(2).mean().sqrt()
+    for k in range(2):
+        torch.testing.assert_close(rms(b.alpha[k]) / rms(model[2].weight), rms(b.omega[:, k]) / rms(model[4].weight),
+                                   rtol=1e-12, atol=0)
+    assert balanced.loss_after == pytest.approx(plain.loss_after, rel=1e-9)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs(world):
+    """Every rank reads its rows of every chunk (7 rows a chunk, so later ranks start inside it) and the sums
+    go over the ranks: each returns the one-process moments (the Gaussian goal too) and bottlenecks."""
+    spec, model, X, y, loss_fn = small_problem(n=40)
+    whole = gather_moments(model, [0, 2], X, y, loss_fn, chunk_size=7, generator=torch.Generator().manual_seed(1))
+    psi = gather_bottlenecks(model, [0, 2], X, y, loss_fn, chunk_size=7)
+
+    def shard(rank):
+        moments = gather_moments(copy.deepcopy(model), [0, 2], X, y, loss_fn, chunk_size=7,
+                                 generator=torch.Generator().manual_seed(1), shard=(rank.rank, world), total=rank.sum)
+        return moments, gather_bottlenecks(copy.deepcopy(model), [0, 2], X, y, loss_fn, chunk_size=7,
+                                           shard=(rank.rank, world), total=rank.sum)
+
+    for moments, psi_r in _Ranks(world).run(shard):
+        assert psi_r.keys() == psi.keys() and all(psi_r[k] == pytest.approx(psi[k], rel=1e-10) for k in psi)
+        for a, b in zip(moments, whole):
+            assert a.n == b.n == 40
+            for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_statistics_on_a_shard_without_the_sum_over_processes_are_refused():
+    spec, model, X, y, loss_fn = small_problem(n=20)
+    message = "statistics on a shard of the batch need `total`, the sum over the processes"
+    for gather in (gather_moments, gather_bottlenecks):
+        with pytest.raises(ValueError) as error:
+            gather(model, [0, 2], X, y, loss_fn, shard=(0, 2))
+        assert str(error.value) == message
+
+
+# ----- candidates: ridge, dispatch, balance, the Gaussian goal ------------------------------------------------
+@pytest.mark.parametrize("ridge", [0.1, 1.0])
+def test_tiny_with_a_ridge_ridges_s_and_s_h_and_reports_the_papers_bottleneck(ridge):
+    """``ridge``: dW* is the ridge regression on B_h, S^(-1/2) inverts the ridged S (both change the
+    neurons), and Psi stays the paper's (pseudo-inverse dW*), the same as without a ridge."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    plain, ridged = candidates.tiny(m, 100), candidates.propose("tiny", m, 100, ridge=ridge)
+    assert ridged.psi == pytest.approx(candidates.bottleneck(m), rel=1e-12)
+    assert plain.psi == pytest.approx(candidates.bottleneck(m), rel=1e-9)
+    dW = m.best_update(ridge)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
+    expected = linalg.new_neurons(S_inv_sqrt, m.projected_cross_moment(dW))
+    assert ridged.n_neurons > 0 and torch.equal(ridged.dW, dW)
+    assert ridged.lambdas == pytest.approx(expected.lambdas[: ridged.n_neurons].tolist(), rel=1e-12)
+    assert ridged.lambdas != pytest.approx(plain.lambdas[: ridged.n_neurons], rel=1e-3)
+    assert (ridged.in_index, ridged.out_index, plain.out_index) == (2, 4, 4)
+
+
+def test_random_candidate_names_its_pair():
+    spec, model, X, y, loss_fn = small_problem()
+    cand = candidates.random(moments_for(model, X, y, loss_fn, 0), 2, torch.Generator().manual_seed(0))
+    assert (cand.in_index, cand.out_index, cand.n_neurons) == (0, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["north", "folding"])
+def test_propose_gives_north_and_folding_the_context_and_the_generator(method):
+    spec, model, X, y, loss_fn = small_problem(widths=(4,))
+    m = moments_for(model, X, y, loss_fn, 0)
+    with pytest.raises(ValueError) as error:
+        candidates.propose(method, m, 3)
+    assert str(error.value) == f"growth method '{method}' needs the model and the estimation batch (context)"
+    context = Context(model, X, y, loss_fn)
+    torch.manual_seed(0)
+    a = candidates.propose(method, m, 3, torch.Generator().manual_seed(5), context=context)
+    torch.manual_seed(1)
+    b = candidates.propose(method, m, 3, torch.Generator().manual_seed(5), context=context)
+    assert a.method == method and a.n_neurons >= 1 and torch.equal(a.alpha, b.alpha)
+    c = candidates.propose(method, m, 3, torch.Generator().manual_seed(6), context=context)
+    assert not torch.equal(a.alpha, c.alpha)  # the generator, not the global RNG, draws
+
+
+def test_balance_rescales_a_single_neuron_and_leaves_neurons_without_fan_out():
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    one = candidates.tiny(m, 1)
+    scaled = candidates.balance(one, 0.2, 3.0)
+    rms = lambda t: float(t.pow(2).mean().sqrt())
+    assert rms(scaled.alpha) / 0.2 == pytest.approx(rms(scaled.omega) / 3.0, rel=1e-12)
+    assert not torch.allclose(scaled.alpha, one.alpha)
+    torch.testing.assert_close(scaled.omega @ scaled.alpha, one.omega @ one.alpha, rtol=1e-12, atol=1e-15)
+    silent = replace(one, omega=torch.zeros_like(one.omega))  # fan-out 0 (NORTH, Folding): nothing to balance
+    kept = candidates.balance(silent, 0.2, 3.0)
+    assert torch.equal(kept.alpha, silent.alpha) and torch.equal(kept.omega, silent.omega)
+
+
+@pytest.mark.parametrize("case", [conv_fixtures.Case(kind="conv"), conv_fixtures.Case(dims=1, next_kernel=2, next_padding=0),
+                                  conv_fixtures.Case(kind="flatten-linear")], ids=str)
+def test_gaussian_goal_with_the_covariance_of_a_unit_goal_per_position_is_n_z(case):
+    """covariance / L = I (a standard Gaussian goal at each of the L output positions): N_null = N_z itself,
+    for any number of taps."""
+    model, X, y = conv_fixtures.build(case)
+    m = gather_moments(model, [0], X, y, per_sample_loss("classification"), generator=torch.Generator().manual_seed(0))[0]
+    assert m.out_positions > 1 or case.kind == "flatten-linear"
+    covariance = m.out_positions * torch.eye(m.n_outputs, dtype=F64)
+    torch.testing.assert_close(candidates.gaussian_like_goal(m, covariance), m.N_z, rtol=1e-12, atol=1e-15)
+
+
+def test_growth_step_gathers_and_proposes_with_its_ridge():
+    """``ridge``: the statistics' second pass (layer 0 here: 1 output after 8 neurons, so the projected N comes
+    from a second pass) and TINY's S^(-1/2) use it; the applied neurons are the ridged ones."""
+    _spec, model, X, y, loss_fn = small_problem(widths=(8, 1), n=2000)
+    s = GrowthSettings(ridge=0.5, min_estimation_batch=4096)
+    m = gather_moments(model, [0], X, y, loss_fn, chunk_size=s.chunk_size, generator=torch.Generator().manual_seed(0),
+                       ridge=0.5)[0]
+    expected = candidates.tiny(m, neuron_budget(model, 0, 2, s), ridge=0.5)
+    _, growths, _ = growth_step(model, [0], Batch(X, y), Batch(X[:500], y[:500]), loss_fn, _metric, s,
+                                torch.Generator().manual_seed(0))
+    assert len(growths) == 1 and expected.n_neurons >= 1
+    torch.testing.assert_close(growths[0].candidate.alpha, expected.alpha, rtol=1e-10, atol=1e-12)
+    assert growths[0].candidate.lambdas == pytest.approx(expected.lambdas, rel=1e-10)
+    unridged = gather_moments(model, [0], X, y, loss_fn, generator=torch.Generator().manual_seed(0))[0]
+    assert candidates.tiny(unridged, 100, ridge=0.5).lambdas != pytest.approx(expected.lambdas, rel=1e-6)
+
+
+def test_neuron_budget_reads_the_per_layer_caps_and_needs_a_sample_for_macs():
+    _spec, model, X, y, loss_fn = small_problem(widths=(3, 4))
+    s = GrowthSettings(neurons_per_step=16, layer_neurons={0: 2}, layer_max_width={2: 5})
+    assert (neuron_budget(model, 0, 2, s), neuron_budget(model, 2, 4, s)) == (2, 1)  # 2 asked; 5 - 4 wide
+    with pytest.raises(ValueError) as error:
+        neuron_budget(model, 0, 2, GrowthSettings(max_macs=10**6))
+    assert str(error.value) == "a MAC budget needs a sample input to measure output positions"
+
+
+def test_reused_candidates_without_room_are_skipped_for_the_next_that_has_some():
+    """After the best block grows, the budget has room for one channel of a stage-1 block (39 parameters) but
+    none of the stage-2 block (48): the stage-2 candidate, next in the first round's order, is skipped and the
+    stage-1 one after it is grown."""
+    model, blocks, loss_fn, train, held, s, first, score = _reuse_problem()
+    order = sorted(score, key=score.get, reverse=True)
+    cost = {i: neuron_cost(model, i)[0] for i in blocks}
+    assert order == [3, 5, 4] and (cost[3], cost[4], cost[5]) == (39, 39, 48)
+    s = replace(s, max_params=count_params(model) + first[3].n_neurons * cost[3] + 40)
+    grown, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(_SEED))
+    assert [(g.candidate.in_index, g.candidate.n_neurons) for g in growths] == [(3, first[3].n_neurons), (4, 1)]
+    # new channels' BatchNorm holds their statistics on the held-out batch (not the identity defaults)
+    bn = grown[3].bn1
+    assert not torch.equal(bn.running_var[2:], torch.ones_like(bn.running_var[2:]))
+
+
+
+def test_conv_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs():
+    """A conv pair (unfolded in slices, the Gaussian goal drawn per chunk and sliced per rank): two ranks return
+    the one-process moments."""
+    model, X, y = conv_fixtures.build(conv_fixtures.Case(kind="pool-conv", n=20))
+    loss_fn = per_sample_loss("classification")
+    whole = gather_moments(model, [0], X, y, loss_fn, chunk_size=7, generator=torch.Generator().manual_seed(1))[0]
+
+    def shard(rank):
+        return gather_moments(copy.deepcopy(model), [0], X, y, loss_fn, chunk_size=7, shard=(rank.rank, 2),
+                              total=rank.sum, generator=torch.Generator().manual_seed(1))[0]
+
+    for m in _Ranks(2).run(shard):
+        for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+            torch.testing.assert_close(getattr(m, name), getattr(whole, name), rtol=1e-10, atol=1e-13, msg=name)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from growth_fixtures import explicit_activities, moments_for, small_problem
 from torch import nn
 
-from growth_fixtures import explicit_activities, moments_for, small_problem
 from tinydeploy.growth import candidates, folding, gradmax, north
 from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.statistics import with_ones
@@ -136,7 +136,7 @@ def test_north_candidate_scales_to_the_existing_pre_activations_and_stops_when_t
     cand = north.north(m, 16, context, torch.Generator().manual_seed(0))
     assert cand.details["trigger"] == north.trigger(cand.details["effective_dimension"], 4)
     W = north.fan_in_matrix(model[2])
-    rms = lambda A: torch.einsum("kd,de,ke->k", A, m.S, A).sqrt()  # noqa: E731
+    rms = lambda A: torch.einsum("kd,de,ke->k", A, m.S, A).sqrt()
     torch.testing.assert_close(rms(cand.alpha), rms(W).mean().expand(cand.n_neurons), rtol=1e-9, atol=0)
     assert torch.count_nonzero(cand.omega) == 0
     # the layer's 4 pre-activations are linear in its 3 inputs + bias: 4 = D directions, none is left
@@ -288,11 +288,16 @@ def test_folding_refuses_deep_or_regression_networks_in_one_line():
     from tinydeploy.errors import TinyDeployError
 
     _, deep, _, _, _ = small_problem(widths=(3, 4))
-    with pytest.raises(TinyDeployError, match=r"^--method folding grows shallow ReLU MLPs .*--init-widths 2$"):
+    with pytest.raises(TinyDeployError) as error:
         candidates.check_method("folding", deep, [0, 2], "classification")
+    assert str(error.value) == ("--method folding grows shallow ReLU MLPs with one hidden layer, this network is "
+                                "Linear - ReLU - Linear - ReLU - Linear: pass --arch mlp --activation relu and one "
+                                "initial width, e.g. --init-widths 2")
     _, shallow, _, _, _ = _shallow()
-    with pytest.raises(TinyDeployError, match="needs a classification dataset"):
+    with pytest.raises(TinyDeployError) as error:
         candidates.check_method("folding", shallow, [0], "regression")
+    assert str(error.value) == ("--method folding folds decision boundaries and needs a classification dataset: "
+                                "use another --method for regression")
     candidates.check_method("folding", shallow, [0], "classification")
     candidates.check_method("tiny", deep, [0, 2], "regression")
 
@@ -323,3 +328,219 @@ def test_pattern_count_on_samples_counts_only_the_regions_that_hold_data():
     X = torch.tensor([[-0.5, -0.5], [0.2, -0.5], [0.8, 0.8], [0.9, 0.7]], dtype=torch.float64)
     assert count_patterns(net, X) == 3
     assert count_patterns(net, X[:1]) == 1
+
+
+# ----- Growing by Folding: each step against brute force ------------------------------------------------
+def _goal_by_hand(model, X, y, loss_fn):
+    """Per-sample losses and V = -dl_i/d outputs, one explicit autograd pass."""
+    out = model(X).detach().requires_grad_(True)
+    losses = loss_fn(out, y)
+    losses.sum().backward()
+    return losses.detach(), -out.grad
+
+
+def test_folding_candidate_is_the_fold_with_its_gain_and_norms_by_brute_force():
+    _, model, X, y, loss_fn = _shallow()
+    m = moments_for(model, X, y, loss_fn, 0)
+    torch.manual_seed(0)
+    cand = folding.folding(m, 3, Context(model, X, y, loss_fn), torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # the generator draws the cone, not the global RNG: the same fold
+    assert torch.equal(folding.folding(m, 3, Context(model, X, y, loss_fn), torch.Generator().manual_seed(3)).alpha,
+                       cand.alpha)
+    assert (cand.method, cand.in_index, cand.out_index, cand.dW, cand.lambda_null) == ("folding", 0, 2, None, None)
+    assert cand.alpha.shape == (1, X.shape[1] + 1) and cand.alpha.dtype == m.S.dtype
+    assert torch.equal(cand.omega, torch.zeros(5, 1, dtype=torch.float64))
+    assert (cand.signed_amplitude, cand.searches_amplitude) == (False, False)
+    assert cand.psi == candidates.bottleneck(m)
+    losses, V = _goal_by_hand(model, X, y, loss_fn)
+    x_f = torch.tensor(cand.details["x_f"], dtype=torch.float64)
+    a = cand.alpha[0, :-1]
+    G = sum(V[i] * torch.relu(a @ (X[i] - x_f)) for i in range(X.shape[0])) / X.shape[0]  # gradient of the fan-out
+    assert cand.gain == pytest.approx(float(G @ G), rel=1e-9)
+    assert cand.lambdas == [pytest.approx(float(G.norm()), rel=1e-9)]
+    typical = folding.typical_instance(X, losses, folding.CLUSTERS, torch.Generator().manual_seed(3))
+    assert cand.details["cluster_size"] == int(typical.cluster.sum()) > 0
+    assert cand.details["cluster_mean_loss"] == pytest.approx(float(losses[typical.cluster].mean()), rel=1e-12)
+    assert cand.details["x_t"] == X[typical.index].tolist() and cand.details["fold"] in ("segment", "boundary", "extension")
+
+
+def _dead(X: torch.Tensor) -> nn.Sequential:
+    """A shallow net whose hidden units are off on every sample: its segments have no boundary."""
+    net = nn.Sequential(nn.Linear(X.shape[1], 3), ReLU(), nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(0.1)
+        net[0].bias.fill_(-100.0)
+        net[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    return net
+
+
+def test_folding_in_a_dead_region_folds_halfway_to_the_samples_outside_the_cluster():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.randn(30, 2, dtype=torch.float64, generator=generator) + 5 * c for c in range(3)])
+    y = torch.arange(90) // 30  # class 0 is always predicted: classes 1 and 2 are wrong
+    model, loss_fn = _dead(X), nn.CrossEntropyLoss(reduction="none")
+    m = moments_for(model, X, y, loss_fn, 0)
+    cand = folding.folding(m, 1, Context(model, X, y, loss_fn), torch.Generator().manual_seed(3))
+    typical = folding.typical_instance(X, loss_fn(model(X), y).detach(), folding.CLUSTERS,
+                                       torch.Generator().manual_seed(3))
+    x_t = X[typical.index]
+    expected = (x_t + X[~typical.cluster].mean(dim=0)) / 2
+    assert cand.details["fold"] == "dead-region" and cand.n_neurons == 1
+    torch.testing.assert_close(torch.tensor(cand.details["x_f"], dtype=torch.float64), expected, rtol=1e-15, atol=0)
+
+
+def test_folding_proposes_no_neuron_without_room_without_mistakes_or_without_a_fold():
+    _, model, X, y, loss_fn = _shallow()
+    m = moments_for(model, X, y, loss_fn, 0)
+
+    def check_empty(cand, m):
+        assert (cand.method, cand.in_index, cand.out_index, cand.n_neurons) == ("folding", m.in_index, m.out_index, 0)
+        assert cand.alpha.shape == (0, X.shape[1] + 1) and cand.omega.shape == (5, 0) and cand.dW is None
+        assert (cand.lambdas, cand.lambda_null, cand.gain, cand.psi) == ([], None, 0.0, candidates.bottleneck(m))
+        assert (cand.signed_amplitude, cand.searches_amplitude) == (False, False)
+
+    check_empty(folding.folding(m, 0, Context(model, X, y, loss_fn)), m)
+    with torch.no_grad():
+        right = model(X).argmax(dim=1)
+    check_empty(folding.folding(m, 3, Context(model, X, right, loss_fn)), m)  # every sample predicted right
+    # every sample at one point, every unit off: the dead-region fold point is x_t itself
+    same = X[:1].repeat(12, 1)
+    labels = torch.arange(12) % 3
+    dead = _dead(same)
+    m_dead = moments_for(dead, same, labels, loss_fn, 0)
+    cand = folding.folding(m_dead, 3, Context(dead, same, labels, loss_fn), torch.Generator().manual_seed(0))
+    assert cand.n_neurons == 0 and cand.omega.shape == (3, 0)
+
+
+def test_fan_out_gradient_is_the_squared_norm_of_the_mean_fan_out_gradient():
+    generator = torch.Generator().manual_seed(0)
+    X, V = torch.randn(7, 3, dtype=torch.float64, generator=generator), torch.randn(7, 2, dtype=torch.float64, generator=generator)
+    x_f, A = torch.randn(3, dtype=torch.float64, generator=generator), torch.randn(4, 3, dtype=torch.float64, generator=generator)
+    expected = [float(sum(V[i] * max(float(a @ (X[i] - x_f)), 0.0) for i in range(7)).div(7).pow(2).sum()) for a in A]
+    assert folding.fan_out_gradient(X, V, x_f, A).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cone_directions_rotate_u_by_the_drawn_angles_towards_the_drawn_directions():
+    u = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    torch.manual_seed(1)
+    D = folding.cone_directions(u, 500, 30.0, torch.Generator().manual_seed(4))
+    torch.manual_seed(2)  # the global RNG plays no part
+    assert torch.equal(D, folding.cone_directions(u, 500, 30.0, torch.Generator().manual_seed(4)))
+    gen = torch.Generator().manual_seed(4)
+    r = torch.randn(500, 3, dtype=torch.float64, generator=gen)
+    angle = torch.rand(500, 1, dtype=torch.float64, generator=gen) * math.radians(30.0)
+    r = r - (r @ u)[:, None] * u
+    r = r / r.norm(dim=1, keepdim=True)
+    assert torch.equal(D[0], u) and D.shape == (501, 3)
+    torch.testing.assert_close(D[1:], torch.cos(angle) * u + torch.sin(angle) * r, rtol=0, atol=1e-15)
+    degrees = torch.rad2deg(torch.acos((D @ u).clamp(-1, 1)))
+    assert float(degrees.max()) <= 30.0 + 1e-9 and float(degrees.max()) > 29.0
+    torch.testing.assert_close(D.norm(dim=1), torch.ones(501, dtype=torch.float64))
+
+
+def test_fold_direction_maximises_the_gain_over_the_cone_and_is_x_t_minus_x_f_in_one_dimension():
+    generator = torch.Generator().manual_seed(0)
+    X, V = torch.randn(50, 2, dtype=torch.float64, generator=generator), torch.randn(50, 3, dtype=torch.float64, generator=generator)
+    x_t, x_f = _point(1.0, 0.0), _point(0.0, 0.0)
+    torch.manual_seed(5)
+    a, gain = folding.fold_direction(X, V, x_t, x_f, torch.Generator().manual_seed(1))
+    cone = folding.cone_directions(_point(1.0, 0.0), folding.DIRECTIONS, folding.CONE_DEGREES, torch.Generator().manual_seed(1))
+    G = folding.fan_out_gradient(X, V, x_f, cone)
+    assert gain == float(G.max()) > float(G[0]) and torch.equal(a, cone[int(G.argmax())])
+    a1, gain1 = folding.fold_direction(X[:, :1], V, _point(-2.0), _point(1.0), torch.Generator().manual_seed(1))
+    assert a1.tolist() == [-1.0] and gain1 == float(folding.fan_out_gradient(X[:, :1], V, _point(1.0), a1[None])[0])
+
+
+def test_rival_class_is_the_prediction_when_wrong_else_the_runner_up():
+    logits = torch.tensor([0.1, 3.0, 2.0, -1.0])
+    assert [folding.rival_class(logits, label) for label in range(4)] == [1, 2, 1, 1]
+
+
+def test_typical_instance_can_be_a_lone_sample_and_its_cluster_mean_is_exact():
+    X = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0], [20.0, 0.0]], dtype=torch.float64)
+    losses = torch.tensor([0.2, 0.4, 0.6, 1.0, 1.4, 1.1], dtype=torch.float64)
+    typical = folding.typical_instance(X, losses, 3, torch.Generator().manual_seed(0))
+    # the loss-weighted centroid (5.058, 5) is nearer (5.1, 5) than (5, 5)
+    assert (typical.index, typical.mean_loss) == (4, pytest.approx(1.2)) and typical.cluster.tolist() == [
+        False, False, False, True, True, False]
+    losses[5] = 1.3  # now the lone far sample is the cluster with the highest mean loss
+    typical = folding.typical_instance(X, losses, 3, torch.Generator().manual_seed(0))
+    assert (typical.index, typical.mean_loss, int(typical.cluster.sum())) == (5, pytest.approx(1.3), 1)
+
+
+def test_weighted_kmeans_ignores_negative_weights_uses_small_ones_and_stops_seeding_on_duplicates():
+    X = torch.tensor([[0.0], [1.0], [10.0], [11.0]], dtype=torch.float64)
+    small = torch.tensor([0.01, 0.03, 0.01, 0.01], dtype=torch.float64)  # weights summing to less than 1
+    centroids, _ = folding.weighted_kmeans(X, small, 2, torch.Generator().manual_seed(0))
+    assert sorted(centroids[:, 0].tolist()) == pytest.approx([0.75, 10.5])
+    negative = torch.tensor([1.0, 1.0, -5.0, 1.0], dtype=torch.float64)  # counts as 0: sample 2 does not pull
+    centroids, labels = folding.weighted_kmeans(X, negative, 2, torch.Generator().manual_seed(0))
+    assert sorted(centroids[:, 0].tolist()) == pytest.approx([0.5, 11.0]) and labels[2] == labels[3]
+    centroids, labels = folding.weighted_kmeans(X, torch.zeros(4, dtype=torch.float64), 2,
+                                                torch.Generator().manual_seed(0))  # no weight: all count alike
+    assert sorted(centroids[:, 0].tolist()) == pytest.approx([0.5, 10.5])
+    tiny = X * 1e-4  # squared distances far below 1 still seed every cluster
+    centroids, _ = folding.weighted_kmeans(tiny, torch.ones(4, dtype=torch.float64), 2, torch.Generator().manual_seed(0))
+    assert sorted(centroids[:, 0].tolist()) == pytest.approx([0.5e-4, 10.5e-4])
+    twice = torch.tensor([[1.0], [1.0], [3.0], [3.0]], dtype=torch.float64)  # 2 distinct points, 4 clusters asked
+    centroids, labels = folding.weighted_kmeans(twice, torch.ones(4, dtype=torch.float64), 4,
+                                                torch.Generator().manual_seed(0))
+    assert sorted(centroids[:, 0].tolist()) == [1.0, 3.0] and labels[0] == labels[1] != labels[2] == labels[3]
+    torch.manual_seed(0)
+    a = folding.weighted_kmeans(X, small, 2, torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    assert all(torch.equal(p, q) for p, q in zip(a, folding.weighted_kmeans(X, small, 2, torch.Generator().manual_seed(7))))
+
+
+def test_fold_point_evaluates_a_float32_network_in_its_own_dtype():
+    net = _fold_net(3.0).float()
+    x_f, how = folding.fold_point(net, _point(0.3, 0.1), 1, 0)
+    assert how == "boundary"
+    torch.testing.assert_close(x_f, _point(0.54, 0.34), rtol=0, atol=1e-6)
+
+
+# ----- NORTH-pre: the candidate against brute force -----------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_north_candidate_fan_out_gradient_and_scale_by_brute_force(scale):
+    """A layer of 3 on 6 inputs (one neuron asked by the trigger): the new pre-activation has the mean RMS of
+    the existing ones, lambda_k = ||E[V_goal b^T] alpha_k||, the gain their sum of
+    squares; fan-out 0, no amplitude search, the same neuron for the same seed whatever the global RNG."""
+    _, model, X, y, loss_fn = small_problem(widths=(3, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+        model[0].bias.mul_(scale)
+    m = moments_for(model, X, y, loss_fn, 0)
+    torch.manual_seed(0)
+    cand = north.north(m, 16, Context(model, X, y, loss_fn), torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    again = north.north(m, 16, Context(model, X, y, loss_fn), torch.Generator().manual_seed(0))
+    assert torch.equal(cand.alpha, again.alpha) and cand.n_neurons == 1
+    B_prev, _, V = explicit_activities(model, X, y, loss_fn, 0, 2)
+    n = X.shape[0]
+    existing = (north.fan_in_matrix(model[0]) @ B_prev).pow(2).mean(dim=1).sqrt().mean()
+    new = (cand.alpha @ B_prev).pow(2).mean(dim=1).sqrt()
+    assert float(new[0]) == pytest.approx(float(existing), rel=1e-9)
+    gradient = V @ B_prev.T @ cand.alpha.T / n  # (o, k): E[V_goal b^T] alpha_k
+    assert cand.lambdas == pytest.approx(gradient.norm(dim=0).tolist(), rel=1e-9)
+    assert cand.gain == pytest.approx(float(gradient.pow(2).sum()), rel=1e-9)
+    assert (cand.method, cand.in_index, cand.out_index, cand.dW, cand.lambda_null) == ("north", 0, 2, None, None)
+    assert (cand.signed_amplitude, cand.searches_amplitude, cand.psi) == (False, False, candidates.bottleneck(m))
+    assert torch.equal(cand.omega, torch.zeros(4, 1, dtype=torch.float64))
+    assert cand.details == {"effective_dimension": cand.details["effective_dimension"], "width": 3,
+                            "trigger": north.trigger(cand.details["effective_dimension"], 3)}
+
+
+def test_north_kernel_is_exhausted_at_a_relative_size_of_1e_6_whatever_the_scale():
+    """W spans e1, e2 of R^3 (S = I): a draw keeping 1e-4 of its size off that span gives a neuron, one
+    keeping 1e-7 does not (below 1e-6), at any scale of the draw; a zero draw gives none."""
+    S, W = torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[:2]
+    for size in (1e-6, 1.0, 1e6):
+        kept = north.kernel_fan_in(S, W, size * _point(1.0, 1.0, 1e-4)[:, None])
+        torch.testing.assert_close(kept, size * _point(0.0, 0.0, 1e-4)[None], rtol=1e-9, atol=0)
+        assert north.kernel_fan_in(S, W, size * _point(1.0, 1.0, 1e-7)[:, None]).shape == (0, 3)
+    assert north.kernel_fan_in(S, W, torch.zeros(3, 1, dtype=torch.float64)).shape == (0, 3)
+
+
+def test_north_trigger_scales_with_the_initial_effective_dimension():
+    """T_act = M (phi_a - gamma phi_a(f_0)): with phi_a(f_0) = 0.5, 5 of 10 directions ask for one neuron."""
+    assert north.trigger(5, 10, phi_0=0.5) == 1 and north.trigger(4, 10, phi_0=0.5) == 0

@@ -20,7 +20,7 @@ from cli.main import app
 from tinydeploy.export.quantize import INT8_FILE, quantize_int8
 from tinydeploy.growth import candidates, linalg
 from tinydeploy.growth.statistics import gather_moments
-from tinydeploy.growth.surgery import add_neurons, grown_output, widen_between
+from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import ResidualBlock, build_model, spec_from_model
 from tinydeploy.model.fold import fold_batchnorm
 from tinydeploy.model.losses import per_sample_loss
@@ -285,24 +285,3 @@ def test_profiled_layer_latency_covers_every_conv_of_the_folded_resnet(tmp_path:
     latency = layer_latency(data, np.random.default_rng(0).standard_normal((4, 2, 6, 6)), runs=3)
     assert {"0", "3", "4"} <= set(latency) or {"2", "3", "4"} <= set(latency)  # stem conv fused with its ReLU
     assert all(value > 0 for value in latency.values())
-
-
-@pytest.mark.parametrize("affine", [True, False])
-def test_a_widened_batchnorm_keeps_every_option_of_the_old_one(affine: bool) -> None:
-    """eps, momentum, affine, running statistics and dtype carry over; the old channels keep their state,
-    the new ones get the given mean and variance with weight sqrt(v + eps) and bias m (without an affine
-    map: mean 0 and variance 1 - eps, the only identity)."""
-    old = nn.BatchNorm2d(3, eps=1e-3, momentum=0.3, affine=affine, dtype=torch.float64)
-    with torch.no_grad():
-        old.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
-        old.running_var.copy_(torch.tensor([4.0, 5.0, 6.0]))
-    grown = widen_between(old, 2, torch.tensor([7.0, 8.0]), torch.tensor([9.0, 10.0]))
-    assert type(grown) is nn.BatchNorm2d and grown.num_features == 5
-    assert (grown.eps, grown.momentum, grown.affine, grown.track_running_stats) == (1e-3, 0.3, affine, True)
-    assert grown.running_mean.dtype == torch.float64
-    if not affine:
-        assert grown.running_mean.tolist() == [1, 2, 3, 0, 0] and grown.running_var.tolist() == [4, 5, 6, 0.999, 0.999]
-        return
-    assert grown.running_mean.tolist() == [1, 2, 3, 7, 8] and grown.running_var.tolist() == [4, 5, 6, 9, 10]
-    torch.testing.assert_close(grown.weight[3:], torch.tensor([9.001, 10.001], dtype=torch.float64).sqrt())
-    assert grown.bias[3:].tolist() == [7, 8]
