@@ -456,13 +456,15 @@ def test_gather_moments_leaves_the_model_as_it_found_it():
 def test_growth_step_and_optimizer_carry_over_stay_on_the_gpu(method):
     """Every tensor a growth step creates (samples, Gaussian draws, candidates, new weights, optimizer state)
     lives on the model's device; CPU runs cannot see a tensor created on the wrong one."""
-    spec, model, X, y, loss_fn = small_problem(widths=(6, 6), n=2000)
+    shallow = method == "folding"  # Growing by Folding is defined for one hidden layer
+    spec, model, X, y, loss_fn = small_problem(widths=(6,) if shallow else (6, 6), n=2000)
     model, X, y = model.cuda(), X.cuda(), y.cuda()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn(model(X), y).mean().backward()
     optimizer.step()
     s = GrowthSettings(method=method, min_estimation_batch=512)
-    grown, growths, _ = growth_step(model, [0, 2], Batch(X[:1500], y[:1500]), Batch(X[1500:], y[1500:]), loss_fn,
+    grown, growths, _ = growth_step(model, [0] if shallow else [0, 2], Batch(X[:1500], y[:1500]),
+                                    Batch(X[1500:], y[1500:]), loss_fn,
                                     _metric, s, torch.Generator(device="cuda").manual_seed(0))
     assert growths and all(p.is_cuda for p in grown.parameters())
     for generator in (torch.Generator(), torch.Generator(device="cuda")):  # either generator samples CUDA data
