@@ -133,10 +133,11 @@ class GrowJob:
         self.parallel = parallel
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
+        arch = default_arch(cfg)
         self.data = data if data is not None else load_dataset(
             cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
-            val_fraction=cfg.val_fraction, as_images=is_convolutional(default_arch(cfg)), task=cfg.task)
-        self.arch = default_arch(cfg) or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
+            val_fraction=cfg.val_fraction, as_images=is_convolutional(arch), task=cfg.task)
+        self.arch = arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=is_convolutional(self.arch))
         # The spec at the initial widths; current widths are read back with spec_from_model.
