@@ -38,6 +38,23 @@ def test_wide_layers_shared_covariance_and_second_pass_match_explicit_products()
     torch.testing.assert_close(second.S, first.S_h, rtol=0, atol=0)
 
 
+
+def test_one_eigendecomposition_for_the_matrix_that_is_one_layers_S_h_and_the_next_layers_S():
+    """A layer's S_h and the next layer's S are one tensor with one ``linalg.Spectrum`` (eigh runs once),
+    and S^+, S^(-1/2) (with and without ridge) from that spectrum equal those of the matrix itself."""
+    _, model, X, y, loss_fn = small_problem(widths=(12, 9), n=200, classes=3)
+    first, second = gather_moments(model, [0, 2], X, y, loss_fn, generator=torch.Generator().manual_seed(0))
+    assert second.S is first.S_h
+    spectrum = first.spectrum(first.S_h)
+    assert second.spectrum(second.S) is spectrum and first.spectrum(first.S) is not spectrum
+    for ridge in (0.0, 0.3):
+        torch.testing.assert_close(linalg.psd_inverse_sqrt(spectrum, 1e-6, ridge),
+                                   linalg.psd_inverse_sqrt(linalg.ridged(second.S, ridge), 1e-6), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(linalg.psd_pinv(spectrum, 1e-6, ridge),
+                                   linalg.psd_pinv(linalg.ridged(second.S, ridge), 1e-6), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(first.best_update(), first.N_h.T @ torch.linalg.pinv(first.S_h, hermitian=True,
+                                                                                     rtol=1e-10), rtol=1e-8, atol=1e-11)
+
 def _float32_case():
     _, model, X, y, loss_fn = small_problem(widths=(24, 20), n=3000, d=12, classes=6)
     return model.float(), X.float(), y, loss_fn

@@ -96,7 +96,7 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
     psi = float(torch.trace(covariance)) if ridge == 0.0 else bottleneck(m)  # Eq. 4: Psi = tr(V_proj V_proj^T) / n
     N = m.projected_cross_moment(dW)
-    S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
+    S_inv_sqrt = linalg.psd_inverse_sqrt(m.spectrum(m.S), linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, gaussian_like_goal(m, covariance)))
     significant = int((neurons.lambdas > lambda_null).sum())

@@ -42,16 +42,36 @@ def rank_cut(n: int, d: int, eps: float) -> float:
     return max(DEFAULT_RELATIVE_CUT, 1.0 / n, (max(n, d) * eps) ** 2)
 
 
-def _eigen(S: torch.Tensor, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Spectrum:
+    """S = O diag(sigma) O^T of a symmetric PSD matrix (``torch.linalg.eigh``), computed once: S^+ and
+    S^(-1/2) with any cut and ridge come from it (``ridged(S, r)`` has the same O and the eigenvalues
+    sigma + r mean(sigma)), so a matrix that is one pair's S_h and the next pair's S is decomposed once."""
+
+    sigma: torch.Tensor
+    O: torch.Tensor
+
+    @staticmethod
+    def of(S: torch.Tensor) -> Spectrum:
+        sigma, O = torch.linalg.eigh(S)
+        return Spectrum(sigma, O)
+
+
+def _eigen(S: torch.Tensor | Spectrum, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma^(-1/2) with 1/0 := 0 below the cut, O) from ridged(S) = O diag(sigma) O^T."""
-    sigma, O = torch.linalg.eigh(ridged(S, ridge))
-    keep = sigma > rel_cut * sigma.max().clamp_min(torch.finfo(S.dtype).tiny)
-    inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(S.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
+    spectrum = S if isinstance(S, Spectrum) else Spectrum.of(S)
+    sigma, O = spectrum.sigma, spectrum.O
+    if ridge != 0.0:
+        sigma = sigma + ridge * sigma.mean()
+    tiny = torch.finfo(sigma.dtype).tiny
+    keep = sigma > rel_cut * sigma.max().clamp_min(tiny)
+    inv_sqrt = torch.where(keep, sigma.clamp_min(tiny).rsqrt(), torch.zeros_like(sigma))
     return inv_sqrt, O
 
 
-def psd_inverse_sqrt(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
-    """S^(-1/2) = O diag(sigma)^(-1/2) O^T from S = O diag(sigma) O^T, with 1/0 := 0.
+def psd_inverse_sqrt(S: torch.Tensor | Spectrum, rel_cut: float = DEFAULT_RELATIVE_CUT,
+                     ridge: float = 0.0) -> torch.Tensor:
+    """S^(-1/2) = O diag(sigma)^(-1/2) O^T from S = O diag(sigma) O^T (or its ``Spectrum``), with 1/0 := 0.
 
     Eigenvalues below ``rel_cut * max(sigma)`` are cut (treated as 0), which keeps the result
     finite when S is singular (e.g. a constant input feature, or n < d). ``ridge`` > 0 inverts
@@ -62,7 +82,7 @@ def psd_inverse_sqrt(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, rid
     return (O * inv_sqrt) @ O.T
 
 
-def psd_pinv(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
+def psd_pinv(S: torch.Tensor | Spectrum, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
     """S^+, the pseudo-inverse of a symmetric PSD matrix with the same relative eigenvalue cut (and ridge)."""
     inv_sqrt, O = _eigen(S, rel_cut, ridge)
     return (O * inv_sqrt.square()) @ O.T
@@ -86,7 +106,7 @@ def psd_factor(S: torch.Tensor) -> torch.Tensor:
     return factor if int(info) == 0 else psd_sqrt(S)
 
 
-def best_update(S_h: torch.Tensor, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT,
+def best_update(S_h: torch.Tensor | Spectrum, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT,
                 ridge: float = 0.0) -> torch.Tensor:
     """Prop. 3.1: dW* = N_h^T S_h^+, the best move of the existing weights of the next layer.
 

@@ -37,7 +37,7 @@ class GrowthSettings:
     estimation_floor: int = 16
     min_estimation_batch: int = 256
     max_estimation_batch: int = 16384
-    chunk_size: int = 1024
+    chunk_size: int = 4096
     #: Relative ridge on S and S_h (``linalg.ridged``); 0 is the paper's pseudo-inverse.
     ridge: float = 0.0
     #: Rescale new neurons' fan-in against fan-out to the sizes of their layers' weights (``candidates.balance``).

@@ -23,7 +23,7 @@ layers' recorded inputs and gradients kept from the first (raw, not unfolded) wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -89,6 +89,9 @@ class LayerMoments:
     dW: torch.Tensor | None = None
     ridge: float = 0.0
     eps: float = 0.0  # unit roundoff of the activities the products were formed from (``linalg.rank_cut``)
+    #: Eigendecompositions found so far, keyed by id of the moment (kept with it): shared by the pairs of
+    #: one ``gather_moments``, where a layer's S_h is the same tensor as the next layer's S.
+    spectra: dict[int, tuple[torch.Tensor, linalg.Spectrum]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def v_sq_norm(self) -> torch.Tensor:
@@ -107,7 +110,14 @@ class LayerMoments:
         """dW* = N_h^T S_h^+ (Prop. 3.1; ``ridge``: ``linalg.ridged``), the one computed with the moments if any."""
         if self.dW is not None and ridge == self.ridge:
             return self.dW
-        return linalg.best_update(self.S_h, self.N_h, ridge=ridge)
+        return linalg.best_update(self.spectrum(self.S_h), self.N_h, ridge=ridge)
+
+    def spectrum(self, moment: torch.Tensor) -> linalg.Spectrum:
+        """``linalg.Spectrum`` of one of these symmetric moments (S or S_h), computed once per tensor."""
+        found = self.spectra.get(id(moment))
+        if found is None or found[0] is not moment:
+            found = self.spectra[id(moment)] = (moment, linalg.Spectrum.of(moment))
+        return found[1]
 
     def projected_cross_moment(self, dW: torch.Tensor) -> torch.Tensor:
         """N = B^t V_goal_proj^T / n (D, o * taps) for the best update ``dW`` of the consumer."""
@@ -204,9 +214,11 @@ def _cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
 
 def _add(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    """Add one chunk's product (formed in the activities' dtype) to the float64 running sum."""
-    value = value.double()
-    acc[key] = acc[key] + value if key in acc else value
+    """Add one chunk's product (formed in the activities' dtype) to the float64 running sum (in place)."""
+    if key in acc:
+        acc[key].add_(value)
+    else:
+        acc[key] = value.to(torch.float64, copy=True)
 
 
 def symmetric_product(A: torch.Tensor) -> torch.Tensor:
@@ -283,15 +295,15 @@ def _accumulate_vectors(acc: dict[str, torch.Tensor], model: nn.Sequential, pair
     concatenated (``ones_gram``, ``ones_cross``); [x 1]^T [x 1] is the previous layer's S_h; S_ph only
     where the projected N does not come from a second pass (``_projects_later``)."""
     x_in, b, grad = recorded
-    x, b, V = x_in.flatten(1), b.flatten(1), -grad
+    x, b = x_in.flatten(1), b.flatten(1)
     c = _vector_scale(model, pair)
     _add(acc, "S", c * c * grams.of(pair.producer_path, x))
-    _add(acc, "N_v", c * ones_cross(x, V))
+    _add(acc, "N_v", -c * ones_cross(x, grad))  # V_goal = -grad: the sign goes on the small products
     if not _projects_later(model, pair):
         _add(acc, "S_ph", c * ones_cross(x, b, ones_right=True))
     _add(acc, "S_h", grams.of(pair.consumer_path, b))
-    _add(acc, "N_h", ones_cross(b, V))
-    _add(acc, "VV", symmetric_product(V))
+    _add(acc, "N_h", -ones_cross(b, grad))
+    _add(acc, "VV", symmetric_product(grad))
 
 
 def _vector_projected(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...],
@@ -441,7 +453,7 @@ def gather_moments(
     y: torch.Tensor,
     loss_fn: LossFn,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 4096,
     generator: torch.Generator | None = None,
     rows: list[int] | None = None,
     ridge: float = 0.0,
@@ -512,14 +524,18 @@ def gather_moments(
                     _add(sums[index], "N", _cross(views.U, projected))
         _sum_over(total, sums, {i: [k for k in acc if not (i in late and k in ("S_h", "N_h"))]
                                 for i, acc in enumerate(sums)})
-    found = []
+    found: list[LayerMoments] = []
+    spectra: dict[int, tuple[torch.Tensor, linalg.Spectrum]] = {}
     for i, (acc, p, m) in enumerate(zip(sums, pairs, meta)):
         moments = {k: v / counts[i] for k, v in acc.items()}
+        if found and torch.equal(moments["S"], found[-1].S_h):  # one tensor: one eigendecomposition
+            moments["S"] = found[-1].S_h
         if i not in spatial:
             moments["N_z"] = derived_probe(moments["S"], moments["VV"].shape[0], counts[i], generator)
         found.append(LayerMoments(p.in_index, p.out_index, counts[i], **moments, tap_shape=m["tap_shape"],
                                   out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge,
-                                  eps=torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0))
+                                  eps=torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0,
+                                  spectra=spectra))
     return found
 
 
@@ -530,7 +546,7 @@ def gather_bottlenecks(
     y: torch.Tensor,
     loss_fn: LossFn,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 4096,
     rows: list[int] | None = None,
     shard: tuple[int, int] = (0, 1),
     total: Callable[[torch.Tensor], torch.Tensor] | None = None,
