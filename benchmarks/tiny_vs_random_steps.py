@@ -30,7 +30,7 @@ from common import Report, machine_info  # noqa: E402
 from tinydeploy.training.config import GrowConfig  # noqa: E402
 from tinydeploy.training.job import prepare_grow  # noqa: E402
 from tinydeploy.growth import candidates  # noqa: E402
-from tinydeploy.growth.amplitude import line_search  # noqa: E402
+from tinydeploy.growth.amplitude import line_search, pointwise  # noqa: E402
 from tinydeploy.growth.policy import estimation_batch_size, growth_step, neuron_budget  # noqa: E402
 from tinydeploy.growth.statistics import gather_moments  # noqa: E402
 from tinydeploy.growth.surgery import grown_output  # noqa: E402
@@ -60,7 +60,7 @@ def equal_neuron_pairs(job, held_out, seed: int) -> list[dict]:
         losses = {}
         for label, cand in (("tiny", tiny), ("random", rand)):
             output = grown_output(job.model, cand, held_out.X)
-            _, losses[label] = line_search(lambda g: float(job.loss_fn(output(g), held_out.y).mean()),
+            _, losses[label] = line_search(pointwise(lambda g: float(job.loss_fn(output(g), held_out.y).mean())),
                                            signed=cand.signed_amplitude)
         pairs.append({"layer": growable.index(m.in_index), "neurons": tiny.n_neurons,
                       "tiny": base - losses["tiny"], "random": base - losses["random"]})

@@ -128,7 +128,7 @@ def moment_tensors(moments: list[Any]) -> dict[str, Any]:
         for f in dataclasses.fields(m):
             value = getattr(m, f.name)
             if torch.is_tensor(value):
-                tensors[f"{m.in_index}.{f.name}"] = value.contiguous()
+                tensors[f"{m.in_index}.{f.name}"] = value.clone()  # S_h and the next S are one tensor
         tensors[f"{m.in_index}.n"] = torch.tensor(float(m.n))
         N = m.projected_cross_moment(linalg.best_update(m.S_h, m.N_h))
         neurons = linalg.new_neurons(linalg.psd_inverse_sqrt(m.S), N)

@@ -10,7 +10,7 @@ import torch
 
 from growth_fixtures import moments_for, small_problem
 from tinydeploy.growth import candidates, gradmax
-from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.amplitude import line_search, pointwise
 from tinydeploy.growth.policy import Batch, GrowthSettings, estimation_batch_size, growth_step, neuron_budget
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
 
@@ -82,11 +82,11 @@ def test_adam_state_of_old_parameters_survives_growth():
 
 
 def test_line_search_finds_the_minimum_of_a_smooth_loss():
-    gamma, loss = line_search(lambda g: (math.log(g) - math.log(0.3)) ** 2 if g > 0 else 5.0)
+    gamma, loss = line_search(pointwise(lambda g: (math.log(g) - math.log(0.3)) ** 2 if g > 0 else 5.0))
     assert gamma == pytest.approx(0.3, rel=0.02) and loss < 1e-3
-    gamma, loss = line_search(lambda g: 1.0 + g * g, signed=True)  # nothing beats no change
+    gamma, loss = line_search(pointwise(lambda g: 1.0 + g * g), signed=True)  # nothing beats no change
     assert gamma == 0.0 and loss == 1.0
-    gamma, _ = line_search(lambda g: (g + 2.0) ** 2, signed=True)
+    gamma, _ = line_search(pointwise(lambda g: (g + 2.0) ** 2), signed=True)
     assert gamma == pytest.approx(-2.0, rel=0.02)
 
 

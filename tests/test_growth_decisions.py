@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tinydeploy.growth import candidates, gradmax, linalg, policy
-from tinydeploy.growth.amplitude import line_search
+from tinydeploy.growth.amplitude import line_search, pointwise
 from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
 from tinydeploy.growth.policy import (
@@ -196,28 +196,30 @@ def test_propose_dispatches_by_name_and_names_the_choices():
 
 # ----- amplitude search ---------------------------------------------------------------------------------
 def test_line_search_finds_a_minimum_anywhere_on_the_grid_to_within_its_precision():
-    """Grid 2^-12..2^6, then 8 golden-section steps between the best grid point's neighbours: on a smooth loss
-    the result is within 0.0077 (in log2) of the minimum wherever it lies; a wider or narrower bracket is
-    not (0.011 or 0.5)."""
+    """Grid 2^-12..2^6, then two rounds of 15 points between the best point's neighbours (spacing 2/16, then
+    4/256 in log2): on a smooth loss the result is within 1/128 (in log2) of the minimum wherever it lies,
+    which fewer points would miss; three calls of ``losses_at`` in all."""
     for log2_gamma in torch.linspace(-12.0, 6.0, 361).tolist():
         loss = lambda g, t=log2_gamma: (math.log2(g) - t) ** 2 - 1.0 if g > 0 else 0.0
-        gamma, value = line_search(loss)
-        assert abs(math.log2(gamma) - log2_gamma) < 0.0095, log2_gamma
+        calls = []
+        gamma, value = line_search(lambda gs, f=pointwise(loss): calls.append(len(gs)) or f(gs))
+        assert abs(math.log2(gamma) - log2_gamma) <= 1 / 128 + 1e-12, log2_gamma
         assert value == loss(gamma) and value < -0.99
+        assert calls == [20, 15, 15]
 
 
 def test_line_search_for_tiny_never_goes_negative_and_random_searches_both_signs():
     worse_for_positive = lambda g: (g + 1.0) ** 2
-    assert line_search(worse_for_positive) == (0.0, 1.0)
-    gamma, value = line_search(worse_for_positive, signed=True)
+    assert line_search(pointwise(worse_for_positive)) == (0.0, 1.0)
+    gamma, value = line_search(pointwise(worse_for_positive), signed=True)
     assert gamma == pytest.approx(-1.0, rel=0.02) and value < 1e-3
     two_wells = lambda g: min((g - 0.5) ** 2 + 0.1, (g + 2.0) ** 2)
-    assert line_search(two_wells, signed=True)[0] == pytest.approx(-2.0, rel=0.02)
-    assert line_search(two_wells)[0] == pytest.approx(0.5, rel=0.02)
-    assert line_search(lambda g: (g - 3.0) ** 2, signed=True)[0] == pytest.approx(3.0, rel=0.02)
-    assert line_search(lambda g: 1.0, signed=True) == (0.0, 1.0)  # a flat loss: no change beats no change
-    assert line_search(lambda g: g, signed=True) == (-64.0, -64.0)  # both signs search the same grid, 2^-12..2^6
-    assert line_search(lambda g: -g, signed=True) == (64.0, -64.0)
+    assert line_search(pointwise(two_wells), signed=True)[0] == pytest.approx(-2.0, rel=0.02)
+    assert line_search(pointwise(two_wells))[0] == pytest.approx(0.5, rel=0.02)
+    assert line_search(pointwise(lambda g: (g - 3.0) ** 2), signed=True)[0] == pytest.approx(3.0, rel=0.02)
+    assert line_search(pointwise(lambda g: 1.0), signed=True) == (0.0, 1.0)  # flat: no change wins
+    assert line_search(pointwise(lambda g: g), signed=True) == (-64.0, -64.0)  # both signs: same grid 2^-12..2^6
+    assert line_search(pointwise(lambda g: -g), signed=True) == (64.0, -64.0)
 
 
 def test_line_search_stays_within_the_grid_and_returns_the_loss_it_found():
@@ -227,7 +229,7 @@ def test_line_search_stays_within_the_grid_and_returns_the_loss_it_found():
         calls.append(g)
         return -g
 
-    gamma, value = line_search(decreasing)
+    gamma, value = line_search(pointwise(decreasing))
     assert gamma == 64.0 and value == -64.0 and max(calls) == 64.0 and min(calls) == 0.0
 
 
@@ -300,7 +302,7 @@ def test_growth_step_picks_the_layer_with_the_largest_loss_decrease(order):
         cand = proposed[m.in_index] = candidates.propose(s.method, m, neuron_budget(model, m.in_index, m.out_index, s), gen)
         assert cand.n_neurons >= 1
         output = grown_output(model, cand, held.X)
-        after[m.in_index] = line_search(lambda g, out=output: float(loss_fn(out(g), held.y).mean()))[1]
+        after[m.in_index] = line_search(pointwise(lambda g, out=output: float(loss_fn(out(g), held.y).mean())))[1]
     best = min(after, key=after.get)
     with torch.no_grad():
         loss_0 = float(loss_fn(model(held.X), held.y).mean())
@@ -590,22 +592,30 @@ def test_a_growth_step_shared_by_ranks_takes_the_one_process_decisions():
 
 
 def test_ranks_score_the_whole_held_out_batch_even_with_a_rank_that_has_no_rows():
-    """Three ranks share two held-out rows: the summed (mean loss, accuracy) is the whole batch's."""
+    """Three ranks share two held-out rows: the summed (mean loss, accuracy) is the whole batch's, and so
+    are the mean losses of several outputs stacked (the line search's batched evaluation)."""
     spec, model, X, y, loss_fn = small_problem()
     batch = Batch(X[:2], y[:2])
     with torch.no_grad():
         out = model(X[:2])
         expected = (float(loss_fn(out, y[:2]).mean()), _metric(out, y[:2]))
+        stacked = [float(loss_fn(k * out, y[:2]).mean()) for k in (1.0, -2.0, 0.5)]
 
     def score(rank):
         rows = policy._rows(batch, rank)
+        evaluator = policy._Evaluator(rows, loss_fn, _metric, rank)
         with torch.no_grad():
-            return rows.X.shape[0], policy._evaluator(rows, loss_fn, _metric, rank)(model(rows.X))
+            out = model(rows.X)
+            return rows.X.shape[0], evaluator(out), evaluator.losses(torch.stack([out, -2.0 * out, 0.5 * out]))
 
     results = _Ranks(3).run(score)
-    assert sorted(n for n, _ in results) == [0, 1, 1]
-    for _, (loss, metric) in results:
+    assert sorted(n for n, _, _ in results) == [0, 1, 1]
+    for _, (loss, metric), losses in results:
         assert loss == pytest.approx(expected[0], rel=1e-12) and metric == pytest.approx(expected[1], rel=1e-12)
+        assert losses == pytest.approx(stacked, rel=1e-12)
+    one = policy._Evaluator(batch, loss_fn, _metric)
+    with torch.no_grad():
+        assert one.losses(torch.stack([out, -2.0 * out, 0.5 * out])) == pytest.approx(stacked, rel=1e-12)
 
 
 def test_truncated_keeps_the_first_neurons_up_to_the_budget():
@@ -661,7 +671,7 @@ _SEED = 2  # a seed where all three first-round candidates lower the loss (in th
 def _first_round(model, blocks, train, held, loss_fn, s):
     """The first round's candidates of a step (same generator seed) and each one's held-out loss decrease."""
     first = policy._propose(model, blocks, train, loss_fn, s, torch.Generator().manual_seed(_SEED), None)
-    scores = policy._evaluator(held, loss_fn, _metric)
+    scores = policy._Evaluator(held, loss_fn, _metric)
     with torch.no_grad():
         loss_0 = scores(model(held.X))[0]
         return {c.in_index: c for c in first}, {

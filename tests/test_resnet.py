@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from tinydeploy.export.quantize import INT8_FILE, quantize_int8
-from tinydeploy.growth import candidates, linalg
+from tinydeploy.growth import candidates, linalg, surgery
 from tinydeploy.growth.statistics import gather_moments
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import ResidualBlock, build_model, spec_from_model
@@ -98,6 +98,22 @@ def test_grown_block_equals_a_resnet_built_at_the_final_widths_with_the_same_wei
     assert not torch.allclose(grown(X), model(X))  # the amplitude did change the function
     # the line search's fast forward is the grown model (eval mode, BatchNorm with its statistics)
     torch.testing.assert_close(grown_output(model, cand, X)(0.7), grown(X).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [IDENTITY_BLOCK, PROJECTION_BLOCK])
+def test_stacked_line_search_forward_equals_each_grown_model_in_any_grouping(block: int, monkeypatch) -> None:
+    """Several amplitudes at once (the block's shortcut repeated for each copy of the batch), in one group
+    or in groups of one and two copies (``surgery.STACK_VALUES``): each slice is that amplitude's model."""
+    spec, model = _resnet()
+    X, y = _data()
+    cand = all_neurons(_moments(model, block, X, y))
+    gammas = [0.7, 0.0, 2.5]
+    expected = torch.stack([add_neurons(model, cand, g, X).eval()(X).detach() for g in gammas])
+    output = grown_output(model, cand, X)
+    per_copy = max(output.base.numel(), output.a_new.numel())
+    for limit in (10**9, per_copy, 2 * per_copy):
+        monkeypatch.setattr(surgery, "STACK_VALUES", limit)
+        torch.testing.assert_close(grown_output(model, cand, X).stacked(gammas), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_new_channels_batchnorm_holds_their_statistics_so_train_mode_keeps_the_amplitude() -> None:

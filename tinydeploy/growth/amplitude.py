@@ -2,47 +2,51 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 #: Amplitudes tried before refinement: 2^k for k in [-12, 6] (earlier appendix D.4 uses 2^-k).
 GRID_EXPONENTS = range(-12, 7)
-#: Golden-section iterations refining the best grid point in log-amplitude.
-REFINE_STEPS = 8
+#: Refinement rounds after the grid, and the log-amplitudes each one tries inside its bracket.
+REFINE_ROUNDS = 2
+REFINE_POINTS = 15
+
+Losses = Callable[[list[float]], list[float]]
 
 
-def line_search(loss_at: Callable[[float], float], signed: bool = False) -> tuple[float, float]:
-    """g* = argmin_g loss_at(g) over g >= 0 (TINY), or over both signs (Random; Eq. 14).
+def pointwise(loss_at: Callable[[float], float]) -> Losses:
+    """The ``losses_at`` of a function of one amplitude."""
+    return lambda gammas: [loss_at(g) for g in gammas]
 
-    Evaluates a log-spaced grid, then refines the best grid point by golden-section search on
-    log|g| between its neighbours. Returns (g*, loss_at(g*)); g* = 0 when nothing beats no change.
+
+def line_search(losses_at: Losses, signed: bool = False) -> tuple[float, float]:
+    """g* = argmin_g loss(g) over g >= 0 (TINY), or over both signs (Random; Eq. 14).
+
+    ``losses_at`` gives the losses of a list of amplitudes (in one pass where the caller can: each
+    stage below is one call). Evaluates g = 0 and a log-spaced grid, then refines around the best grid
+    point of each sign: ``REFINE_ROUNDS`` times, ``REFINE_POINTS`` evenly spaced values of log|g|
+    strictly between the neighbours of the best point so far (the bracket then shrinks to the new best
+    point's neighbours). Returns (g*, loss(g*)); g* = 0 when nothing beats no change.
     """
-    best_gamma, best_loss = 0.0, loss_at(0.0)
-    for sign in (1.0, -1.0) if signed else (1.0,):
-        grid = [sign * 2.0**k for k in GRID_EXPONENTS]
-        losses = [loss_at(g) for g in grid]
-        i = min(range(len(grid)), key=losses.__getitem__)
+    signs = (1.0, -1.0) if signed else (1.0,)
+    exponents = list(GRID_EXPONENTS)
+    values = losses_at([0.0] + [sign * 2.0**k for sign in signs for k in exponents])
+    best_gamma, best_loss = 0.0, values[0]
+    brackets = []
+    for s, sign in enumerate(signs):
+        losses = values[1 + s * len(exponents) : 1 + (s + 1) * len(exponents)]
+        i = min(range(len(exponents)), key=losses.__getitem__)
         if losses[i] < best_loss:
-            best_gamma, best_loss = grid[i], losses[i]
-        lo, hi = math.log2(abs(grid[max(i - 1, 0)])), math.log2(abs(grid[min(i + 1, len(grid) - 1)]))
-        gamma, loss = _golden(lambda t: loss_at(sign * 2.0**t), lo, hi)
-        if loss < best_loss:
-            best_gamma, best_loss = sign * 2.0**gamma, loss
+            best_gamma, best_loss = sign * 2.0**exponents[i], losses[i]
+        brackets.append((exponents[max(i - 1, 0)], exponents[min(i + 1, len(exponents) - 1)]))
+    for _ in range(REFINE_ROUNDS):
+        points = [[lo + (hi - lo) * j / (REFINE_POINTS + 1) for j in range(1, REFINE_POINTS + 1)]
+                  for lo, hi in brackets]
+        values = losses_at([sign * 2.0**t for sign, ts in zip(signs, points) for t in ts])
+        for s, (sign, ts) in enumerate(zip(signs, points)):
+            losses = values[s * REFINE_POINTS : (s + 1) * REFINE_POINTS]
+            j = min(range(REFINE_POINTS), key=losses.__getitem__)
+            if losses[j] < best_loss:
+                best_gamma, best_loss = sign * 2.0**ts[j], losses[j]
+            step = ts[1] - ts[0]
+            brackets[s] = (ts[j] - step, ts[j] + step)
     return best_gamma, best_loss
-
-
-def _golden(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, float]:
-    """Golden-section minimisation of f on [lo, hi]; returns (argmin, min) of the points visited."""
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = f(a), f(b)
-    for _ in range(REFINE_STEPS):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = f(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = f(b)
-    return (a, fa) if fa < fb else (b, fb)

@@ -133,14 +133,17 @@ class Pair:
         """The producer's input for model inputs ``X`` (a block's conv1 reads the block's input)."""
         return model[: self.in_index](X)
 
-    def continuation(self, model: nn.Sequential, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def continuation(self, model: nn.Sequential, x: torch.Tensor,
+                     repeats: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
         """pre -> the model's output when the consumer's output is ``pre`` and the producer's input ``x``
-        (a block finishes with its BatchNorm, shortcut of ``x`` and activation, then the next modules)."""
+        (a block finishes with its BatchNorm, shortcut of ``x`` and activation, then the next modules).
+        With ``repeats`` = G, ``pre`` holds G versions of the consumer's output, stacked along dim 0."""
         suffix = model[self.out_index + 1 :]
         if not self.in_block:
             return suffix
         block = model[self.in_index]
         shortcut = block.shortcut(x)
+        shortcut = shortcut.repeat(repeats, *[1] * (shortcut.dim() - 1))
         return lambda pre: suffix(block.act2(block.bn2(pre) + shortcut))
 
 

@@ -128,19 +128,33 @@ def _rms(weight: torch.Tensor) -> float:
     return float(weight.detach().double().pow(2).mean().sqrt())
 
 
-def _evaluator(batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float],
-               parallel: DataParallel | None = None):
-    """(mean loss, metric) of a model's outputs on ``batch`` (this process's rows of it, summed over processes)."""
+class _Evaluator:
+    """(mean loss, metric) of a model's outputs on ``batch`` (this process's rows of it, summed over
+    processes); ``losses`` gives the mean loss of several outputs stacked along a leading dim at once."""
 
-    def scores(out: torch.Tensor) -> tuple[float, float]:
-        if parallel is None:
-            return float(loss_fn(out, batch.y).mean()), metric(out, batch.y)
-        n = batch.y.shape[0]
-        local = [float(loss_fn(out, batch.y).sum()), metric(out, batch.y) * n if n else 0.0, float(n)]
-        loss_sum, metric_sum, count = parallel.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+    def __init__(self, batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float],
+                 parallel: DataParallel | None = None):
+        self.batch, self.loss_fn, self.metric, self.parallel = batch, loss_fn, metric, parallel
+
+    def __call__(self, out: torch.Tensor) -> tuple[float, float]:
+        y = self.batch.y
+        if self.parallel is None:
+            return float(self.loss_fn(out, y).mean()), self.metric(out, y)
+        n = y.shape[0]
+        local = [float(self.loss_fn(out, y).sum()), self.metric(out, y) * n if n else 0.0, float(n)]
+        loss_sum, metric_sum, count = self.parallel.sum(torch.tensor(local, dtype=torch.float64)).tolist()
         return loss_sum / count, metric_sum / count
 
-    return scores
+    def losses(self, outs: torch.Tensor) -> list[float]:
+        """Mean loss of each of the G outputs in ``outs`` (G, n, ...): one loss call, one sum over processes."""
+        y, G = self.batch.y, outs.shape[0]
+        n = y.shape[0]
+        per_sample = self.loss_fn(outs.flatten(0, 1), y.expand(G, *y.shape).flatten(0, 1)).reshape(G, n)
+        if self.parallel is None:
+            return per_sample.double().mean(1).tolist()
+        sums = torch.cat([per_sample.double().sum(1), torch.tensor([float(n)], dtype=torch.float64)])
+        total = self.parallel.sum(sums)
+        return (total[:-1] / total[-1]).tolist()
 
 
 def _rows(batch: Batch, parallel: DataParallel | None) -> Batch:
@@ -151,12 +165,12 @@ def _rows(batch: Batch, parallel: DataParallel | None) -> Batch:
     return Batch(batch.X[lo:hi], batch.y[lo:hi])
 
 
-def _amplitude(model: nn.Sequential, cand: Candidate, batch: Batch, scores) -> tuple[float, float]:
+def _amplitude(model: nn.Sequential, cand: Candidate, batch: Batch, scores: _Evaluator) -> tuple[float, float]:
     """(g*, loss at g*) by line search; GradMax keeps its fixed small fan-out (g = 1, loss unchanged)."""
     output = grown_output(model, cand, batch.X)
     if not cand.searches_amplitude:
         return 1.0, scores(output(1.0))[0]
-    return line_search(lambda g: scores(output(g))[0], signed=cand.signed_amplitude)
+    return line_search(lambda gammas: scores.losses(output.stacked(gammas)), signed=cand.signed_amplitude)
 
 
 def growth_step(
@@ -181,7 +195,7 @@ def growth_step(
     """
     sample = held_out.X  # the whole batch in every process: new BatchNorm channels' statistics
     held_out = _rows(held_out, parallel)
-    scores = _evaluator(held_out, loss_fn, metric, parallel)
+    scores = _Evaluator(held_out, loss_fn, metric, parallel)
 
     def evaluate(net: nn.Sequential) -> tuple[float, float]:
         with torch.no_grad():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,39 +219,70 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch
     return conv(x, weight, bias, stride=module.stride, padding=module.padding)
 
 
-@torch.no_grad()
-def grown_output(model: nn.Sequential, candidate: Candidate, X: torch.Tensor):
+#: Largest number of values (amplitudes x samples x consumer outputs) one batched evaluation holds.
+STACK_VALUES = 1 << 22
+
+
+class GrownOutput:
     """g -> outputs of ``add_neurons(model, candidate, g)`` on ``X`` (eval mode), without copying the model.
 
-    The activities up to the grown layer are computed once; each call only redoes the new channels,
-    what they pass through, the consumer's new inputs and what follows, so a line search over g
-    costs little. The consumer is linear in its input channels, so its output is the old output plus
-    the new channels' contribution plus g times the best update's.
+    The activities up to the grown layer are computed once; each evaluation only redoes the new
+    channels, what they pass through, the consumer's new inputs and what follows, so a line search over
+    g costs little. The consumer is linear in its input channels, so its output is the old output plus
+    the new channels' contribution plus g times the best update's. ``stacked`` evaluates several g at
+    once (one pass over G copies of the batch, in groups of at most ``STACK_VALUES`` values).
     """
-    pair = pair_at(model, candidate.in_index)
-    producer, consumer = pair.producer(model), pair.consumer(model)
-    fresh = new_channel_modules(pair.between(model), candidate.n_neurons)
-    dtype = producer.weight.dtype
-    alpha, omega = candidate.alpha.to(dtype), candidate.omega.to(dtype)
-    with _evaluating(model):
-        x = pair.producer_input(model, X)
-        suffix = pair.continuation(model, x)
-        h_old = pair.between(model)(producer(x))
-        a_new = _apply(producer, x, alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:]), alpha[:, -1])
-        base = consumer(h_old)
-        new_weight = omega.reshape(omega.shape[0], -1) if isinstance(consumer, nn.Linear) else omega
-        moved = None
-        if candidate.dW is not None:
-            dW = candidate.dW.to(dtype)
-            moved = _apply(consumer, h_old, dW[:, :-1].reshape(consumer.weight.shape), dW[:, -1])
 
     @torch.no_grad()
-    def output(gamma: float) -> torch.Tensor:
-        scale = _signed_root(gamma)
-        pre = base + _apply(consumer, fresh(scale * a_new), scale * new_weight, None)
-        if moved is not None:
-            pre = pre + gamma * moved
+    def __init__(self, model: nn.Sequential, candidate: Candidate, X: torch.Tensor):
+        self.model, self.pair = model, pair_at(model, candidate.in_index)
+        producer, self.consumer = self.pair.producer(model), self.pair.consumer(model)
+        self.fresh = new_channel_modules(self.pair.between(model), candidate.n_neurons)
+        dtype = producer.weight.dtype
+        alpha, omega = candidate.alpha.to(dtype), candidate.omega.to(dtype)
         with _evaluating(model):
-            return suffix(pre)
+            self.x = self.pair.producer_input(model, X)
+            h_old = self.pair.between(model)(producer(self.x))
+            self.a_new = _apply(producer, self.x, alpha[:, :-1].reshape(alpha.shape[0], *producer.weight.shape[1:]),
+                                alpha[:, -1])
+            self.base = self.consumer(h_old)
+            self.new_weight = omega.reshape(omega.shape[0], -1) if isinstance(self.consumer, nn.Linear) else omega
+            self.moved = None
+            if candidate.dW is not None:
+                dW = candidate.dW.to(dtype)
+                self.moved = _apply(self.consumer, h_old, dW[:, :-1].reshape(self.consumer.weight.shape), dW[:, -1])
+        self._suffixes: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    return output
+    def __call__(self, gamma: float) -> torch.Tensor:
+        return self.stacked([gamma])[0]
+
+    @torch.no_grad()
+    def stacked(self, gammas: list[float]) -> torch.Tensor:
+        """The outputs for each g in ``gammas``, stacked: (G, n, ...)."""
+        group = max(1, STACK_VALUES // max(1, self.base.numel(), self.a_new.numel()))
+        return torch.cat([self._group(gammas[i : i + group]) for i in range(0, len(gammas), group)])
+
+    def _group(self, gammas: list[float]) -> torch.Tensor:
+        G, n = len(gammas), self.base.shape[0]
+        options = {"dtype": self.base.dtype, "device": self.base.device}
+        gamma = torch.tensor(gammas, **options)
+        scale = torch.tensor([_signed_root(g) for g in gammas], **options)
+
+        def per_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return t.reshape((G,) + (1,) * like.dim())
+
+        new = self.fresh((per_copy(scale, self.a_new) * self.a_new).flatten(0, 1))  # through what lies between
+        contribution = _apply(self.consumer, new, self.new_weight, None).unflatten(0, (G, n))
+        pre = self.base + per_copy(scale, self.base) * contribution
+        if self.moved is not None:
+            pre = pre + per_copy(gamma, self.base) * self.moved
+        with _evaluating(self.model):
+            if G not in self._suffixes:
+                self._suffixes[G] = self.pair.continuation(self.model, self.x, repeats=G)
+            out = self._suffixes[G](pre.flatten(0, 1))
+        return out.unflatten(0, (G, n))
+
+
+def grown_output(model: nn.Sequential, candidate: Candidate, X: torch.Tensor) -> GrownOutput:
+    """``GrownOutput`` of ``candidate`` applied to ``model``, on ``X``."""
+    return GrownOutput(model, candidate, X)
