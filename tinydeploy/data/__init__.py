@@ -4,7 +4,8 @@ Imports numpy and scikit-learn (lazily: torchvision for its image sets, Pillow f
 for mnist5k); never torch, never a later stage.
 """
 
-from tinydeploy.data.dataset import BUILTIN_DATASETS, Dataset, arrays_dataset, load_dataset
+from tinydeploy.data.dataset import BUILTIN_DATASETS, Dataset, arrays_dataset, flat_image_side, load_dataset
 from tinydeploy.data.preprocessing import apply_standardizer, fit_standardizer
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "apply_standardizer", "arrays_dataset", "fit_standardizer", "load_dataset"]
+__all__ = ["BUILTIN_DATASETS", "Dataset", "apply_standardizer", "arrays_dataset", "fit_standardizer", "flat_image_side",
+           "load_dataset"]

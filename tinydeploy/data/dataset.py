@@ -189,12 +189,35 @@ def arrays_dataset(
     return replace(data, X_test=data.X_val, y_test=data.y_val)
 
 
+#: Smallest side of the square images ``flat_image_side`` recognises in flat rows (sklearn's digits: 8).
+MIN_IMAGE_SIDE = 8
+
+
+def flat_image_side(X: np.ndarray) -> int | None:
+    """s when the rows of a 2-D ``X`` are square grayscale images flattened: s x s features (s >= 8) whose
+    values are all pixel intensities, either in [0, 1] or whole numbers in [0, 255]; else None."""
+    if X.ndim != 2 or X.shape[0] == 0:
+        return None
+    side = math.isqrt(X.shape[1])
+    if side < MIN_IMAGE_SIDE or side * side != X.shape[1] or not np.isfinite(X).all() or X.min() < 0:
+        return None
+    top = float(X.max())
+    return side if top <= 1.0 or (top <= 255.0 and bool((X == np.round(X)).all())) else None
+
+
 def _as_images(split: RawSplit) -> RawSplit:
-    """The split as CNN inputs: built-in flat sets reshaped (``CHANNEL_SHAPES``), others checked."""
+    """The split as CNN inputs: built-in flat sets reshaped (``CHANNEL_SHAPES``), flat square pixels as
+    1 x s x s images (``flat_image_side``), others checked."""
     if split.name in CHANNEL_SHAPES and split.X_train.ndim == 2:
         shape, image = CHANNEL_SHAPES[split.name]
         return replace(split, X_train=split.X_train.reshape(-1, *shape), X_test=split.X_test.reshape(-1, *shape),
                        image=image)
+    side = flat_image_side(split.X_train)
+    if side is not None and flat_image_side(split.X_test) == side:
+        top = 1.0 if max(float(split.X_train.max()), float(split.X_test.max())) <= 1.0 else 255.0
+        return replace(split, X_train=split.X_train.reshape(-1, 1, side, side),
+                       X_test=split.X_test.reshape(-1, 1, side, side),
+                       image={"mode": "L", "size": [side, side], "max_value": top})
     X = split.X_train
     if X.ndim not in (3, 4):
         layout = "flat features" if X.ndim == 2 else f"{X.ndim - 1} axes per sample"

@@ -75,6 +75,10 @@ DATASET_ARCH: dict[str, str] = {"mnist1d": "cnn"}
 #: 784 pixels, would otherwise leave room for only a few units).
 USER_PARAMS_PER_SAMPLE = 4
 USER_MIN_WIDTH = 64
+#: MAC budget of a user file of images (a CNN), per budgeted parameter: convolutions at full resolution
+#: spend many MACs per weight, which the parameter budget alone leaves unbounded (mnist5k's defaults:
+#: 400,000 / 15,000 = 27).
+USER_IMAGE_MACS_PER_PARAM = 30
 
 
 def default_arch(cfg: GrowConfig) -> str | None:
@@ -82,12 +86,15 @@ def default_arch(cfg: GrowConfig) -> str | None:
     return cfg.arch or DATASET_ARCH.get(cfg.dataset)
 
 
-def default_max_params(dataset: str, n_train: int, n_inputs: int, n_outputs: int) -> int:
+def default_max_params(dataset: str, n_train: int, n_inputs: int, n_outputs: int, images: bool = False) -> int:
     """The parameter budget when --max-params is not given: the dataset's default, else (user files)
-    max(USER_PARAMS_PER_SAMPLE * n_train, USER_MIN_WIDTH * (n_inputs + 1 + n_outputs))."""
+    max(USER_PARAMS_PER_SAMPLE * n_train, USER_MIN_WIDTH * (n_inputs + 1 + n_outputs)), or for ``images``
+    (a CNN, whose first layer does not scale with the number of inputs) USER_PARAMS_PER_SAMPLE * n_train."""
     budget = DATASET_DEFAULTS.get(dataset, {}).get("max_params")
     if budget is not None:
         return int(budget)
+    if images:
+        return USER_PARAMS_PER_SAMPLE * n_train
     return max(USER_PARAMS_PER_SAMPLE * n_train, USER_MIN_WIDTH * (n_inputs + 1 + n_outputs))
 
 

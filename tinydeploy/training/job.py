@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from tinydeploy import __version__
-from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, load_dataset
+from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, flat_image_side, load_dataset
+from tinydeploy.data.user_files import USER_SUFFIXES
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.batchnorm import has_batchnorm, recalibrate
 from tinydeploy.growth.candidates import check_method
@@ -43,6 +44,7 @@ from tinydeploy.training.architecture import full_widths, initial_spec, live_ini
 from tinydeploy.training.config import (
     DATASET_DEFAULTS,
     SINGLE_THREAD_MAX_PARAMS,
+    USER_IMAGE_MACS_PER_PARAM,
     USER_MIN_WIDTH,
     USER_PARAMS_PER_SAMPLE,
     GrowConfig,
@@ -134,9 +136,10 @@ class GrowJob:
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         arch = default_arch(cfg)
-        self.data = data if data is not None else load_dataset(
-            cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
-            val_fraction=cfg.val_fraction, as_images=is_convolutional(arch), task=cfg.task)
+        self.data = data if data is not None else self._load(cfg, is_convolutional(arch))
+        side = flat_image_side(self.data.X_train) if self._user_file and arch is None else None
+        if side is not None:  # flat rows of s x s pixels: grown as the images they are
+            self.data = self._load(cfg, True)
         self.arch = arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=is_convolutional(self.arch))
@@ -184,10 +187,18 @@ class GrowJob:
         self._data_sha256 = data_fingerprint(self.data)
         self._evaluations: dict[str, Any] = {}
         self._config = asdict(cfg)
+        if side is not None:
+            self.notices.append(f"the {side * side} features of each row are {side}x{side} pixel values: growing a "
+                                f"CNN on 1x{side}x{side} images (pass --arch mlp for an MLP on the flat features)")
         if cfg.max_params is None and "max_params" not in DATASET_DEFAULTS.get(cfg.dataset, {}):
-            self.notices.append(f"no --max-params: the budget is {self.max_params:,} parameters (the larger of "
-                                f"{USER_PARAMS_PER_SAMPLE} per training sample and a hidden layer of {USER_MIN_WIDTH} "
-                                "units; pass --max-params to change it)")
+            how = (f"{USER_PARAMS_PER_SAMPLE} per training sample" if self._user_images else
+                   f"the larger of {USER_PARAMS_PER_SAMPLE} per training sample and a hidden layer of {USER_MIN_WIDTH} "
+                   "units")
+            self.notices.append(f"no --max-params: the budget is {self.max_params:,} parameters ({how}; pass "
+                                "--max-params to change it)")
+        if cfg.max_macs is None and self._user_images and self.max_macs is not None:
+            self.notices.append(f"no --max-macs: the budget is {self.max_macs:,} multiply-accumulates per sample "
+                                f"({USER_IMAGE_MACS_PER_PARAM} per budgeted parameter; pass --max-macs to change it)")
 
     @property
     def is_main(self) -> bool:
@@ -247,17 +258,34 @@ class GrowJob:
 
     def _budget(self, name: str) -> int | None:
         """--max-params / --max-macs, else the dataset's default budget (for user files a parameter budget
-        from the number of training samples, ``default_max_params``; no MAC budget; none for ResNets, whose
-        blocks stop at their full width)."""
+        from the number of training samples, ``default_max_params``, and for their images a MAC budget of
+        ``USER_IMAGE_MACS_PER_PARAM`` per parameter; none for ResNets, whose blocks stop at their full width)."""
         if getattr(self.cfg, name) is not None:
             return getattr(self.cfg, name)
         if recipe_of(self.arch) == "resnet":
             return None
         if name == "max_params":
             return default_max_params(self.cfg.dataset, len(self.data.X_train), math.prod(self.spec.input_shape),
-                                      self.spec.n_outputs)
+                                      self.spec.n_outputs, images=self._user_images)
         budget = DATASET_DEFAULTS.get(self.cfg.dataset, {}).get(name)
+        if budget is None and self._user_images:
+            return USER_IMAGE_MACS_PER_PARAM * self._budget("max_params")
         return int(budget) if budget is not None else None
+
+    @staticmethod
+    def _load(cfg: GrowConfig, as_images: bool) -> Dataset:
+        return load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
+                            val_fraction=cfg.val_fraction, as_images=as_images, task=cfg.task)
+
+    @property
+    def _user_file(self) -> bool:
+        """Whether the data come from a user .npz/.csv file (the budgets and the image check are for those)."""
+        return Path(self.cfg.dataset).suffix.lower() in USER_SUFFIXES
+
+    @property
+    def _user_images(self) -> bool:
+        """A CNN on a user file's images or signals: its parameter budget has no MLP floor, and it gets a MAC budget."""
+        return self._user_file and recipe_of(self.arch) == "cnn"
 
     def _tensors(self, X: np.ndarray, y: np.ndarray, prep: dict[str, Any]) -> Batch:
         X_std = torch.from_numpy(apply_standardizer(X, prep)).to(self.device)
