@@ -148,3 +148,64 @@ def test_regression_scores_equal_scikit_learn_metrics() -> None:
     assert scores["r2"] == pytest.approx(r2_score(y, out))
     constant = np.ones((10, 1))
     assert regression_scores(constant, constant)["r2"] == 1.0 and regression_scores(constant * 2, constant)["r2"] == 0.0
+
+
+def test_flat_image_side_recognises_square_pixel_rows_only() -> None:
+    """s x s features of pixel values ([0, 1], or whole numbers in [0, 255]) are s x s images; anything else is not."""
+    from tinydeploy.data import flat_image_side
+
+    rng = np.random.default_rng(0)
+    unit = rng.uniform(0, 1, size=(5, 64))
+    assert flat_image_side(unit) == 8 and flat_image_side(np.round(255 * unit)) == 8
+    assert flat_image_side(rng.integers(0, 256, size=(3, 784)).astype(np.float32)) == 28
+    assert flat_image_side(unit[:, :63]) is None  # not a square
+    assert flat_image_side(unit[:, :49]) is None  # 7 x 7: below MIN_IMAGE_SIDE
+    assert flat_image_side(unit - 0.5) is None  # negative values are not intensities
+    assert flat_image_side(unit * 3) is None  # above 1 and not whole numbers
+    assert flat_image_side(np.round(unit * 300)) is None  # whole numbers above 255
+    assert flat_image_side(unit.reshape(5, 8, 8)) is None and flat_image_side(unit[:0]) is None
+
+
+def test_flat_pixel_npz_grows_a_cnn_on_images_by_default_and_serves_flat_rows(tmp_path: Path) -> None:
+    """sklearn's digits flattened (64 features, whole numbers 0..16) in a user .npz: the job loads them as
+    1x8x8 images, grows a CNN, says so and states both budgets; --arch mlp keeps the flat MLP. The exported
+    CNN answers flat rows of 64 values like the trained model."""
+    from sklearn.datasets import load_digits
+
+    from tinydeploy.training.config import USER_IMAGE_MACS_PER_PARAM, USER_PARAMS_PER_SAMPLE, GrowConfig
+    from tinydeploy.training.job import prepare_grow
+
+    X, y = load_digits(return_X_y=True)
+    path = tmp_path / "digits_flat.npz"
+    np.savez(path, X_train=X[:400].astype(np.float32), y_train=y[:400], X_test=X[400:500].astype(np.float32),
+             y_test=y[400:500])
+    job = prepare_grow(GrowConfig(dataset=str(path), device="cpu"), tmp_path / "cnn")
+    assert job.arch == "cnn" and job.data.X_train.shape[1:] == (1, 8, 8) and job.spec.input_shape == (1, 8, 8)
+    assert job.data.source["as_images"] is True and job.data.image == {"mode": "L", "size": [8, 8], "max_value": 255.0}
+    params = USER_PARAMS_PER_SAMPLE * 320
+    assert (job.max_params, job.max_macs) == (params, USER_IMAGE_MACS_PER_PARAM * params)
+    assert job.notices == [
+        "the 64 features of each row are 8x8 pixel values: growing a CNN on 1x8x8 images (pass --arch mlp for an "
+        "MLP on the flat features)",
+        f"no --max-params: the budget is {params:,} parameters ({USER_PARAMS_PER_SAMPLE} per training sample; pass "
+        "--max-params to change it)",
+        f"no --max-macs: the budget is {USER_IMAGE_MACS_PER_PARAM * params:,} multiply-accumulates per sample "
+        f"({USER_IMAGE_MACS_PER_PARAM} per budgeted parameter; pass --max-macs to change it)"]
+    mlp = prepare_grow(GrowConfig(dataset=str(path), arch="mlp", device="cpu"), tmp_path / "mlp")
+    assert mlp.arch == "mlp" and mlp.data.X_train.shape[1:] == (64,) and mlp.max_macs is None
+    assert not any("pixel" in n for n in mlp.notices)
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    grown = cli("grow", "--dataset", str(path), "--out", str(run), "--max-growth-epochs", "1", "--final-epochs", "1",
+                "--threads", "1")
+    assert grown.exit_code == 0, grown.output
+    assert "growing a CNN on 1x8x8 images" in " ".join(grown.output.split())
+    assert cli("export", str(run), "--formats", "onnx", "--out", str(out)).exit_code == 0
+    from tinydeploy.serving.runtime import load
+
+    model = load(out)
+    assert model.input_shape == (1, 8, 8)
+    rows = X[400:410].astype(np.float32)
+    flat, images = model.predict(rows), model.predict(rows.reshape(10, 1, 8, 8))
+    np.testing.assert_array_equal(flat.outputs, images.outputs)
+    assert flat.labels == images.labels and len(flat) == 10
