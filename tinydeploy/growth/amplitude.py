@@ -7,8 +7,8 @@ from collections.abc import Callable
 #: Amplitudes tried before refinement: 2^k for k in [-12, 6] (earlier appendix D.4 uses 2^-k).
 GRID_EXPONENTS = range(-12, 7)
 #: Refinement rounds after the grid, and the log-amplitudes each one tries inside its bracket.
-REFINE_ROUNDS = 2
-REFINE_POINTS = 15
+REFINE_ROUNDS = 3
+REFINE_POINTS = 5
 
 Losses = Callable[[list[float]], list[float]]
 
