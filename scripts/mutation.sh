@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing with mutmut (configured in pyproject.toml, [tool.mutmut]); not part of CI.
 #
-#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume | --retest [--only TEXT]] [MODULE ...]
+#   scripts/mutation.sh [--minutes N] [--jobs N] [--tests "PATH ..."] [--resume | --retest [--only TEXT]]
+#                       [--mutants "PATTERN ..."] [MODULE ...]
 #
 # MODULE is a file or a folder under tinydeploy/ (default: the only_mutate list of pyproject.toml:
 # tinydeploy/growth/ and the export, verify and serving modules). The tree (git's tracked and untracked,
@@ -13,7 +14,9 @@
 # growth unit tests are enough and several times faster). --resume keeps the results of an earlier run
 # of the same modules and tests, and tests only what is left; --retest also runs the survivors and
 # timeouts of that run (except listed equivalents) again against the tests as they are now; --only TEXT
-# retests only the mutants whose name contains TEXT (e.g. tinydeploy.growth.policy).
+# retests only the mutants whose name contains TEXT (e.g. tinydeploy.growth.policy). --mutants tests only
+# the mutants whose names match one of the fnmatch patterns (e.g. "*statistics.x__add__mutmut_*" for the
+# function _add, "*surgery.xǁGrownOutputǁ*" for a class's methods): the functions a change touched.
 set -euo pipefail
 
 minutes=90
@@ -22,6 +25,7 @@ resume=0
 retest=0
 tests=""
 only=""
+mutants=""
 modules=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -31,8 +35,9 @@ while [[ $# -gt 0 ]]; do
         --resume) resume=1; shift ;;
         --retest) resume=1; retest=1; shift ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest, --only TEXT or module paths" >&2; exit 2 ;;
+        --mutants) mutants=$2; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $1: use --minutes N, --jobs N, --tests PATHS, --resume, --retest, --only TEXT, --mutants PATTERNS or module paths" >&2; exit 2 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -114,6 +119,9 @@ for meta in pathlib.Path("mutants").rglob("*.py.meta"):
 EOF
 )
     echo "retesting ${#again[@]} mutants that survived or timed out (listed equivalents excluded)"
+fi
+if [[ $retest -eq 0 && -n "$mutants" ]]; then
+    read -r -a again <<< "$mutants"
 fi
 start=$(date +%s)
 status=0
