@@ -5,6 +5,7 @@ tensors, and bad CNN options."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,8 @@ def test_digits_as_images_grow_a_cnn_in_process(tmp_path: Path) -> None:
     assert job.cfg.batch_size == 1149 // 50  # about 50 steps per epoch on a small dataset
     result = job.run()
     assert result.spec.has_convolutions and 57 < result.metrics["params"] <= 1500
-    assert result.metrics["metrics"]["test"]["accuracy"] > 0.3
+    test = result.metrics["metrics"]["test"]  # one epoch in all: it has learned, well short of converging
+    assert test["loss"] < 0.9 * math.log(10) and test["accuracy"] > 0.15  # chance: ln(10) and 0.1
 
 
 # ----- serving the CNN: JSON tensors and image files ------------------------------------------------
