@@ -34,7 +34,7 @@ def line_search(losses_at: Losses, signed: bool = False) -> tuple[float, float]:
     brackets = []
     for s, sign in enumerate(signs):
         losses = values[1 + s * len(exponents) : 1 + (s + 1) * len(exponents)]
-        i = min(range(len(exponents)), key=losses.__getitem__)
+        i = min(range(len(losses)), key=losses.__getitem__)
         if losses[i] < best_loss:
             best_gamma, best_loss = sign * 2.0**exponents[i], losses[i]
         brackets.append((exponents[max(i - 1, 0)], exponents[min(i + 1, len(exponents) - 1)]))
@@ -44,7 +44,7 @@ def line_search(losses_at: Losses, signed: bool = False) -> tuple[float, float]:
         values = losses_at([sign * 2.0**t for sign, ts in zip(signs, points) for t in ts])
         for s, (sign, ts) in enumerate(zip(signs, points)):
             losses = values[s * REFINE_POINTS : (s + 1) * REFINE_POINTS]
-            j = min(range(REFINE_POINTS), key=losses.__getitem__)
+            j = min(range(len(losses)), key=losses.__getitem__)
             if losses[j] < best_loss:
                 best_gamma, best_loss = sign * 2.0**ts[j], losses[j]
             step = ts[1] - ts[0]
