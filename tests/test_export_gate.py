@@ -686,3 +686,19 @@ def test_onnx_export_of_a_batchnorm_model_is_folded_checked_profiled_and_gated_o
         assert len(str(refusal.value)) > 200  # cut to its first 200 characters
         assert (cuda.passed, cuda.error) == (False, f"cannot load or run it (TinyDeployError: {str(refusal.value)[:200]})")
 
+
+
+def test_an_output_directory_under_an_unwritable_parent_is_refused(run_dir: Path, tmp_path: Path):
+    """A read-only parent: a directory without write permission, or where the tests run as root (who may write
+    anywhere permissions allow), a read-only filesystem such as /proc/sys in a container."""
+    if os.geteuid() != 0:
+        parent = tmp_path / "read-only"
+        parent.mkdir(mode=0o555)
+    else:
+        parent = next((Path(p) for p in ("/proc/sys",) if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
+        if parent is None:
+            pytest.skip("root here, and no read-only filesystem to write under")
+    out = parent / "tinydeploy-export" / "out"
+    with pytest.raises(TinyDeployError) as error:
+        check_output_dir(out, run_dir)
+    assert str(error.value) == f"cannot write to output directory {out}: {parent} is not writable"
