@@ -127,6 +127,27 @@ def test_parity_inputs_are_the_test_split_and_seeded_random_batches_of_its_stati
     assert all(np.array_equal(again[k], inputs[k]) for k in inputs) and not np.array_equal(other["random_7"], inputs["random_7"])
 
 
+def test_parity_inputs_follow_each_feature_s_own_mean_and_spread():
+    rng = np.random.default_rng(2)
+    X = np.column_stack([rng.normal(-50.0, 0.1, 600), rng.normal(50.0, 10.0, 600)])
+    big = parity.parity_inputs(X, seed=0)["random_600"].astype(np.float64)
+    assert np.all(np.abs(big.mean(axis=0) - X.mean(axis=0)) < [0.02, 2.0])
+    np.testing.assert_allclose(big.std(axis=0), X.std(axis=0), rtol=0.15)
+
+
+def test_compare_counts_the_rows_whose_predicted_class_agrees():
+    reference = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 0.0]], dtype=np.float32)
+    candidate = reference.copy()
+    candidate[0, 0] = 9.0  # the largest entry of the batch, same class
+    candidate[3] = [5.0, 2.0, 0.0]  # row 3 now predicts class 0
+    assert parity.compare(candidate, reference, 1.0, 0.0, "classification")["argmax_agreement"] == 0.75
+    assert "argmax_agreement" not in parity.compare(candidate, reference, 1.0, 0.0, "regression")
+    y = np.array([0, 1, 2, 1])
+    gated = parity.run_gate("onnx", "model.onnx", lambda x: x, {}, {"test": reference}, {"test": reference}, y,
+                            "classification", 1e-5, 1e-4)
+    assert gated.checks["test"]["argmax_agreement"] == 1.0 and gated.metric["artifact"] == 1.0
+
+
 def test_run_gate_reports_every_check_the_metric_and_the_verdict():
     X = np.arange(12, dtype=np.float32).reshape(6, 2)
     inputs = {"test": X, "random_1": X[:1]}
@@ -677,6 +698,9 @@ def test_onnx_export_of_a_batchnorm_model_is_folded_checked_profiled_and_gated_o
     data = (out / "model.onnx").read_bytes()
     default = gate_file("onnx", data, spec, gate, 1e-5, 1e-4)
     assert default.passed and default.runtime["providers"] == ["CPUExecutionProvider"]
+    verified = verify_export(out, provider="auto")
+    assert [r.format for r in verified.parity] == ["safetensors", "onnx"] and all(r.passed for r in verified.parity)
+    assert verified.parity[1].runtime["providers"] == providers and verified.hash_only == ["torchscript"]
     cuda = gate_file("onnx", data, spec, gate, 1e-5, 1e-4, "cuda")
     if on_gpu:
         assert cuda.passed and cuda.runtime["providers"][0] == "CUDAExecutionProvider"
