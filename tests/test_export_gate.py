@@ -658,10 +658,11 @@ def _batchnorm_resnet_run(directory: Path) -> Path:
     return write_run(directory, model, spec, [], metrics)
 
 
-def test_onnx_export_of_a_batchnorm_model_is_folded_checked_profiled_and_gated_on_its_provider(tmp_path: Path):
+def test_onnx_export_of_a_batchnorm_model_is_folded_profiled_gated_and_verified_on_its_provider(tmp_path: Path):
     """One ONNX export (a few seconds): the BatchNorms folded into the convs, the width report checked against the
     ONNX initializers with per-layer latency, the requested opset, the gate's provider recorded; then the gate on
-    the ONNX file itself with the default provider and with CUDA (refused in one line where there is no GPU)."""
+    the ONNX file itself with the default provider and with CUDA (refused in one line where there is no GPU), and
+    verify on the provider it is given."""
     import onnx
     import onnxruntime as ort
 
