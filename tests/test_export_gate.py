@@ -1,10 +1,11 @@
 """The parity gate, ``verify`` and the export pipeline's checks, each decision against a known answer: the
 tolerance rule at its boundary, the metric and the report of every format, the one-line reasons and
-errors, the recorded data source, the output directory and the staging directories of dead exports.
+errors, the recorded data source, the output directory and the staging directories of dead exports, a
+gate that fails at export time, a forced re-export, and one ONNX export of a BatchNorm model.
 
-Fast on purpose (numpy, safetensors and TorchScript only; one tiny untrained run exported once per
-process): ``scripts/mutation.sh`` runs it against every mutant of the export modules (README,
-Development)."""
+Fast on purpose (numpy, safetensors and TorchScript; one tiny untrained run exported once per process, and
+a single ONNX export of a tiny ResNet, about 8 s): ``scripts/mutation.sh`` runs it against every mutant of
+the export modules (README, Development)."""
 
 from __future__ import annotations
 
