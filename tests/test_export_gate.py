@@ -1,10 +1,11 @@
 """The parity gate, ``verify`` and the export pipeline's checks, each decision against a known answer: the
 tolerance rule at its boundary, the metric and the report of every format, the one-line reasons and
-errors, the recorded data source, the output directory and the staging directories of dead exports.
+errors, the recorded data source, the output directory and the staging directories of dead exports, a
+gate that fails at export time, a forced re-export, and one ONNX export of a BatchNorm model.
 
-Fast on purpose (numpy, safetensors and TorchScript only; one tiny untrained run exported once per
-process): ``scripts/mutation.sh`` runs it against every mutant of the export modules (README,
-Development)."""
+Fast on purpose (numpy, safetensors and TorchScript; one tiny untrained run exported once per process, and
+a single ONNX export of a tiny ResNet, about 8 s): ``scripts/mutation.sh`` runs it against every mutant of
+the export modules (README, Development)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,27 @@ def test_parity_inputs_are_the_test_split_and_seeded_random_batches_of_its_stati
     assert np.allclose(big.mean(axis=0), X.mean(axis=0), atol=0.4) and np.allclose(big.std(axis=0), X.std(axis=0), rtol=0.15)
     again, other = parity.parity_inputs(X, seed=5), parity.parity_inputs(X, seed=6)
     assert all(np.array_equal(again[k], inputs[k]) for k in inputs) and not np.array_equal(other["random_7"], inputs["random_7"])
+
+
+def test_parity_inputs_follow_each_feature_s_own_mean_and_spread():
+    rng = np.random.default_rng(2)
+    X = np.column_stack([rng.normal(-50.0, 0.1, 600), rng.normal(50.0, 10.0, 600)])
+    big = parity.parity_inputs(X, seed=0)["random_600"].astype(np.float64)
+    assert np.all(np.abs(big.mean(axis=0) - X.mean(axis=0)) < [0.02, 2.0])
+    np.testing.assert_allclose(big.std(axis=0), X.std(axis=0), rtol=0.15)
+
+
+def test_compare_counts_the_rows_whose_predicted_class_agrees():
+    reference = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 0.0]], dtype=np.float32)
+    candidate = reference.copy()
+    candidate[0, 0] = 9.0  # the largest entry of the batch, same class
+    candidate[3] = [5.0, 2.0, 0.0]  # row 3 now predicts class 0
+    assert parity.compare(candidate, reference, 1.0, 0.0, "classification")["argmax_agreement"] == 0.75
+    assert "argmax_agreement" not in parity.compare(candidate, reference, 1.0, 0.0, "regression")
+    y = np.array([0, 1, 2, 1])
+    gated = parity.run_gate("onnx", "model.onnx", lambda x: x, {}, {"test": reference}, {"test": reference}, y,
+                            "classification", 1e-5, 1e-4)
+    assert gated.checks["test"]["argmax_agreement"] == 1.0 and gated.metric["artifact"] == 1.0
 
 
 def test_run_gate_reports_every_check_the_metric_and_the_verdict():
@@ -351,11 +373,18 @@ def test_check_output_dir_refuses_in_one_line_and_touches_nothing(run_dir: Path,
     shown = ", ".join(listed[:6]) + (", ..." if len(listed) > 6 else "")
     assert refused(copy) == (f"{copy} already holds an export ({shown}): pass --force to replace it whole (files this "
                              "export does not write are removed), or choose another --out")
+    with pytest.raises(TinyDeployError, match="already holds an export"):
+        check_output_dir(copy, run_dir)  # force is off unless given
     check_output_dir(copy, run_dir, force=True)
     (copy / "mine.txt").write_text("x")
     assert refused(copy, True) == (f"{copy} holds mine.txt, which no export wrote; an export replaces the whole "
                                    "directory: move them out or choose another --out")
-    (copy / "mine.txt").unlink()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
+        (copy / name).write_text("x")
+    assert refused(copy, True) == (f"{copy} holds a.txt, b.txt, c.txt, d.txt, e.txt, which no export wrote; an export "
+                                   "replaces the whole directory: move them out or choose another --out")  # first 5
+    for name in ("mine.txt", "a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
+        (copy / name).unlink()
     (copy / "manifest.json").write_text("{")
     assert refused(copy, True).startswith(f"{copy} holds a damaged export (")
     assert refused(copy, True).endswith("): remove it or choose another --out")
@@ -392,13 +421,17 @@ def _check_staging(tmp_path: Path, out: Path, prefix: Path, alive: int) -> None:
     removed = remove_stale_staging(out)
     # this process is not exporting while it looks: its own staging directories are leftovers too
     assert sorted(p.name for p in removed) == sorted(f"{staging_name(out)}{name}-abcd" for name in (dead, mine, "notapid"))
+    assert not any(p.exists() for p in removed)
     assert Path(f"{prefix}{alive}-abcd").is_dir() and other.is_dir() and Path(f"{prefix}{dead}-file").is_file()
     # a swap killed between its two renames: no export, the previous one under <staging>-old
     previous = Path(f"{prefix}{dead}-ef01{OLD_SUFFIX}")
     previous.mkdir()
     (previous / "manifest.json").write_text("{}")
+    unfinished = Path(f"{prefix}{dead}-0000")  # a dead export's staging, manifest written, never swapped in
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text('{"unfinished": true}')
     remove_stale_staging(out)
-    assert (out / "manifest.json").read_text() == "{}" and not previous.exists()
+    assert (out / "manifest.json").read_text() == "{}" and not previous.exists() and not unfinished.exists()
     assert remove_stale_staging(tmp_path / "missing" / "export") == []
 
 
@@ -515,3 +548,183 @@ def test_export_reports_its_progress_and_creates_missing_parents_with_the_usual_
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o7777 == 0o777 & ~umask
+
+
+def test_gate_file_records_the_runtime_the_metric_and_why_a_file_was_not_loaded(export_dir: Path, run_dir: Path):
+    from tinydeploy.training.rundir import read_run
+
+    run = read_run(run_dir)
+    gate = gate_inputs(freeze(run.model, run.spec, preprocessing=True), run.spec, run.metrics["data_source"], True)
+    good = gate_file("safetensors", (export_dir / "model.safetensors").read_bytes(), run.spec, gate, 1e-5, 1e-4)
+    assert good.runtime == {"runtime": f"torch {torch.__version__}", "device": "cpu", "loader": "safetensors + spec"}
+    accuracy = float(np.mean(gate.reference["test"].argmax(axis=1) == gate.y_test))
+    assert good.metric == {"name": "accuracy", "artifact": accuracy, "frozen": accuracy} and 0.0 < accuracy < 0.5
+    refused = gate_file("torchscript", (export_dir / "model.ts").read_bytes(), run.spec, gate, 1e-5, 1e-4)
+    assert (refused.format, refused.file, refused.passed, refused.checks) == ("torchscript", "model.ts", False, {})
+    assert refused.error == ("cannot load or run it (TinyDeployError: model.ts is not loaded: torchscript files can run "
+                             "code when loaded; pass --trust-pickle to load it)")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_export_run_defaults_records_the_command_and_the_source_and_times_itself(run_dir: Path, tmp_path: Path):
+    import time
+
+    run = _legacy_run(run_dir, tmp_path / "run")
+    start = time.perf_counter()
+    result = export_run(run, formats=())  # default --out: the run's artifacts folder, no command recorded
+    elapsed = time.perf_counter() - start
+    out = run / "artifacts"
+    assert result.out_dir == out and 0.0 < result.seconds <= elapsed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "" and manifest["source_run"] == str(run.resolve())
+    assert result.report == json.loads((out / "width_report.json").read_text())
+    assert result.report["checked_against"] == "model.safetensors"
+    assert sorted(manifest["files"]) == ["arch.json", "model.safetensors", "parity.json", "width_report.json",
+                                         "width_report.md", "width_report.png"]
+    # exactly six files: listed whole, no ", ..."
+    with pytest.raises(TinyDeployError) as error:
+        export_run(run, formats=())  # force is off unless given: nothing is touched
+    assert str(error.value) == (f"{out} already holds an export (arch.json, model.safetensors, parity.json, "
+                                "width_report.json, width_report.md, width_report.png): pass --force to replace it "
+                                "whole (files this export does not write are removed), or choose another --out")
+
+
+def test_a_forced_export_replaces_the_whole_directory(run_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    export_run(run_dir, out, formats=("torchscript",), command="first")
+    assert (out / "model.ts").is_file()
+    again = export_run(run_dir, out, formats=(), command="tinydeploy export --force", force=True)
+    assert again.files == {"safetensors": out / "model.safetensors"} and not (out / "model.ts").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "tinydeploy export --force" and manifest["source_run"] == str(run_dir.resolve())
+    assert "model.ts" not in manifest["files"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old directory left beside it
+
+
+def test_an_export_failing_its_gate_publishes_nothing_and_keeps_the_old_export(run_dir: Path, tmp_path: Path,
+                                                                              monkeypatch):
+    """An exporter that writes another model (the output bias off by 0.5) fails the gate at export time: the
+    forced re-export raises ParityError naming the format, and the old export is left byte for byte."""
+    import copy
+
+    from tinydeploy.export import pipeline
+
+    out = tmp_path / "out"
+    export_run(run_dir, out, formats=(), command="first")
+    before = _files(out)
+    real = pipeline.write_artifact
+
+    def another_model(fmt, path, model, deployed, spec, metadata, opset=None):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            [*_, bias] = other.parameters()
+            bias += 0.5
+        real(fmt, path, other, deployed, spec, metadata, opset)
+
+    monkeypatch.setattr(pipeline, "write_artifact", another_model)
+    with pytest.raises(ParityError) as error:
+        export_run(run_dir, out, formats=(), force=True, atol=2e-5, rtol=3e-4)
+    [result] = error.value.results
+    assert (result.format, result.passed, result.spec_matches) == ("safetensors", False, True)
+    assert result.max_abs_diff == pytest.approx(0.5, abs=1e-6)
+    worst = max(result.checks, key=lambda name: result.checks[name]["max_abs_diff"])
+    assert str(error.value) == (f"parity check failed for safetensors (max abs diff 0.5 on '{worst}' exceeds atol 2e-05 "
+                                "+ rtol 0.0003 x |frozen|); nothing was published")
+    assert _files(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
+
+
+def _batchnorm_resnet_run(directory: Path) -> Path:
+    """An untrained ResNet (stem conv + BatchNorm, one residual block of middle width 1) on the 8x8 digits, its
+    BatchNorms given running statistics and affine parameters far from the identity, so that folding them
+    changes every conv's weights."""
+    data = load_dataset("digits", as_images=True)
+    spec = ArchSpec.resnet(task="classification", input_shape=data.input_shape, stages=(1,), stream_widths=[2],
+                           mid_widths=[1], n_outputs=len(data.classes), classes=data.classes,
+                           preprocessing=fit_standardizer(data.X_train), dataset="digits")
+    torch.manual_seed(0)
+    model = build_model(spec)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator))
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(n, generator=generator))
+                module.bias.copy_(torch.randn(n, generator=generator))
+    metrics = {"dataset": "digits", "task": "classification", "data_source": data.source, "params": spec.n_params()}
+    return write_run(directory, model, spec, [], metrics)
+
+
+def test_onnx_export_of_a_batchnorm_model_is_folded_profiled_gated_and_verified_on_its_provider(tmp_path: Path):
+    """One ONNX export (a few seconds): the BatchNorms folded into the convs, the width report checked against the
+    ONNX initializers with per-layer latency, the requested opset, the gate's provider recorded; then the gate on
+    the ONNX file itself with the default provider and with CUDA (refused in one line where there is no GPU), and
+    verify on the provider it is given."""
+    import onnx
+    import onnxruntime as ort
+
+    from tinydeploy.serving.providers import choose_providers, cuda_usable
+    from tinydeploy.training.rundir import read_run
+
+    run = _batchnorm_resnet_run(tmp_path / "run")
+    said: list[str] = []
+    result = export_run(run, tmp_path / "out", formats=("onnx", "torchscript"), opset=19, provider="auto",
+                        progress=said.append)
+    out = result.out_dir
+    assert said == ["loading the test split", "exporting safetensors", "checking safetensors parity", "exporting onnx",
+                    "checking onnx parity", "exporting torchscript", "checking torchscript parity",
+                    "profiling the ONNX model per layer", "writing the width report"]
+    model = onnx.load(str(out / "model.onnx"))
+    assert result.opset == 19 and [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
+    assert "BatchNormalization" not in {node.op_type for node in model.graph.node}
+    scripted = torch.jit.load(str(out / "model.ts"))  # written by this test: trusted
+    assert "BatchNorm2d" in {type(m).__name__ for m in read_run(run).model.modules()}
+    assert not [m.original_name for m in scripted.modules() if m.original_name.startswith("BatchNorm")]
+    assert [r.passed for r in result.parity] == [True, True, True]
+    on_gpu = cuda_usable()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else ["CPUExecutionProvider"]
+    assert result.parity[1].runtime == {"runtime": f"onnxruntime {ort.__version__}", "providers": providers}
+    report = json.loads((out / "width_report.json").read_text())
+    assert result.report == report and report["checked_against"] == "model.onnx"
+    assert report["latency"]["source"] == "onnxruntime profiler, model.onnx, CPU, 1 thread, mean of 20 runs"
+    assert set(report["latency"]["per_module_us"]) == {"batch_1", "batch_32"}
+    for layer in report["layers"]:
+        assert set(layer["latency_us"]) == {"batch_1", "batch_32"} and layer["latency_us"]["batch_32"] > 0
+    spec = ArchSpec.from_json((out / "arch.json").read_text())
+    frozen = freeze(read_run(run).model, spec, preprocessing=True)
+    gate = gate_inputs(frozen, spec, json.loads((run / "metrics.json").read_text())["data_source"], True)
+    data = (out / "model.onnx").read_bytes()
+    default = gate_file("onnx", data, spec, gate, 1e-5, 1e-4)
+    assert default.passed and default.runtime["providers"] == ["CPUExecutionProvider"]
+    verified = verify_export(out, provider="auto")
+    assert [r.format for r in verified.parity] == ["safetensors", "onnx"] and all(r.passed for r in verified.parity)
+    assert verified.parity[1].runtime["providers"] == providers and verified.hash_only == ["torchscript"]
+    cuda = gate_file("onnx", data, spec, gate, 1e-5, 1e-4, "cuda")
+    if on_gpu:
+        assert cuda.passed and cuda.runtime["providers"][0] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(TinyDeployError) as refusal:
+            choose_providers("cuda")
+        assert len(str(refusal.value)) > 200  # cut to its first 200 characters
+        assert (cuda.passed, cuda.error) == (False, f"cannot load or run it (TinyDeployError: {str(refusal.value)[:200]})")
+
+
+
+def test_an_output_directory_under_an_unwritable_parent_is_refused(run_dir: Path, tmp_path: Path):
+    """A read-only parent: a directory without write permission, or where the tests run as root (who may write
+    anywhere permissions allow), a read-only filesystem such as /proc/sys in a container."""
+    if os.geteuid() != 0:
+        parent = tmp_path / "read-only"
+        parent.mkdir(mode=0o555)
+    else:
+        parent = next((Path(p) for p in ("/proc/sys",) if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
+        if parent is None:
+            pytest.skip("root here, and no read-only filesystem to write under")
+    out = parent / "tinydeploy-export" / "out"
+    with pytest.raises(TinyDeployError) as error:
+        check_output_dir(out, run_dir)
+    assert str(error.value) == f"cannot write to output directory {out}: {parent} is not writable"
