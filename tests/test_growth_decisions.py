@@ -208,6 +208,17 @@ def test_line_search_finds_a_minimum_anywhere_on_the_grid_to_within_its_precisio
         assert calls == [20, 5, 5, 5]
 
 
+
+def test_stacked_losses_of_a_regression_with_several_outputs_are_each_copys_mean_squared_error():
+    """``_Evaluator.losses`` on G stacked outputs (G, n, d) of a d-output regression: copy k's loss is the mean
+    over its n rows of each row's mean squared error (the targets repeated for every copy, rows kept whole)."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    outs = torch.randn(4, 6, 3, dtype=torch.float64, generator=generator)
+    evaluator = policy._Evaluator(Batch(torch.zeros(6, 2, dtype=torch.float64), y), per_sample_loss("regression"),
+                                  lambda out, target: 0.0)
+    assert evaluator.losses(outs) == pytest.approx([float(((o - y) ** 2).mean()) for o in outs], rel=1e-12)
+
 def test_line_search_for_tiny_never_goes_negative_and_random_searches_both_signs():
     worse_for_positive = lambda g: (g + 1.0) ** 2
     assert line_search(pointwise(worse_for_positive)) == (0.0, 1.0)
