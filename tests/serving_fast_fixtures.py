@@ -176,7 +176,12 @@ def running_server(app, timeout: float = 20.0, lifespan: str = "off") -> Iterato
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan)
+    async def asgi(scope, receive, send) -> None:
+        # uvicorn calls an application without arguments to tell a factory from an app: a plain function fails
+        # that probe as ModelServer does, while mutation testing's wrapper of ModelServer.__call__ does not
+        await app(scope, receive, send)
+
+    config = uvicorn.Config(asgi, log_level="warning", access_log=False, lifespan=lifespan)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
