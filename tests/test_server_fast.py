@@ -530,9 +530,9 @@ def test_serve_runs_uvicorn_with_its_banner(fast_dir: Path, tmp_path: Path, work
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=30)
-    model = OnnxModel(fast_dir, "cpu")
+    sha256 = json.loads((fast_dir / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
     lines = stderr.splitlines()
     assert lines[0] == srv.NO_VERIFY_WARNING.format(path=fast_dir / "model.onnx")
-    assert lines[1] == (f"tinydeploy: serving {fast_dir / 'model.onnx'} (sha256 {model.sha256[:12]}, classification, "
+    assert lines[1] == (f"tinydeploy: serving {fast_dir / 'model.onnx'} (sha256 {sha256[:12]}, classification, "
                         f"providers CPUExecutionProvider, max batch 3, {workers} worker{'s' if workers > 1 else ''}) "
                         f"on http://127.0.0.1:{port} [POST /v1/predict, GET /v1/metadata, /healthz, /metrics]")
