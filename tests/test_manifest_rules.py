@@ -9,6 +9,7 @@ import os
 import platform
 import pwd
 import re
+import threading
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -124,7 +125,6 @@ def test_links_missing_and_special_files_are_refused_by_reason(tmp_path: Path) -
     (tmp_path / "secret").write_text("secret")
     (root / "link").symlink_to(tmp_path / "secret")
     (root / "dirlink").symlink_to(root / "sub")
-    os.mkfifo(root / "fifo")  # a FIFO opened without O_NONBLOCK would block forever
     link = "is a symbolic link (or lies under one): tinydeploy reads only regular files inside the model directory; " \
            "replace the link with the file"
     cases = {
@@ -133,7 +133,6 @@ def test_links_missing_and_special_files_are_refused_by_reason(tmp_path: Path) -
         "a.bin/x": link,  # ENOTDIR under a path: treated as a link component
         "missing": "is missing",
         "sub/missing": "is missing",
-        "fifo": "is not a regular file: refused",
         "sub": "is not a regular file: refused",
         "x" * 300: "cannot be read (File name too long)",
     }
@@ -144,6 +143,26 @@ def test_links_missing_and_special_files_are_refused_by_reason(tmp_path: Path) -
         assert info.value.name == name
     with pytest.raises(IntegrityError, match="not a normalised path"):
         open_inside(root, "sub/../a.bin")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    found: list[Exception] = []
+
+    def read() -> None:
+        try:
+            read_file(tmp_path, "fifo")
+        except FileRefused as exc:
+            found.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(2.0)
+    if reader.is_alive():  # open() waits for a writer: be one, so that the thread ends, and fail
+        os.close(os.open(tmp_path / "fifo", os.O_WRONLY))
+        reader.join(2.0)
+        pytest.fail("opening a FIFO of the model directory blocked until a writer came")
+    assert [str(e) for e in found] == [f"fifo in {tmp_path} is not a regular file: refused"]
 
 
 def test_an_unreadable_file_names_the_user_and_the_fix(tmp_path: Path) -> None:
