@@ -24,6 +24,7 @@ from serving_fast_fixtures import (
     digit_rows,
     fast_dir,  # noqa: F401
     fast_spec,
+    metadata,
     reference,
     running_server,
     weights,
@@ -223,6 +224,9 @@ def test_content_length_is_checked_before_the_body(app) -> None:
               {"type": "http.request", "body": b"", "more_body": False}]
     status, headers, answer = _answer(_asgi(app, _http("/v1/predict", headers=[json_type]), pieces))
     assert status == 200 and json.loads(answer)["batch_size"] == 1
+    bare = [{"type": "http.request", "more_body": True}, {"type": "http.request", "body": body}]  # "body" is optional
+    status, _, answer = _answer(_asgi(app, _http("/v1/predict", headers=[json_type]), bare))
+    assert status == 200 and json.loads(answer)["batch_size"] == 1
     assert headers[b"content-length"] == str(len(answer)).encode()
 
 
@@ -275,7 +279,8 @@ def test_routes_and_methods(client: httpx.Client, app) -> None:
     status, headers, body = _answer(_asgi(app, _http("/healthz", "BREW"), []))
     assert status == 405 and headers[b"allow"] == b"GET"
     assert json.loads(body)["error"]["message"] == "this method is not allowed on /healthz: use GET"
-    assert _answer(_asgi(app, {"type": "http"}, []))[0] == 404  # no path, no method
+    status, _, body = _answer(_asgi(app, {"type": "http"}, []))  # no path, no method
+    assert status == 404 and json.loads(body)["error"]["message"] == f"no endpoint : {routes}"
 
 
 def test_metadata_and_health(client: httpx.Client, app) -> None:
@@ -460,12 +465,33 @@ def test_image_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: 
     monkeypatch.setattr(srv, "pillow_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="tinydeploy.serve"):
         no_pillow = create_app(directory, "cpu", 4)
-    assert no_pillow.limits.max_images == 0 and "Pillow is not installed" in caplog.text
+    assert no_pillow.limits.max_images == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "Pillow is not installed: image uploads are refused (415); JSON tensors are served. pip install pillow to "
+        "take PNG/JPEG uploads"]
     status, _, answer = _answer(_asgi(no_pillow, _http("/v1/predict", headers=[
         (b"content-type", b"multipart/form-data; boundary=b")]), [{"type": "http.request", "body": b"--b--"}]))
     assert status == 415 and json.loads(answer)["error"]["message"] == (
         "image uploads need Pillow, which this server lacks (pip install pillow): send application/json "
         '{"inputs": [...]}')
+
+
+def test_a_fixed_batch_of_one_starts_and_serves(tmp_path: Path) -> None:
+    app = create_app(write_export(tmp_path / "one", batch=1), "cpu", 4)  # the start-up run uses one row
+    status, _, body = _answer(_asgi(app, _http("/v1/predict", headers=[(b"content-type", b"application/json")]),
+                                    [{"type": "http.request", "body": json.dumps({"inputs": ROWS[:1].tolist()}).encode()}]))
+    assert status == 200 and json.loads(body)["batch_size"] == 1
+
+
+def test_images_of_a_model_expecting_standardized_inputs_are_not_taken(tmp_path: Path) -> None:
+    spec = fast_spec(image=True)
+    props = {**metadata(spec), "tinydeploy.inputs": "standardized"}
+    app = create_app(write_export(tmp_path / "std", spec, props=props), "cpu", 4)
+    assert app.model.image is not None and app.limits.max_images == 0
+    status, _, body = _answer(_asgi(app, _http("/v1/predict", headers=[
+        (b"content-type", b"multipart/form-data; boundary=b")]), [{"type": "http.request", "body": b"--b--"}]))
+    assert status == 415 and json.loads(body)["error"]["message"] == (
+        'this model was not grown on images: send application/json {"inputs": [...]}')
 
 
 def test_app_from_env(fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
@@ -492,8 +518,9 @@ def test_serve_checks_its_arguments_first(fast_dir: Path) -> None:  # noqa: F811
         with pytest.raises(TinyDeployError) as info:
             serve(fast_dir, port=port)
         assert str(info.value) == f"--port must be between 0 and 65535, got {port}"
-    with pytest.raises(TinyDeployError, match="max-batch"):
-        serve(fast_dir, port=0, max_batch=0)
+    for port in (0, 65535):  # valid: the next check (the model and its limits) answers
+        with pytest.raises(TinyDeployError, match="max-batch"):
+            serve(fast_dir, port=port, max_batch=0)
 
 
 def _free_port() -> int:
@@ -509,10 +536,10 @@ def test_serve_runs_uvicorn_with_its_banner(fast_dir: Path, tmp_path: Path, work
     with pytest.raises(TinyDeployError, match="--port"):  # here too, so that mutation testing runs this test on serve
         serve(fast_dir, port=65536, workers=workers)
     script = ("import sys; from tinydeploy.serving.server import serve; "
-              f"serve(sys.argv[1], port={port}, provider='cpu', workers={workers}, max_batch=3, log_level='warning', "
+              f"serve(sys.argv[1], port={port}, provider='cpu', workers={workers}, max_batch=3, log_level='info', "
               "verify=False, body_timeout_s=4.0)")
-    process = subprocess.Popen([sys.executable, "-c", script, str(fast_dir)], cwd=REPO, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    process = subprocess.Popen([sys.executable, "-c", script, str(fast_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -527,9 +554,13 @@ def test_serve_runs_uvicorn_with_its_banner(fast_dir: Path, tmp_path: Path, work
         assert meta["requested_provider"] == "cpu"
         assert httpx.post(f"{base}/v1/predict", json={"inputs": ROWS[:3].tolist()}).status_code == 200
         assert httpx.post(f"{base}/v1/predict", json={"inputs": ROWS[:4].tolist()}).status_code == 413
+        pid = httpx.get(f"{base}/healthz").json()["pid"]
+        assert (pid == process.pid) == (workers == 1)  # two workers: a worker process answers
     finally:
         process.terminate()
-        _, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=30)
+    assert '"POST /v1/predict HTTP/1.1"' not in stdout + stderr  # no access log, even at log level info
+    assert "Application startup complete." in stderr  # lifespan on, log level info
     sha256 = json.loads((fast_dir / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
     lines = stderr.splitlines()
     assert lines[0] == srv.NO_VERIFY_WARNING.format(path=fast_dir / "model.onnx")
