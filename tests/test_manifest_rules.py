@@ -181,6 +181,13 @@ def test_an_unreadable_file_names_the_user_and_the_fix(tmp_path: Path) -> None:
     assert bare.reason.startswith("cannot be read (") and bare.reason != "cannot be read (None)"
 
 
+def test_a_user_without_a_passwd_entry_is_described(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 2**31 - 7)  # a container user with no name
+    with pytest.raises(KeyError):
+        pwd.getpwuid(2**31 - 7)
+    assert mf._user() == "running this process"
+
+
 def test_file_refused_message_with_and_without_a_fix(tmp_path: Path) -> None:
     assert str(FileRefused(tmp_path, "n", "is odd")) == f"n in {tmp_path} is odd"
     assert str(FileRefused(tmp_path, "n", "is odd", "fix it")) == f"n in {tmp_path} is odd: fix it"

@@ -87,10 +87,18 @@ def test_one_row_every_form_and_chunks_agree_with_the_batch(model: OnnxModel) ->
     assert done == [16, 16, 8]
     np.testing.assert_allclose(chunked.outputs, model.predict(ROWS).outputs, rtol=1e-6, atol=1e-6)
     assert chunked.labels == model.predict(ROWS).labels
-    assert len(model.predict_chunks(ROWS[:5], chunk_size=0)) == 5  # a chunk size below 1 means 1
-    assert len(model.predict_chunks(ROWS[:5])) == 5
+    done.clear()
+    assert len(model.predict_chunks(ROWS[:3], chunk_size=0, progress=done.append)) == 3 and done == [1, 1, 1]
+    many = np.tile(ROWS, (28, 1))  # 1120 rows: chunks of 1024 by default
+    done.clear()
+    np.testing.assert_array_equal(model.predict_chunks(many, progress=done.append).outputs[1100:], chunked.outputs[20:])
+    assert done == [1024, 96]
     assert runtime.load(model.directory, "cpu").sha256 == model.sha256
+    assert runtime.load(model.directory, "cpu", verify=False).manifest is None
     np.testing.assert_array_equal(runtime.predict(model.directory, ROWS[:3], "cpu").outputs, batch.outputs[:3])
+    for call in (lambda: runtime.load(model.directory, "gpu"), lambda: runtime.predict(model.directory, ROWS, "gpu")):
+        with pytest.raises(TinyDeployError, match="unknown provider 'gpu'"):  # the provider is passed on
+            call()
 
 
 def test_softmax_is_stable_and_exact() -> None:
@@ -100,6 +108,10 @@ def test_softmax_is_stable_and_exact() -> None:
     e = np.exp(-1.0)
     np.testing.assert_allclose(p[0], [1 / (2 + e), 1 / (2 + e), e / (2 + e)], rtol=1e-6)
     np.testing.assert_allclose(p[1], [0.25, 0.75, 0.0], rtol=1e-6)
+    wide = np.random.default_rng(0).standard_normal((4, 1000)).astype(np.float32) * 10
+    z = wide.astype(np.float64) - wide.max(axis=1, keepdims=True)
+    exact = (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)).astype(np.float32)
+    np.testing.assert_array_equal(softmax(wide), exact)  # float64 inside: float32 arithmetic is off by ulps
 
 
 def test_a_regression_prediction_has_outputs_only() -> None:
@@ -173,11 +185,10 @@ def test_metadata_fills_what_the_spec_leaves_out(tmp_path: Path) -> None:
     prediction = model.predict(ROWS[:3])
     assert prediction.labels == [str(i) for i in prediction.indices]
     few = _open(tmp_path / "b", props={**props, "tinydeploy.classes": '["a", "b", 3]'})
-    labels = few.predict(ROWS).labels
+    prediction = few.predict(ROWS)
     assert few.classes == ["a", "b", "3"]
-    assert {label for label, i in zip(labels, few.predict(ROWS).indices) if i >= 3} == {
-        str(i) for i in few.predict(ROWS).indices if i >= 3}
-    assert any(i >= 3 for i in few.predict(ROWS).indices)
+    assert prediction.labels == [["a", "b", "3"][i] if i < 3 else str(i) for i in prediction.indices]
+    assert {0, 1} & set(prediction.indices) and any(i >= 3 for i in prediction.indices)
     task_from_spec = _open(tmp_path / "c", props={"tinydeploy.spec": json.dumps({**spec.to_dict(), "task": "regression"})})
     assert task_from_spec.task == "regression" and task_from_spec.predict(ROWS[:2]).labels is None
     assert task_from_spec.classes == list(CLASSES)
@@ -453,6 +464,7 @@ def test_nesting_depth_is_named(model: OnnxModel) -> None:
         model.predict(deep)
     ndim = np.asarray(deep, dtype=object).ndim  # numpy stops at its maximum number of dimensions (32 or 64)
     assert str(info.value) == f"inputs is nested {ndim}+ levels deep: send one row or a list of rows"
+    assert info.value.code == "shape"
     deep = [1.0]
     for _ in range(31):
         deep = [deep]  # 32 levels: a regular array, refused by shape
@@ -476,6 +488,18 @@ def test_max_batch_is_exact(model: OnnxModel) -> None:
     assert (str(info.value), info.value.code) == ("batch of 5 rows exceeds the limit of 4: split it", "too_large")
     assert len(model.predict(ROWS[:4], max_batch=4)) == 4
     assert runtime.InputError("m").code == "invalid_input"
+
+
+def test_one_feature_and_double_outputs(tmp_path: Path) -> None:
+    single = _bare(tmp_path, _graph([_tensor("x", ["b", 1])], [_tensor("o", ["b", 1])]))
+    np.testing.assert_array_equal(single.predict([5.0]).outputs, [[5.0]])  # one row of one value, not empty
+    np.testing.assert_array_equal(single.predict([[5], [7]]).outputs, [[5.0], [7.0]])
+    double = _bare(tmp_path, _graph([_tensor("x", ["b", 2])], [_tensor("o", ["b", 2], TensorProto.DOUBLE)],
+                                    [helper.make_node("Cast", ["x"], ["o"], to=TensorProto.DOUBLE)]))
+    rows = np.array([[1.5, -2.0], [3.0, 4.0], [0.5, 0.25]], dtype=np.float32)
+    for prediction in (double.predict(rows), double.predict_chunks(rows, chunk_size=2)):
+        assert prediction.outputs.dtype == np.float32
+        np.testing.assert_array_equal(prediction.outputs, rows)
 
 
 def test_tensor_inputs_of_a_multi_dimensional_model(tmp_path: Path) -> None:
@@ -507,7 +531,7 @@ def test_match_columns_reorders_named_tables(tmp_path: Path) -> None:
     assert model.match_columns(table, None, "x") is table and model.match_columns(table, [], "x") is table
     with pytest.raises(InputError) as info:
         model.match_columns(table, ["g"] + list(names[1:]), "rows.csv")
-    assert info.value.code == "features" and "f0" in str(info.value) and "g" in str(info.value)
+    assert info.value.code == "features" and str(info.value).startswith("rows.csv: ") and "f0" in str(info.value)
     unnamed = OnnxModel(write_export(tmp_path / "b"), "cpu")
     assert unnamed.match_columns(table, shuffled, "x") is table
     rows = [dict(zip(shuffled, row[::-1].tolist())) for row in table]
