@@ -244,6 +244,19 @@ def _installed(name: str) -> str | None:
         return None
 
 
+def test_the_gpu_wheel_of_onnxruntime_is_recorded_as_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = metadata.version
+
+    def version(name: str) -> str:  # a machine with onnxruntime-gpu 9.9 instead of onnxruntime
+        if name == "onnxruntime":
+            raise metadata.PackageNotFoundError(name)
+        return "9.9" if name == "onnxruntime-gpu" else installed(name)
+
+    monkeypatch.setattr(mf.metadata, "version", version)
+    versions = package_versions()
+    assert versions["onnxruntime"] == "9.9" and versions["numpy"] == installed("numpy")
+
+
 def test_a_missing_package_is_recorded_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mf, "_PACKAGES", ("numpy", "no-such-package-tinydeploy", "onnxruntime"))
     versions = package_versions()

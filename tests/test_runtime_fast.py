@@ -194,6 +194,16 @@ def test_metadata_fills_what_the_spec_leaves_out(tmp_path: Path) -> None:
     assert task_from_spec.classes == list(CLASSES)
 
 
+def test_classes_without_a_task_make_a_classifier(tmp_path: Path) -> None:
+    spec = fast_spec()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(onnx_model(spec, weights(spec), {"tinydeploy.classes": json.dumps(list("abcdefghij"))})
+                     .SerializeToString())
+    model = OnnxModel(path, "cpu", verify=False)
+    assert model.spec is None and model.task == "classification" and model.classes == list("abcdefghij")
+    assert model.predict(ROWS[:2]).labels == ["abcdefghij"[i] for i in model.predict(ROWS[:2]).indices]
+
+
 def test_conv_widths_and_feature_names_come_from_the_spec(tmp_path: Path) -> None:
     layers = [{"kind": "conv", "out_channels": 5, "growable": True}, {"kind": "conv", "out_channels": 7},
               {"kind": "linear", "out_features": 9, "growable": True}, {"kind": "linear", "out_features": 10}]
@@ -239,6 +249,14 @@ def test_malformed_metadata_is_a_one_line_error_at_start(tmp_path: Path, props: 
 
 
 def test_a_long_malformed_metadata_message_is_cut_at_120_characters(tmp_path: Path) -> None:
+    value = "x" * 300
+    long = write_export(tmp_path / "long", props={"tinydeploy.spec": json.dumps(
+        {"layers": [{"kind": "linear", "out_features": value}]})})
+    reason = f"invalid literal for int() with base 10: {value!r}"[:120]
+    with pytest.raises(TinyDeployError) as info:
+        OnnxModel(long, "cpu")
+    assert str(info.value) == f"{long / 'model.onnx'}: its tinydeploy metadata is malformed (ValueError: {reason}): " \
+                              "re-export the run"
     key = "k" * 300
     directory = write_export(tmp_path / "e", props={"tinydeploy.spec": json.dumps({"layers": [{"kind": "linear"}],
                                                                                      "x": key})})
@@ -465,6 +483,16 @@ def test_nesting_depth_is_named(model: OnnxModel) -> None:
     ndim = np.asarray(deep, dtype=object).ndim  # numpy stops at its maximum number of dimensions (32 or 64)
     assert str(info.value) == f"inputs is nested {ndim}+ levels deep: send one row or a list of rows"
     assert info.value.code == "shape"
+    ragged: list = [[1.0, 2.0], [3.0]]
+    for _ in range(31):
+        ragged = [ragged]  # 32 dimensions, then lists of unequal length
+    with pytest.raises(InputError) as info:
+        model.predict(ragged)
+    assert str(info.value) == "inputs is nested 32+ levels deep: send one row or a list of rows"
+    for _ in range(1):
+        ragged = ragged[0]  # 31 dimensions: ragged
+    with pytest.raises(InputError, match="^inputs is ragged: every row must have the same number of values$"):
+        model.predict(ragged)
     deep = [1.0]
     for _ in range(31):
         deep = [deep]  # 32 levels: a regular array, refused by shape
