@@ -467,8 +467,8 @@ def test_image_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: 
         no_pillow = create_app(directory, "cpu", 4)
     assert no_pillow.limits.max_images == 0
     assert [r.getMessage() for r in caplog.records] == [
-        "Pillow is not installed: image uploads are refused (415); JSON tensors are served. pip install pillow to "
-        "take PNG/JPEG uploads"]
+        ("Pillow is not installed: image uploads are refused (415); JSON tensors are served. pip install pillow to "
+        "take PNG/JPEG uploads")]
     status, _, answer = _answer(_asgi(no_pillow, _http("/v1/predict", headers=[
         (b"content-type", b"multipart/form-data; boundary=b")]), [{"type": "http.request", "body": b"--b--"}]))
     assert status == 415 and json.loads(answer)["error"]["message"] == (
