@@ -145,13 +145,15 @@ def test_links_missing_and_special_files_are_refused_by_reason(tmp_path: Path) -
         open_inside(root, "sub/../a.bin")
 
 
-def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "words"), [("fifo", "is not a regular file: refused"),
+                                              ("fifo/x", "is a symbolic link (or lies under one)")])
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, name: str, words: str) -> None:
     os.mkfifo(tmp_path / "fifo")
     found: list[Exception] = []
 
     def read() -> None:
         try:
-            read_file(tmp_path, "fifo")
+            read_file(tmp_path, name)
         except FileRefused as exc:
             found.append(exc)
 
@@ -162,7 +164,35 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
         os.close(os.open(tmp_path / "fifo", os.O_WRONLY))
         reader.join(2.0)
         pytest.fail("opening a FIFO of the model directory blocked until a writer came")
-    assert [str(e) for e in found] == [f"fifo in {tmp_path} is not a regular file: refused"]
+    assert [str(e) for e in found] and str(found[0]).startswith(f"{name} in {tmp_path} {words}")
+
+
+def test_a_huge_file_is_refused_by_its_size_without_being_read(tmp_path: Path) -> None:
+    with open(tmp_path / "huge", "wb") as handle:
+        handle.truncate(1 << 40)  # 1 TiB, sparse: reading it whole would need 1 TiB of memory
+    with pytest.raises(FileRefused, match="is larger than 100 bytes"):
+        read_file(tmp_path, "huge", limit=100)
+
+
+def test_without_dir_fd_links_are_refused_component_by_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """The path of systems without O_NOFOLLOW/dir_fd (Windows), run here on real files."""
+    monkeypatch.setattr(mf, "_DIR_FD", False)
+    root = _tree(tmp_path / "d")
+    (root / "dirlink").symlink_to(root / "sub")
+    (root / "link").symlink_to(root / "a.bin")
+    (root / "sub" / "deeper" / "clink").symlink_to(root / "a.bin")
+    (tmp_path / "rootlink").symlink_to(root)
+    assert read_file(root, "sub/deeper/c.txt") == b"c" == read_file(tmp_path / "rootlink", "sub/deeper/c.txt")
+    assert read_file(root, "a.bin", limit=4 << 20)[:3] == bytes(range(3))
+    link = "is a symbolic link (or lies under one): tinydeploy reads only regular files inside the model directory; " \
+           "replace the link with the file"
+    for name in ("dirlink/b.json", "link", "sub/deeper/clink", "dirlink/deeper/c.txt"):
+        with pytest.raises(FileRefused) as info:
+            read_file(root, name)
+        assert str(info.value) == f"{name} in {root} {link}", name
+    with pytest.raises(FileRefused, match="is missing"):
+        read_file(root, "sub/nope")
 
 
 def test_an_unreadable_file_names_the_user_and_the_fix(tmp_path: Path) -> None:
@@ -375,6 +405,10 @@ def test_read_manifest_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(IntegrityError) as info:
             read(tmp_path)
         assert str(info.value) == f"{tmp_path} has no manifest.json: pass a directory written by 'tinydeploy export'"
+    (tmp_path / "manifest.json").write_bytes(b"[]")
+    with pytest.raises(IntegrityError, match=rf"^{re.escape(str(tmp_path / 'manifest.json'))} is not a tinydeploy "):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").unlink()
     (tmp_path / "real.json").write_bytes(_manifest({}))
     (tmp_path / "manifest.json").symlink_to(tmp_path / "real.json")
     with pytest.raises(FileRefused, match="manifest.json in .* is a symbolic link"):
