@@ -84,13 +84,13 @@ def _asgi(app, scope: dict, messages: list[dict], stall: bool = False) -> list[d
         if queue:
             return queue.pop(0)
         if stall:
-            await asyncio.sleep(60)
+            await asyncio.sleep(20)
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
     return sent
 
 
@@ -256,8 +256,9 @@ def test_a_client_that_leaves_is_counted_apart(fast_dir: Path) -> None:  # noqa:
 def test_lifespan_and_other_scopes(fast_dir: Path) -> None:  # noqa: F811
     app = create_app(fast_dir, "cpu", MAX_BATCH)
     sent = _asgi(app, {"type": "lifespan"}, [{"type": "lifespan.startup"}, {"type": "other"},
-                                             {"type": "lifespan.shutdown"}])
-    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+                                             {"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.startup.complete"},
+                    {"type": "lifespan.shutdown.complete"}]
     assert _asgi(app, {"type": "websocket", "path": "/v1/predict"}, []) == []
     assert app.metrics.in_flight == 0 and app.metrics.requests == {}
     with running_server(app, lifespan="on") as base:
@@ -365,8 +366,16 @@ def test_metrics_render_every_family_exactly(fast_dir: Path) -> None:  # noqa: F
         "# TYPE tinydeploy_client_disconnects_total counter", "# TYPE tinydeploy_request_duration_seconds histogram",
         "# TYPE tinydeploy_predicted_rows_total counter", "# TYPE tinydeploy_requests_in_flight gauge",
         "# TYPE tinydeploy_model_info gauge", "# TYPE tinydeploy_start_time_seconds gauge"]
-    assert len([line for line in lines if line.startswith("# HELP")]) == 8
-    assert lines[0] == "# HELP tinydeploy_requests_total HTTP requests answered, by route, method and status."
+    assert [line for line in lines if line.startswith("# HELP")] == [
+        "# HELP tinydeploy_requests_total HTTP requests answered, by route, method and status.",
+        "# HELP tinydeploy_errors_total HTTP answers with status >= 400, by status.",
+        "# HELP tinydeploy_client_disconnects_total Requests whose client went away before the answer (not errors).",
+        "# HELP tinydeploy_request_duration_seconds Time from request start to the end of the answer.",
+        "# HELP tinydeploy_predicted_rows_total Rows answered by /v1/predict.",
+        "# HELP tinydeploy_requests_in_flight Requests being handled now.",
+        "# HELP tinydeploy_model_info The served model (value is always 1).",
+        "# HELP tinydeploy_start_time_seconds Unix time the server started."]
+    assert lines[0].startswith("# HELP tinydeploy_requests_total")
     assert metrics.render(model).endswith("\n")
     assert Metrics().buckets == srv.LATENCY_BUCKETS and abs(Metrics().started - time.time()) < 5
 
@@ -502,11 +511,12 @@ def test_app_from_env(fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None: 
     monkeypatch.setenv("TINYDEPLOY_SERVE_OPTIONS", "")
     with pytest.raises(TinyDeployError, match="is not set"):
         app_from_env()
-    options = ServeOptions(str(fast_dir), "cpu", 3, False, 2.5)
-    monkeypatch.setenv("TINYDEPLOY_SERVE_OPTIONS", json.dumps(options.__dict__))
-    app = app_from_env()
-    assert app.limits.max_batch == 3 and app.limits.body_timeout_s == 2.5
-    assert app.model.manifest is None and app.model.requested_provider == "cpu"
+    for verify in (False, True):
+        options = ServeOptions(str(fast_dir), "cpu", 3, verify, 2.5)
+        monkeypatch.setenv("TINYDEPLOY_SERVE_OPTIONS", json.dumps(options.__dict__))
+        app = app_from_env()
+        assert app.limits.max_batch == 3 and app.limits.body_timeout_s == 2.5
+        assert (app.model.manifest is not None) == verify and app.model.requested_provider == "cpu"
     assert ServeOptions("d") == ServeOptions("d", srv.DEFAULT_PROVIDER, 1024, True, 10.0)
 
 
