@@ -377,6 +377,11 @@ def test_metrics_render_every_family_exactly(fast_dir: Path) -> None:  # noqa: F
         "# HELP tinydeploy_start_time_seconds Unix time the server started."]
     assert lines[0].startswith("# HELP tinydeploy_requests_total")
     assert metrics.render(model).endswith("\n")
+    model.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # what a CUDA session reports
+    model.task, model.manifest = 'odd "task"\n', None
+    assert metrics.render(model).splitlines()[-4] == (
+        f'tinydeploy_model_info{{sha256="{model.sha256}",task="odd \\"task\\"\\n",'
+        f'providers="CUDAExecutionProvider,CPUExecutionProvider",verified="false",version="{__version__}"}} 1')
     assert Metrics().buckets == srv.LATENCY_BUCKETS and abs(Metrics().started - time.time()) < 5
 
 
@@ -417,6 +422,7 @@ def test_create_app_checks_its_arguments_and_sizes_the_limits(fast_dir: Path, tm
         assert str(info.value) == f"--body-timeout must be between 0 and 3600 seconds, got {bad}"
     app = create_app(fast_dir, "cpu", 1, body_timeout_s=3600)
     assert app.limits == Limits.for_model(1, 64, 1, 3600.0) and app.limits.max_images == 0
+    assert create_app(fast_dir, "auto", 4).model.requested_provider == "auto"
     default = create_app(fast_dir)
     assert default.limits == Limits.for_model(1, 64, srv.DEFAULT_MAX_BATCH, 10.0)
     assert default.model.requested_provider == srv.DEFAULT_PROVIDER
