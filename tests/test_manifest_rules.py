@@ -149,11 +149,16 @@ def test_links_missing_and_special_files_are_refused_by_reason(tmp_path: Path) -
                                               ("fifo/x", "is a symbolic link (or lies under one)")])
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, name: str, words: str) -> None:
     os.mkfifo(tmp_path / "fifo")
+    assert _refusal_in_time(tmp_path, name).startswith(f"{name} in {tmp_path} {words}")
+
+
+def _refusal_in_time(root: Path, name: str) -> str:
+    """The refusal of ``read_file(root, name)``; fails the test if the read blocks (``root/fifo`` waiting)."""
     found: list[Exception] = []
 
     def read() -> None:
         try:
-            read_file(tmp_path, name)
+            read_file(root, name)
         except FileRefused as exc:
             found.append(exc)
 
@@ -161,10 +166,11 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, name: st
     reader.start()
     reader.join(2.0)
     if reader.is_alive():  # open() waits for a writer: be one, so that the thread ends, and fail
-        os.close(os.open(tmp_path / "fifo", os.O_WRONLY))
+        os.close(os.open(root / "fifo", os.O_WRONLY))
         reader.join(2.0)
         pytest.fail("opening a FIFO of the model directory blocked until a writer came")
-    assert [str(e) for e in found] and str(found[0]).startswith(f"{name} in {tmp_path} {words}")
+    assert len(found) == 1
+    return str(found[0])
 
 
 def test_a_huge_file_is_refused_by_its_size_without_being_read(tmp_path: Path) -> None:
@@ -193,6 +199,8 @@ def test_without_dir_fd_links_are_refused_component_by_component(tmp_path: Path,
         assert str(info.value) == f"{name} in {root} {link}", name
     with pytest.raises(FileRefused, match="is missing"):
         read_file(root, "sub/nope")
+    os.mkfifo(root / "fifo")
+    assert _refusal_in_time(root, "fifo") == f"fifo in {root} is not a regular file: refused"
 
 
 def test_an_unreadable_file_names_the_user_and_the_fix(tmp_path: Path) -> None:
@@ -285,6 +293,8 @@ def test_the_gpu_wheel_of_onnxruntime_is_recorded_as_onnxruntime(monkeypatch: py
     monkeypatch.setattr(mf.metadata, "version", version)
     versions = package_versions()
     assert versions["onnxruntime"] == "9.9" and versions["numpy"] == installed("numpy")
+    monkeypatch.setattr(mf, "_PACKAGES", ("onnxruntime", "no-such-package-tinydeploy"))
+    assert package_versions()["no-such-package-tinydeploy"] is None  # only onnxruntime has a second wheel name
 
 
 def test_a_missing_package_is_recorded_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
