@@ -227,7 +227,7 @@ def test_content_length_is_checked_before_the_body(app) -> None:
     bare = [{"type": "http.request", "more_body": True}, {"type": "http.request", "body": body}]  # "body" is optional
     status, _, answer = _answer(_asgi(app, _http("/v1/predict", headers=[json_type]), bare))
     assert status == 200 and json.loads(answer)["batch_size"] == 1
-    assert headers[b"content-length"] == str(len(answer)).encode()
+    assert headers == {b"content-type": b"application/json", b"content-length": str(len(answer)).encode()}
 
 
 def test_a_stalled_body_gets_408_and_the_connection_closed(app) -> None:
@@ -251,6 +251,34 @@ def test_a_client_that_leaves_is_counted_apart(fast_dir: Path) -> None:  # noqa:
     text = app.metrics.render(app.model)
     assert 'tinydeploy_client_disconnects_total{path="/v1/predict"} 1' in text.splitlines()
     assert app.metrics.requests == {} and app.metrics.errors == {} and app.metrics.in_flight == 0
+
+
+def test_a_cancelled_request_is_counted_as_a_disconnect(fast_dir: Path) -> None:  # noqa: F811
+    """uvicorn cancels requests still running when it shuts down: counted apart from errors, nothing in flight."""
+    app = create_app(fast_dir, "cpu", MAX_BATCH)
+
+    async def scenario() -> None:
+        waiting = asyncio.Event()
+
+        async def receive() -> dict:
+            waiting.set()
+            await asyncio.sleep(20)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            raise AssertionError(f"nothing may be sent: {message}")
+
+        task = asyncio.create_task(app(_http("/v1/predict", headers=[(b"content-type", b"application/json")]),
+                                       receive, send))
+        await waiting.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert app.metrics.disconnects == {"/v1/predict": 1} and app.metrics.errors == {} and app.metrics.in_flight == 0
+    _asgi(app, _http("/healthz", "GET"), [])
+    assert 0 < app.metrics.latency_sum["/healthz"] < 5 and app.metrics.latency_count == {"/healthz": 1}
 
 
 def test_lifespan_and_other_scopes(fast_dir: Path) -> None:  # noqa: F811
