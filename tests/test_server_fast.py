@@ -313,7 +313,9 @@ def test_routes_and_methods(client: httpx.Client, app) -> None:
 
 
 def test_metadata_and_health(client: httpx.Client, app) -> None:
-    meta = client.get("/v1/metadata").json()
+    answer = client.get("/v1/metadata")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    meta = answer.json()
     assert meta == json.loads(json.dumps({**app.model.describe(), **app.limits.describe(), "tinydeploy": __version__}))
     assert meta["max_batch"] == MAX_BATCH and meta["body_timeout_s"] == 0.5
     health = client.get("/healthz")
@@ -411,6 +413,18 @@ def test_metrics_render_every_family_exactly(fast_dir: Path) -> None:  # noqa: F
         f'tinydeploy_model_info{{sha256="{model.sha256}",task="odd \\"task\\"\\n",'
         f'providers="CUDAExecutionProvider,CPUExecutionProvider",verified="false",version="{__version__}"}} 1')
     assert Metrics().buckets == srv.LATENCY_BUCKETS and abs(Metrics().started - time.time()) < 5
+
+
+def test_metrics_add_up_repeats_and_count_400_as_an_error() -> None:
+    metrics = Metrics()
+    for _ in range(5):
+        metrics.begin()
+    assert metrics.in_flight == 5
+    for status in (200, 200, 400, None, None):
+        metrics.observe("/healthz", "GET", status, 0.1)
+    assert metrics.requests == {("/healthz", "GET", 200): 2, ("/healthz", "GET", 400): 1}
+    assert metrics.errors == {400: 1} and metrics.disconnects == {"/healthz": 2} and metrics.in_flight == 0
+    assert metrics.latency_count == {"/healthz": 3} and metrics.latency_sum["/healthz"] == pytest.approx(0.3)
 
 
 def test_metric_values_and_labels_are_escaped() -> None:
