@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import inspect
 import io
 import json
 import logging
@@ -581,6 +583,13 @@ def test_serve_checks_its_arguments_first(fast_dir: Path) -> None:  # noqa: F811
             serve(fast_dir, port=port, max_batch=0)
 
 
+def test_serve_defaults_to_one_verified_worker_on_loopback() -> None:
+    defaults = {name: parameter.default for name, parameter in inspect.signature(serve).parameters.items()}
+    assert defaults == {"export_dir": inspect.Parameter.empty, "host": "127.0.0.1", "port": 8000,
+                        "provider": srv.DEFAULT_PROVIDER, "workers": 1, "max_batch": 1024, "log_level": "info",
+                        "verify": True, "body_timeout_s": 10.0}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -589,14 +598,18 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_runs_uvicorn_with_its_banner(fast_dir: Path, tmp_path: Path, workers: int) -> None:  # noqa: F811
-    """``serve`` in a process of its own, as ``tinydeploy serve`` runs it (two workers: each its own model)."""
+    """``serve`` in a process of its own, as ``tinydeploy serve`` runs it (two workers: each its own model), on a
+    directory without manifest.json: ``verify=False`` reaches every process that loads the model."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.onnx").write_bytes((fast_dir / "model.onnx").read_bytes())
     port = _free_port()
     with pytest.raises(TinyDeployError, match="--port"):  # here too, so that mutation testing runs this test on serve
         serve(fast_dir, port=65536, workers=workers)
     script = ("import sys; from tinydeploy.serving.server import serve; "
               f"serve(sys.argv[1], port={port}, provider='cpu', workers={workers}, max_batch=3, log_level='info', "
               "verify=False, body_timeout_s=4.0)")
-    process = subprocess.Popen([sys.executable, "-c", script, str(fast_dir)], cwd=REPO, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-c", script, str(bare)], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         base = f"http://127.0.0.1:{port}"
@@ -619,9 +632,9 @@ def test_serve_runs_uvicorn_with_its_banner(fast_dir: Path, tmp_path: Path, work
         stdout, stderr = process.communicate(timeout=30)
     assert '"POST /v1/predict HTTP/1.1"' not in stdout + stderr  # no access log, even at log level info
     assert "Application startup complete." in stderr  # lifespan on, log level info
-    sha256 = json.loads((fast_dir / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
+    sha256 = hashlib.sha256((bare / "model.onnx").read_bytes()).hexdigest()
     lines = stderr.splitlines()
-    assert lines[0] == srv.NO_VERIFY_WARNING.format(path=fast_dir / "model.onnx")
-    assert lines[1] == (f"tinydeploy: serving {fast_dir / 'model.onnx'} (sha256 {sha256[:12]}, classification, "
+    assert lines[0] == srv.NO_VERIFY_WARNING.format(path=bare / "model.onnx")
+    assert lines[1] == (f"tinydeploy: serving {bare / 'model.onnx'} (sha256 {sha256[:12]}, classification, "
                         f"providers CPUExecutionProvider, max batch 3, {workers} worker{'s' if workers > 1 else ''}) "
                         f"on http://127.0.0.1:{port} [POST /v1/predict, GET /v1/metadata, /healthz, /metrics]")
