@@ -15,9 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serving_fixtures import running_server
+from serving_fast_fixtures import digit_rows, fast_dir, running_server  # noqa: F401
 
-from tinydeploy.data import load_dataset
 from tinydeploy.serving.limits import Limits, RequestError, check_json
 from tinydeploy.serving.runtime import OnnxModel
 from tinydeploy.serving.server import create_app
@@ -28,8 +27,8 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def app(export_dir: Path):
-    return create_app(export_dir, "cpu", MAX_BATCH, body_timeout_s=BODY_TIMEOUT)
+def app(fast_dir: Path):  # noqa: F811
+    return create_app(fast_dir, "cpu", MAX_BATCH, body_timeout_s=BODY_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def url(app):
 
 @pytest.fixture(scope="module")
 def x_test() -> np.ndarray:
-    return load_dataset("digits").X_test
+    return digit_rows(64)
 
 
 def _raw(
@@ -152,8 +151,8 @@ def _hostile_bodies(x_test: np.ndarray) -> list[tuple[str, bytes, int, str, str]
     ]
 
 
-def test_hostile_bodies_get_4xx_naming_the_limit(url: str, x_test: np.ndarray, export_dir: Path) -> None:
-    model = OnnxModel(export_dir, "cpu")
+def test_hostile_bodies_get_4xx_naming_the_limit(url: str, x_test: np.ndarray, fast_dir: Path) -> None:  # noqa: F811
+    model = OnnxModel(fast_dir, "cpu")
     with httpx.Client(base_url=url, timeout=10.0) as c:
         for name, body, status, code, words in _hostile_bodies(x_test):
             answer = c.post("/v1/predict", content=body, headers=JSON)
@@ -164,7 +163,7 @@ def test_hostile_bodies_get_4xx_naming_the_limit(url: str, x_test: np.ndarray, e
     _assert_still_correct(url, x_test, model)
 
 
-def test_upload_limits_apply_before_the_body_is_read(url: str, app, x_test: np.ndarray, export_dir: Path) -> None:
+def test_upload_limits_apply_before_the_body_is_read(url: str, app, x_test: np.ndarray, fast_dir: Path) -> None:  # noqa: F811
     limit = app.limits.max_body_bytes
     status, body, seconds = _raw(url, _request("POST", "/v1/predict", b"{", length=100 * limit))
     assert status == 413 and seconds < 2.0  # answered from the header, without waiting for 100x the limit
@@ -183,17 +182,17 @@ def test_upload_limits_apply_before_the_body_is_read(url: str, app, x_test: np.n
     assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
     status, body, _ = _raw(url, _request("POST", "/v1/predict", b"{}", content_type="text/plain"))
     assert status == 415 and "application/json" in json.loads(body)["error"]["message"]
-    _assert_still_correct(url, x_test, OnnxModel(export_dir, "cpu"))
+    _assert_still_correct(url, x_test, OnnxModel(fast_dir, "cpu"))
 
 
-def test_slow_body_gets_408_within_the_timeout(url: str, x_test: np.ndarray, export_dir: Path) -> None:
+def test_slow_body_gets_408_within_the_timeout(url: str, x_test: np.ndarray, fast_dir: Path) -> None:  # noqa: F811
     status, body, seconds = _raw(url, _request("POST", "/v1/predict", b'{"inputs": [', length=1000))
     assert status == 408 and BODY_TIMEOUT <= seconds < BODY_TIMEOUT + 3.0
     error = json.loads(body)["error"]
     assert (
         error["code"] == "body_timeout" and f"within the limit of {BODY_TIMEOUT:g} s (got 12 bytes)" in error["message"]
     )
-    _assert_still_correct(url, x_test, OnnxModel(export_dir, "cpu"))
+    _assert_still_correct(url, x_test, OnnxModel(fast_dir, "cpu"))
 
 
 def test_metrics_labels_come_from_fixed_sets(url: str) -> None:
@@ -219,7 +218,7 @@ def test_metrics_labels_come_from_fixed_sets(url: str) -> None:
     )
 
 
-def test_client_disconnects_are_counted_apart_from_errors(url: str, x_test: np.ndarray, export_dir: Path) -> None:
+def test_client_disconnects_are_counted_apart_from_errors(url: str, x_test: np.ndarray, fast_dir: Path) -> None:  # noqa: F811
     before = _samples(httpx.get(f"{url}/metrics").text)
     for _ in range(3):  # announce 1000 bytes, send 12, hang up
         _raw(url, _request("POST", "/v1/predict", b'{"inputs": [', length=1000), close_after_send=True)
@@ -234,14 +233,14 @@ def test_client_disconnects_are_counted_apart_from_errors(url: str, x_test: np.n
     errors = {k: v for k, v in after.items() if k.startswith("tinydeploy_errors_total")}
     assert errors == {k: v for k, v in before.items() if k.startswith("tinydeploy_errors_total")}
     assert not any(k.startswith('tinydeploy_errors_total{status="5') for k in after)
-    _assert_still_correct(url, x_test, OnnxModel(export_dir, "cpu"))
+    _assert_still_correct(url, x_test, OnnxModel(fast_dir, "cpu"))
 
 
 def test_a_bug_answers_500_json_and_the_server_keeps_running(
-    export_dir: Path, x_test: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    fast_dir: Path, x_test: np.ndarray, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """The one path that may answer 5xx: an exception in the server's own code."""
-    app = create_app(export_dir, "cpu", MAX_BATCH)
+    app = create_app(fast_dir, "cpu", MAX_BATCH)
     with running_server(app) as base, httpx.Client(base_url=base, timeout=10.0) as c:
         monkeypatch.setattr(app.model, "predict", lambda *a, **k: 1 / 0)
         answer = c.post("/v1/predict", json={"inputs": x_test[:1].tolist()})

@@ -401,9 +401,9 @@ class OnnxModel:
     def predict_chunks(self, inputs: np.ndarray, chunk_size: int = 1024, progress: Any = None) -> Prediction:
         """Predict a large validated array in chunks; ``progress(n_done)`` is called after each chunk."""
         batch = self.validate(inputs)
-        parts = []
-        for start in range(0, batch.shape[0], max(1, int(chunk_size))):
-            chunk = batch[start : start + chunk_size]
+        parts, step = [], max(1, int(chunk_size))
+        for start in range(0, batch.shape[0], step):
+            chunk = batch[start : start + step]
             parts.append(np.asarray(self.run(chunk), dtype=np.float32).reshape(chunk.shape[0], -1))
             if progress is not None:
                 progress(chunk.shape[0])
