@@ -845,10 +845,13 @@ def test_tiny_with_a_ridge_ridges_s_and_s_h_and_reports_the_papers_bottleneck(ri
     plain, ridged = candidates.tiny(m, 100), candidates.propose("tiny", m, 100, ridge=ridge)
     assert ridged.psi == pytest.approx(candidates.bottleneck(m), rel=1e-12)
     assert plain.psi == pytest.approx(candidates.bottleneck(m), rel=1e-9)
-    dW = m.best_update(ridge)
+    S_h = m.S_h + ridge * torch.trace(m.S_h) / m.S_h.shape[0] * torch.eye(m.S_h.shape[0], dtype=m.S_h.dtype)
+    dW = m.N_h.T @ torch.linalg.inv(S_h)  # the ridge regression on B_h, written out
+    torch.testing.assert_close(m.best_update(ridge), dW, rtol=1e-9, atol=1e-12)
     S_inv_sqrt = linalg.psd_inverse_sqrt(m.S, linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
     expected = linalg.new_neurons(S_inv_sqrt, m.projected_cross_moment(dW))
-    assert ridged.n_neurons > 0 and torch.equal(ridged.dW, dW)
+    assert ridged.n_neurons > 0
+    torch.testing.assert_close(ridged.dW, dW, rtol=1e-9, atol=1e-12)
     assert ridged.lambdas == pytest.approx(expected.lambdas[: ridged.n_neurons].tolist(), rel=1e-12)
     assert ridged.lambdas != pytest.approx(plain.lambdas[: ridged.n_neurons], rel=1e-3)
     assert (ridged.in_index, ridged.out_index, plain.out_index) == (2, 4, 4)
