@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tinydeploy.growth import candidates, gradmax, linalg, policy
+from tinydeploy.growth import candidates, gradmax, linalg, policy, statistics
 from tinydeploy.growth.amplitude import line_search, pointwise
 from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.costs import count_macs, neuron_cost, output_shapes
@@ -949,17 +949,22 @@ def test_reused_candidates_without_room_are_skipped_for_the_next_that_has_some()
 
 
 
-def test_conv_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs():
+@pytest.mark.parametrize("keep", [True, False])
+def test_conv_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs(keep, monkeypatch):
     """A conv pair (unfolded in slices, the Gaussian goal drawn per chunk and sliced per rank): two ranks return
-    the one-process moments."""
+    the one-process moments, the projected N of the second pass too, whether that pass reads the kept
+    tensors or (``KEEP_VALUES`` 0) runs each rank's rows through the model again."""
+    if not keep:
+        monkeypatch.setattr(statistics, "KEEP_VALUES", 0)
     model, X, y = conv_fixtures.build(conv_fixtures.Case(kind="pool-conv", n=20))
     loss_fn = per_sample_loss("classification")
     whole = gather_moments(model, [0], X, y, loss_fn, chunk_size=7, generator=torch.Generator().manual_seed(1))[0]
+    assert whole.N is not None
 
     def shard(rank):
         return gather_moments(copy.deepcopy(model), [0], X, y, loss_fn, chunk_size=7, shard=(rank.rank, 2),
                               total=rank.sum, generator=torch.Generator().manual_seed(1))[0]
 
     for m in _Ranks(2).run(shard):
-        for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+        for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV", "N"):
             torch.testing.assert_close(getattr(m, name), getattr(whole, name), rtol=1e-10, atol=1e-13, msg=name)

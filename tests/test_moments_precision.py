@@ -39,6 +39,17 @@ def test_wide_layers_shared_covariance_and_second_pass_match_explicit_products()
 
 
 
+
+def test_two_vector_pairs_projected_in_the_second_pass_both_match_explicit_products():
+    """Widths (40, 3, 40), 3 classes: the first and the last pair both project N in the second pass (a narrow
+    consumer), and each gets its own projected N, equal to the explicit B_prev (V - dW* B_h)^T / n."""
+    _, model, X, y, loss_fn = small_problem(widths=(40, 3, 40), n=300, d=30, classes=3)
+    found = gather_moments(model, [0, 2, 4], X, y, loss_fn, chunk_size=64, generator=torch.Generator().manual_seed(0))
+    assert [m.N is not None for m in found] == [True, False, True]
+    for m in found:
+        expected = _explicit_moments(model, X, y, loss_fn, m.in_index, m.out_index)
+        torch.testing.assert_close(m.projected_cross_moment(m.best_update()), expected["N"], rtol=1e-8, atol=1e-11)
+
 def test_one_eigendecomposition_for_the_matrix_that_is_one_layers_S_h_and_the_next_layers_S():
     """A layer's S_h and the next layer's S are one tensor with one ``linalg.Spectrum`` (eigh runs once),
     and S^+, S^(-1/2) (with and without ridge) from that spectrum equal those of the matrix itself."""

@@ -534,8 +534,7 @@ def gather_moments(
             moments["N_z"] = derived_probe(moments["S"], moments["VV"].shape[0], counts[i], generator)
         found.append(LayerMoments(p.in_index, p.out_index, counts[i], **moments, tap_shape=m["tap_shape"],
                                   out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge,
-                                  eps=torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0,
-                                  spectra=spectra))
+                                  eps=torch.finfo(X.dtype).eps, spectra=spectra))
     return found
 
 

@@ -4,9 +4,9 @@ The job is a loop over an explicit, JSON-serialisable ``LoopState`` (phase, grow
 counter, optimizer steps left in the current training interval, ...). Every point where the loop
 can checkpoint is a boundary between slices of optimizer steps, so a checkpoint taken there (weights,
 optimizer, every RNG, trainer position, loop state: ``resume_state``) lets ``--resume`` continue with
-bit-identical results. Checkpoints are written after every growth step and, during training phases,
-at most every ``checkpoint_every`` minutes; SIGINT/SIGTERM stop the loop at the next boundary with a
-checkpoint (``status: interrupted``).
+bit-identical results. Checkpoints are written at most every ``checkpoint_every`` minutes, at a growth
+step or a slice boundary, and when the run stops; SIGINT/SIGTERM stop the loop at the next boundary with
+a checkpoint (``status: interrupted``). The logs are appended to as the run goes.
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ class GrowJob:
 
     def _growth_point(self) -> None:
         """Grow (first at initialisation, while width-1 ReLU units are still alive), then train ``grow_every``
-        epochs, until a budget, the target accuracy or ``patience`` idle steps stop it; checkpoint."""
+        epochs, until a budget, the target accuracy or ``patience`` idle steps stop it; a timed checkpoint."""
         loop, cfg = self.loop, self.cfg
         reason = self._stop_growing()
         if reason:
@@ -421,8 +421,8 @@ class GrowJob:
             self._enter_final()
         else:
             loop.train_left = max(1, round(cfg.grow_every * self.trainer.steps_per_epoch))
-        self.checkpoint()
-        self._poll()
+        if self._poll():
+            self.checkpoint(full=True)
 
     def _enter_final(self) -> None:
         loop = self.loop
@@ -760,5 +760,5 @@ def run_grow(
     command: str = "",
     on_progress: Callable[[Progress], None] | None = None,
 ) -> GrowResult:
-    """Grow a network as ``cfg`` says and write its run directory (also after every growth step)."""
+    """Grow a network as ``cfg`` says and write its run directory (checkpoints as the module docstring says)."""
     return prepare_grow(cfg, run_dir, force=force, command=command).run(on_progress)
