@@ -49,6 +49,10 @@ def test_two_vector_pairs_projected_in_the_second_pass_both_match_explicit_produ
     for m in found:
         expected = _explicit_moments(model, X, y, loss_fn, m.in_index, m.out_index)
         torch.testing.assert_close(m.projected_cross_moment(m.best_update()), expected["N"], rtol=1e-8, atol=1e-11)
+    first = found[0]  # its dW* was computed (without a ridge) for the second pass and is kept
+    assert first.best_update() is first.dW
+    ridged = first.N_h.T @ torch.linalg.inv(linalg.ridged(first.S_h, 0.5))
+    torch.testing.assert_close(first.best_update(0.5), ridged, rtol=1e-9, atol=1e-12)
 
 def test_one_eigendecomposition_for_the_matrix_that_is_one_layers_S_h_and_the_next_layers_S():
     """A layer's S_h and the next layer's S are one tensor with one ``linalg.Spectrum`` (eigh runs once),
