@@ -41,7 +41,7 @@ from tinydeploy.data.arrays import LabelError, RawSplit, check_finite, preview, 
 from tinydeploy.data.builtin import CHANNEL_SHAPES, LOCAL_LOADERS
 from tinydeploy.data.image_folder import is_image_folder, load_image_folder
 from tinydeploy.data.torchvision_sets import TORCHVISION_CLASSES, load_torchvision
-from tinydeploy.data.user_files import ARRAY_KEYS, USER_SUFFIXES, load_csv, load_npz, user_file
+from tinydeploy.data.user_files import ARRAY_KEYS, is_user_file, load_csv, load_npz, user_file
 from tinydeploy.errors import DataError
 
 BUILTIN_DATASETS: tuple[str, ...] = (
@@ -136,7 +136,7 @@ def load_dataset(
         source["name"] = str(Path(name).expanduser().resolve())
         split = load_image_folder(name, split_seed)
     else:
-        if Path(name).suffix.lower() not in USER_SUFFIXES:
+        if not is_user_file(name):
             raise DataError(
                 f"unknown dataset '{name}': use one of {', '.join(BUILTIN_DATASETS)}, a path to a .npz or .csv "
                 "file, or an image folder"

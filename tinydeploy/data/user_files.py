@@ -21,6 +21,11 @@ FEATURE_NAMES_KEY = "feature_names"
 USER_SUFFIXES = (".npz", ".csv")
 
 
+def is_user_file(name: str) -> bool:
+    """Whether ``name`` names a user data file (by its suffix, ``USER_SUFFIXES``)."""
+    return Path(name).suffix.lower() in USER_SUFFIXES
+
+
 def user_file(name: str) -> Path:
     """The absolute path of a user ``.npz``/``.csv`` file, checked to exist."""
     path = Path(name).expanduser().resolve()

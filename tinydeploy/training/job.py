@@ -26,8 +26,14 @@ import numpy as np
 import torch
 
 from tinydeploy import __version__
-from tinydeploy.data import Dataset, apply_standardizer, fit_standardizer, flat_image_side, load_dataset
-from tinydeploy.data.user_files import USER_SUFFIXES
+from tinydeploy.data import (
+    Dataset,
+    apply_standardizer,
+    fit_standardizer,
+    flat_image_side,
+    is_user_file,
+    load_dataset,
+)
 from tinydeploy.errors import TinyDeployError
 from tinydeploy.growth.batchnorm import has_batchnorm, recalibrate
 from tinydeploy.growth.candidates import check_method
@@ -280,7 +286,7 @@ class GrowJob:
     @property
     def _user_file(self) -> bool:
         """Whether the data come from a user .npz/.csv file (the budgets and the image check are for those)."""
-        return Path(self.cfg.dataset).suffix.lower() in USER_SUFFIXES
+        return is_user_file(self.cfg.dataset)
 
     @property
     def _user_images(self) -> bool:
