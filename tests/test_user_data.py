@@ -166,6 +166,16 @@ def test_flat_image_side_recognises_square_pixel_rows_only() -> None:
     assert flat_image_side(unit.reshape(5, 8, 8)) is None and flat_image_side(unit[:0]) is None
 
 
+def test_flat_pixels_in_the_unit_interval_load_as_images_of_max_value_one(tmp_path: Path) -> None:
+    """Pixels in [0, 1] (the brightest exactly 1) become 1 x s x s images whose 8-bit files scale to 1, not 255."""
+    X = np.random.default_rng(0).uniform(0, 1, size=(60, 64)).astype(np.float32)
+    X[0, 0] = 1.0
+    path = _save_npz(tmp_path / "unit.npz", X, np.arange(60) % 3)
+    data = load_dataset(str(path), as_images=True)
+    assert data.X_train.shape[1:] == (1, 8, 8) and data.X_test.shape == (12, 1, 8, 8)
+    assert data.image == {"mode": "L", "size": [8, 8], "max_value": 1.0}
+
+
 def test_flat_pixel_npz_grows_a_cnn_on_images_by_default_and_serves_flat_rows(tmp_path: Path) -> None:
     """sklearn's digits flattened (64 features, whole numbers 0..16) in a user .npz: the job loads them as
     1x8x8 images, grows a CNN, says so and states both budgets; --arch mlp keeps the flat MLP. The exported
