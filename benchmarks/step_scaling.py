@@ -16,7 +16,8 @@ ratio = step time / floor: 1.0 means the step costs no more than its arithmetic.
 ``--baseline REF`` adds the side-by-side comparison with the code at git ``REF`` (a ``git archive``
 snapshot, e.g. ``main``) at width ``--compare-width`` and batch ``--compare-batch`` (issue 15: 256 and
 8,192, one thread): rounds of one fresh process per code, alternating, each timing ``--repeats`` steps
-after a warm-up (CPU time of the process and wall time); the speedup is the median over rounds of
+after a warm-up, this tree twice: with the heap setting ``tinydeploy grow`` applies
+(``training.host_memory``) and with glibc's defaults (CPU time of the process and wall time); the speedup is the median over rounds of
 the per-round ratio, and the lambdas of both layers (all of them, before the significance test) are
 compared.
 
@@ -137,6 +138,15 @@ def step_case(width: int, n: int, repeats: int) -> dict:
     return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "lambdas": lambdas}
 
 
+def keep_freed_buffers() -> None:
+    """What ``tinydeploy grow`` does to the process's heap, where the code measured has it."""
+    try:
+        from tinydeploy.training.host_memory import keep_freed_buffers as setting
+    except ImportError:  # a baseline from before the setting: its grow ran with glibc's defaults
+        return
+    setting()
+
+
 def _lambda_difference(new: list[list[float]], old: list[list[float]]) -> float:
     """Largest relative difference of the lambdas both codes find above 1e-3 of their layer's largest."""
     worst = 0.0
@@ -147,32 +157,40 @@ def _lambda_difference(new: list[list[float]], old: list[list[float]]) -> float:
 
 
 def compare(baseline: str, width: int, n: int, repeats: int, rounds: int, threads: int, report: Report) -> dict:
-    """This tree against a snapshot of git ``baseline``, alternating fresh processes, one table."""
-    records: dict[str, list[dict]] = {"this tree": [], baseline: []}
+    """This tree (as ``tinydeploy grow`` runs it, and with glibc's allocator defaults) against a snapshot of
+    git ``baseline`` (as its grow ran it: glibc's defaults), alternating fresh processes, one table."""
+    grow, defaults = "this tree", "this tree, glibc defaults"
+    records: dict[str, list[dict]] = {grow: [], defaults: [], baseline: []}
     with tempfile.TemporaryDirectory() as tmp:
-        roots = {"this tree": BENCH.parent, baseline: snapshot(baseline, Path(tmp))}
+        runs = {grow: (BENCH.parent, "grow"), defaults: (BENCH.parent, "defaults"),
+                baseline: (snapshot(baseline, Path(tmp)), "grow")}
         for r in range(rounds):
-            for label, root in roots.items():
+            for label, (root, host) in runs.items():
                 env = {**os.environ, "PYTHONPATH": str(root)}
                 out = subprocess.run([sys.executable, __file__, "--measure-step", f"{width},{n},{repeats}",
-                                      "--threads", str(threads)], env=env, capture_output=True, text=True,
-                                     check=True, cwd=root)
+                                      "--threads", str(threads), "--host-memory", host], env=env,
+                                     capture_output=True, text=True, check=True, cwd=root)
                 records[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"round {r + 1}/{rounds} {label}: step {1e3 * records[label][-1]['cpu_s']:.1f} ms CPU, "
                       f"{1e3 * records[label][-1]['wall_s']:.1f} ms wall", flush=True)
-    new, old = records["this tree"], records[baseline]
-    speedup = {k: statistics.median(o[k] / t[k] for o, t in zip(old, new)) for k in ("cpu_s", "wall_s")}
-    difference = _lambda_difference(new[0]["lambdas"], old[0]["lambdas"])
+    old = records[baseline]
+    speedup = {label: {k: statistics.median(o[k] / t[k] for o, t in zip(old, records[label])) for k in ("cpu_s", "wall_s")}
+               for label in (grow, defaults)}
+    difference = _lambda_difference(records[grow][0]["lambdas"], old[0]["lambdas"])
     rows = [[label, f"{1e3 * statistics.median(x['cpu_s'] for x in recs):.1f}",
              f"{1e3 * statistics.median(x['wall_s'] for x in recs):.1f}"] for label, recs in records.items()]
-    rows.append(["speedup (median of per-round ratios)", f"{speedup['cpu_s']:.2f}x", f"{speedup['wall_s']:.2f}x"])
+    rows += [[f"speedup of {label} (median of per-round ratios)", f"{speedup[label]['cpu_s']:.2f}x",
+              f"{speedup[label]['wall_s']:.2f}x"] for label in (grow, defaults)]
     report.table(f"One growth step, width {width}, batch {n:,}, {threads} thread(s): this tree vs {baseline}",
                  ["code", "step ms (CPU)", "step ms (wall)"], rows,
-                 note=(f"{rounds} rounds x 2 fresh processes, alternating; each the median of {repeats} steps after a "
-                       f"warm-up. Lambdas of both layers (all, before the significance test), largest relative "
-                       f"difference: {difference:.1e}."))
+                 note=(f"{rounds} rounds x 3 fresh processes, alternating; each the median of {repeats} steps after a "
+                       f"warm-up. '{grow}': with the heap setting `tinydeploy grow` applies "
+                       "(`training.host_memory.keep_freed_buffers`: freed buffers reused without page faults); "
+                       f"'{defaults}': the same code with glibc's defaults, as {baseline} ran. Lambdas of both layers "
+                       f"(all, before the significance test), largest relative difference: {difference:.1e}."))
     return {"baseline": baseline, "width": width, "n": n, "rounds": rounds, "records": records,
-            "speedup": speedup, "lambda_max_rel_difference": difference}
+            "speedup": speedup[grow], "speedup_glibc_defaults": speedup[defaults],
+            "lambda_max_rel_difference": difference}
 
 
 BENCH = Path(__file__).resolve().parent
@@ -190,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-batch", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=5, help="alternating process pairs of the comparison")
     p.add_argument("--measure-step", help=argparse.SUPPRESS)
+    p.add_argument("--host-memory", choices=("grow", "defaults"), default="grow", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_step:
         torch.set_num_threads(args.threads)
+        if args.host_memory == "grow":
+            keep_freed_buffers()
         width, n, repeats = (int(v) for v in args.measure_step.split(","))
         print(json.dumps(step_case(width, n, repeats)))
         return 0

@@ -109,3 +109,87 @@ def test_psd_factor_falls_back_to_the_symmetric_square_root_where_cholesky_fails
     """An indefinite S (rounding gone wrong): the eigenvalue square root with negative eigenvalues at 0."""
     S = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))
     torch.testing.assert_close(linalg.psd_factor(S), linalg.psd_sqrt(S), rtol=0, atol=0)
+
+
+def test_uncut_cholesky_factors_only_where_no_eigenvalue_is_cut() -> None:
+    """diag(1, s) with the cut 1e-10: tau = 1e-10 (the row-sum bound is exact here), so s = 2e-10 is kept
+    (the factor of S itself), s = 0.5e-10 would be cut (None), as would a dead unit (s = 0) or S = 0."""
+    for s, factors in ((2e-10, True), (0.5e-10, False), (0.0, False)):
+        S = torch.diag(torch.tensor([1.0, s], dtype=F64))
+        factor = linalg.uncut_cholesky(S, 1e-10)
+        assert (factor is not None) == factors, s
+        if factors:
+            torch.testing.assert_close(factor @ factor.T, S, rtol=1e-15, atol=0)
+    assert linalg.uncut_cholesky(torch.zeros(3, 3, dtype=F64), 1e-10) is None
+    assert linalg.uncut_cholesky(torch.zeros(0, 0, dtype=F64), 1e-10) is None
+    # the bound is the largest absolute row sum, 2 + 5 = 7 against sigma_max = 3 + 2 sqrt(2) = 5.83: an
+    # eigenvalue of 6.5e-10 is kept by the cut (> 5.83e-10) but not proven kept by the test (< tau = 7e-10)
+    S = torch.tensor([[1.0, 2.0, 0.0], [2.0, 5.0, 0.0], [0.0, 0.0, 6.5e-10]], dtype=F64)
+    assert float(torch.linalg.eigvalsh(S).min()) > 1e-10 * float(torch.linalg.eigvalsh(S).max())
+    assert linalg.uncut_cholesky(S, 1e-10) is None  # sufficient, not exact: decomposed instead
+    assert linalg.uncut_cholesky(S, 1e-11) is not None
+
+
+def test_best_update_solves_a_well_conditioned_s_h_and_decomposes_the_others() -> None:
+    """The Cholesky solve and the eigendecomposition give the same dW* (= N_h^T S_h^(-1)) where no
+    direction is cut; with a dead unit (a zero row and column) dW* is the pseudo-inverse's, finite,
+    with a column of rounding for the dead unit, and equal to the Spectrum path's."""
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(50, 6, dtype=F64, generator=g)
+    S_h, N_h = B.T @ B / 50, torch.randn(6, 4, dtype=F64, generator=g)
+    assert linalg.uncut_cholesky(S_h, linalg.DEFAULT_RELATIVE_CUT) is not None
+    solved = linalg.best_update(S_h, N_h)
+    torch.testing.assert_close(solved, N_h.T @ torch.linalg.inv(S_h), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(solved, linalg.best_update(linalg.Spectrum.of(S_h), N_h), rtol=1e-12, atol=1e-14)
+    for ridge in (0.0, 0.3):
+        dead = B.clone()
+        dead[:, 2] = 0.0
+        S_dead = dead.T @ dead / 50
+        assert linalg.uncut_cholesky(linalg.ridged(S_dead, ridge), linalg.DEFAULT_RELATIVE_CUT) is None or ridge
+        dW = linalg.best_update(S_dead, N_h, ridge=ridge)
+        torch.testing.assert_close(dW, linalg.best_update(linalg.Spectrum.of(S_dead), N_h, ridge=ridge),
+                                   rtol=1e-12, atol=1e-14)
+        if ridge == 0.0:
+            assert float(dW[:, 2].abs().max()) < 1e-14 and bool(dW.isfinite().all())
+            torch.testing.assert_close(dW, N_h.T @ torch.linalg.pinv(S_dead, hermitian=True), rtol=1e-10, atol=1e-12)
+
+
+def test_cholesky_whitening_gives_the_same_neurons_as_s_inverse_square_root() -> None:
+    """Prop. 3.2 with W = L^(-1) (S = L L^T) instead of S^(-1/2): the same lambdas, and the same neurons
+    (each alpha_k omega_k^T, the product being free of the SVD's signs), and the same null threshold."""
+    g = torch.Generator().manual_seed(4)
+    B = torch.cat([torch.randn(200, 5, dtype=F64, generator=g), torch.ones(200, 1, dtype=F64)], dim=1)
+    S, N = B.T @ B / 200, torch.randn(6, 3, dtype=F64, generator=g)
+    N_null = torch.randn(6, 3, dtype=F64, generator=g)
+    factor = linalg.factorise(S)
+    assert isinstance(factor, linalg.Cholesky)
+    W, S_inv_sqrt = linalg.whitening(factor), linalg.whitening(linalg.Spectrum.of(S))
+    assert torch.equal(W, W.tril()) and not torch.allclose(W, S_inv_sqrt)
+    torch.testing.assert_close(S_inv_sqrt, linalg.psd_inverse_sqrt(S), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(W.T @ W, torch.linalg.inv(S), rtol=1e-10, atol=1e-12)
+    ours, paper = linalg.new_neurons(W, N), linalg.new_neurons(S_inv_sqrt, N)
+    torch.testing.assert_close(ours.lambdas, paper.lambdas, rtol=1e-12, atol=0)
+    for k in range(3):
+        torch.testing.assert_close(torch.outer(ours.omega[:, k], ours.alpha[k]),
+                                   torch.outer(paper.omega[:, k], paper.alpha[k]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(linalg.null_threshold(W, N_null), linalg.null_threshold(S_inv_sqrt, N_null),
+                               rtol=1e-12, atol=0)
+
+
+def test_factorise_falls_back_to_the_spectrum_where_the_cut_drops_a_direction() -> None:
+    """A dead unit (zero row and column) or an eigenvalue under the cut: the Spectrum, whose whitening and
+    pseudo-inverse apply the cut; a ridge lifts the dead direction, so the ridged matrix factors."""
+    S = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=F64))
+    assert isinstance(linalg.factorise(S), linalg.Spectrum)
+    torch.testing.assert_close(linalg.whitening(linalg.factorise(S)), torch.diag(torch.tensor([0.5, 1.0, 0.0],
+                                                                                               dtype=F64)))
+    ridged = linalg.factorise(S, ridge=0.3)
+    assert isinstance(ridged, linalg.Cholesky)
+    torch.testing.assert_close(ridged.L @ ridged.L.T, linalg.ridged(S, 0.3), rtol=1e-15, atol=1e-15)
+    N = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(linalg.best_update(ridged, N, ridge=0.3),
+                               N.T @ torch.linalg.inv(linalg.ridged(S, 0.3)), rtol=1e-12, atol=1e-14)
+    assert isinstance(linalg.factorise(torch.diag(torch.tensor([1.0, 1e-5], dtype=F64)), rel_cut=1e-4),
+                      linalg.Spectrum)
+    assert isinstance(linalg.factorise(torch.diag(torch.tensor([1.0, 1e-3], dtype=F64)), rel_cut=1e-4),
+                      linalg.Cholesky)

@@ -91,12 +91,14 @@ def tiny(m: LayerMoments, max_neurons: int, ridge: float = 0.0) -> Candidate:
     (earlier appendix D.3). For a conv pair the kernels are alpha_k (C_prev, k, k) and omega_k
     (C_next, k', k') and the bottleneck drops by at least sum lambda_k^2 (Eq. 71). ``ridge``: see
     ``linalg.ridged`` (0: the paper's formulas). S^(-1/2) cuts the directions below B's numerical rank
-    (``linalg.rank_cut``: the activities' dtype and the sample count)."""
+    (``linalg.rank_cut``: the activities' dtype and the sample count); where S has none, the Cholesky
+    whitening L^(-1) stands in for it (``linalg.whitening``: the same lambda_k and neurons)."""
     dW = m.best_update(ridge)
     covariance = linalg.projected_covariance(m.VV, m.S_h, m.N_h, dW)
     psi = float(torch.trace(covariance)) if ridge == 0.0 else bottleneck(m)  # Eq. 4: Psi = tr(V_proj V_proj^T) / n
     N = m.projected_cross_moment(dW)
-    S_inv_sqrt = linalg.psd_inverse_sqrt(m.spectrum(m.S), linalg.rank_cut(m.n, m.S.shape[0], m.eps), ridge=ridge)
+    cut = linalg.rank_cut(m.n, m.S.shape[0], m.eps)
+    S_inv_sqrt = linalg.whitening(m.factor(m.S, cut, ridge), cut, ridge=ridge)
     neurons = linalg.new_neurons(S_inv_sqrt, N)
     lambda_null = float(linalg.null_threshold(S_inv_sqrt, gaussian_like_goal(m, covariance)))
     significant = int((neurons.lambdas > lambda_null).sum())

@@ -57,6 +57,22 @@ class Spectrum:
         return Spectrum(sigma, O)
 
 
+@dataclass(frozen=True)
+class Cholesky:
+    """ridged(S, ridge) = L L^T for a matrix none of whose eigenvalues the cut would drop
+    (``uncut_cholesky``): then S^+ = S^(-1), and L^(-1) whitens like S^(-1/2) (``whitening``), at a
+    fraction of an eigendecomposition's cost."""
+
+    L: torch.Tensor
+
+
+def factorise(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> Cholesky | Spectrum:
+    """The Cholesky factor of ridged(S) where no eigenvalue is under ``rel_cut`` times the largest, else the
+    ``Spectrum`` of S (which applies the cut and the ridge itself)."""
+    L = uncut_cholesky(ridged(S, ridge), rel_cut)
+    return Cholesky(L) if L is not None else Spectrum.of(S)
+
+
 def _eigen(S: torch.Tensor | Spectrum, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma^(-1/2) with 1/0 := 0 below the cut, O) from ridged(S) = O diag(sigma) O^T."""
     spectrum = S if isinstance(S, Spectrum) else Spectrum.of(S)
@@ -106,15 +122,47 @@ def psd_factor(S: torch.Tensor) -> torch.Tensor:
     return factor if int(info) == 0 else psd_sqrt(S)
 
 
-def best_update(S_h: torch.Tensor | Spectrum, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT,
+def best_update(S_h: torch.Tensor | Spectrum | Cholesky, N_h: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT,
                 ridge: float = 0.0) -> torch.Tensor:
     """Prop. 3.1: dW* = N_h^T S_h^+, the best move of the existing weights of the next layer.
 
     S_h = B_h B_h^T / n is (h+1, h+1) and N_h = B_h V_goal^T / n is (h+1, o); dW* is (o, h+1) and its
     activity update dW* B_h is the projection of V_goal onto the row space of B_h (with ``ridge`` > 0:
-    the ridge regression of V_goal on B_h, see ``ridged``).
+    the ridge regression of V_goal on B_h, see ``ridged``). S_h may come as its ``Spectrum``, or as the
+    ``Cholesky`` factor of ridged(S_h, ridge) (solved, the cut and ridge already settled); a matrix is
+    ``factorise``d first.
     """
+    if isinstance(S_h, torch.Tensor):
+        S_h = factorise(S_h, rel_cut, ridge)
+    if isinstance(S_h, Cholesky):
+        return torch.cholesky_solve(N_h, S_h.L).T
     return N_h.T @ psd_pinv(S_h, rel_cut, ridge)
+
+
+def whitening(S: Spectrum | Cholesky, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> torch.Tensor:
+    """W with W^T W = S^+ on the directions the cut keeps, the whitening of Prop. 3.2: S^(-1/2)
+    (``psd_inverse_sqrt``) from a ``Spectrum``, L^(-1) from a ``Cholesky`` factor. W = Q S^(-1/2) for an
+    orthogonal Q, so W N has the singular values of S^(-1/2) N and ``new_neurons`` gives the same neurons."""
+    if isinstance(S, Cholesky):
+        eye = torch.eye(S.L.shape[0], dtype=S.L.dtype, device=S.L.device)
+        return torch.linalg.solve_triangular(S.L, eye, upper=False)
+    return psd_inverse_sqrt(S, rel_cut, ridge)
+
+
+def uncut_cholesky(S: torch.Tensor, rel_cut: float) -> torch.Tensor | None:
+    """The Cholesky factor of S when no eigenvalue of S is below ``rel_cut`` times the largest (then
+    S^+ = S^(-1), and solving with the factor costs a fraction of an eigendecomposition); else None.
+
+    The test is sufficient, not exact: S - tau I is positive definite (it factors) with
+    tau = rel_cut * max_i sum_j |S_ij| >= rel_cut * sigma_max (the row-sum norm bounds every eigenvalue),
+    so sigma_min > tau >= rel_cut * sigma_max. Matrices near the cut fall back to the eigendecomposition."""
+    if S.shape[0] == 0:
+        return None
+    tau = rel_cut * float(S.abs().sum(1).max())
+    if not tau > 0.0 or int(torch.linalg.cholesky_ex(S - tau * torch.eye(S.shape[0], dtype=S.dtype, device=S.device))[1]):
+        return None
+    factor, info = torch.linalg.cholesky_ex(S)
+    return None if int(info) else factor
 
 
 def bottleneck(v_sq_norm: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
@@ -161,7 +209,9 @@ def new_neurons(S_inv_sqrt: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFA
     """Prop. 3.2: SVD S^(-1/2) N = sum_k lambda_k u_k q_k^T, alpha_k = sqrt(lambda_k) S^(-1/2) u_k,
     omega_k = sqrt(lambda_k) q_k.
 
-    ``S_inv_sqrt`` = S^(-1/2) (``psd_inverse_sqrt``) with S = B_prev B_prev^T / n, (d+1, d+1);
+    ``S_inv_sqrt`` = S^(-1/2) (``psd_inverse_sqrt``) with S = B_prev B_prev^T / n, (d+1, d+1), or any
+    ``whitening`` W = Q S^(-1/2) (Q orthogonal): W N = Q S^(-1/2) N has the same lambda_k and q_k, its
+    u'_k = Q u_k, and W^T u'_k = S^(-1/2) u_k, so alpha_k is the same;
     N = B_prev V_goal_proj^T / n is (d+1, o). Adding the first K neurons lowers the bottleneck by
     exactly sum_{k<=K} lambda_k^2 (Eq. 9, linearised effect). Only the R = rank(S^(-1/2) N) <= min(d+1, o)
     non-zero directions are returned.
@@ -171,7 +221,7 @@ def new_neurons(S_inv_sqrt: torch.Tensor, N: torch.Tensor, rel_cut: float = DEFA
     rank = int((lambdas > rel_cut * lambdas.max().clamp_min(tiny)).sum()) if lambdas.numel() else 0
     U, lambdas, Qt = U[:, :rank], lambdas[:rank], Qt[:rank]
     root = lambdas.sqrt()
-    alpha = (S_inv_sqrt @ U * root).T
+    alpha = (S_inv_sqrt.T @ U * root).T
     omega = Qt.T * root
     return NewNeurons(alpha=alpha, omega=omega, lambdas=lambdas)
 

@@ -110,7 +110,12 @@ class LayerMoments:
         """dW* = N_h^T S_h^+ (Prop. 3.1; ``ridge``: ``linalg.ridged``), the one computed with the moments if any."""
         if self.dW is not None and ridge == self.ridge:
             return self.dW
-        return linalg.best_update(self.spectrum(self.S_h), self.N_h, ridge=ridge)
+        return linalg.best_update(self.factor(self.S_h, linalg.DEFAULT_RELATIVE_CUT, ridge), self.N_h, ridge=ridge)
+
+    def factor(self, moment: torch.Tensor, rel_cut: float, ridge: float) -> linalg.Cholesky | linalg.Spectrum:
+        """``linalg.factorise`` of one of these symmetric moments (S or S_h), its Spectrum computed once per tensor."""
+        L = linalg.uncut_cholesky(linalg.ridged(moment, ridge), rel_cut)
+        return linalg.Cholesky(L) if L is not None else self.spectrum(moment)
 
     def spectrum(self, moment: torch.Tensor) -> linalg.Spectrum:
         """``linalg.Spectrum`` of one of these symmetric moments (S or S_h), computed once per tensor."""

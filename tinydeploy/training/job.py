@@ -45,8 +45,8 @@ from tinydeploy.model.regions import RESOLUTION, count_linear_regions, regions_a
 from tinydeploy.model.scores import regression_scores
 from tinydeploy.model.spec import ArchSpec
 from tinydeploy.training import crashpoints
-from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
 from tinydeploy.training.architecture import full_widths, initial_spec, live_initialisation
+from tinydeploy.training.checkpoint import load_optimizer_state, optimizer_state, restore_rng, rng_state
 from tinydeploy.training.config import (
     DATASET_DEFAULTS,
     SINGLE_THREAD_MAX_PARAMS,
@@ -60,6 +60,7 @@ from tinydeploy.training.config import (
     recipe_of,
 )
 from tinydeploy.training.devices import resolve_device, synchronize
+from tinydeploy.training.host_memory import keep_freed_buffers
 from tinydeploy.training.rundir import (
     COMMIT_LOG,
     GROWTH_LOG_FILE,
@@ -492,6 +493,7 @@ class GrowJob:
         self.on_progress = on_progress or self.on_progress
         threads = torch.get_num_threads()
         torch.set_num_threads(self.cpu_threads())
+        keep_freed_buffers()
         self.started = self._last_checkpoint = time.perf_counter()
         try:
             if self.is_main and self.run_dir is not None:
