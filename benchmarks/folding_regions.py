@@ -22,6 +22,9 @@ after the final training.
 Usage:
     python benchmarks/folding_regions.py --jobs 2          # the committed run (~10 min on 2 shared cores)
     python benchmarks/folding_regions.py --datasets sine2d --seeds 0 --widths 3 --budget-seeds ""  # smoke
+    # the talk's 2-2-2 -> 2-3-2 (the width-2 net trained first), 30 seeds:
+    python benchmarks/folding_regions.py --datasets sine2d,quadratic2d --seeds 0,1,...,29 --widths 3 \
+        --budget-seeds "" --rules domain --pretrain-epochs 10 --jobs 2 --name folding_regions_pretrained
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def params_of(width: int) -> int:
 def reference(ds: str, seed: int, width: int, args) -> dict[str, Any]:
     """The same width freshly initialised (counts before training) and trained from scratch for as many
     epochs as Folding's one fold per step takes to reach it."""
-    epochs = args.final_epochs + min(args.growth_epochs, 0.25 * (width - 2))
+    epochs = args.final_epochs + args.pretrain_epochs + min(args.growth_epochs, 0.25 * (width - 2))
     with tempfile.TemporaryDirectory(prefix="tinybench-") as tmp:
         job = prepare_grow(config(ds, seed, args, method="tiny", init_widths=[width], max_growth_epochs=0.0,
                                   final_epochs=epochs, max_params=10**9), Path(tmp) / "run")
@@ -93,17 +96,29 @@ def run_task(task: tuple[str, str, int, str, str | None], args) -> dict[str, Any
                 **reference(ds, seed, int(width), args)}
     use_rule(rule)
     budget = DATASET_DEFAULTS[ds]["max_params"] if width == "budget" else params_of(int(width))
+    pretrain = {"patience": 10**6, "max_growth_epochs": args.pretrain_epochs + args.growth_epochs} \
+        if args.pretrain_epochs else {}
     with tempfile.TemporaryDirectory(prefix="tinybench-") as tmp:
-        job = prepare_grow(config(ds, seed, args, method="folding", init_widths=[2], max_params=budget),
+        job = prepare_grow(config(ds, seed, args, method="folding", init_widths=[2], max_params=budget, **pretrain),
                            Path(tmp) / "run")
         end: dict[str, tuple[int, int]] = {}
-        enter_final = job._enter_final
+        enter_final, grow = job._enter_final, job._grow
 
         def counted_enter_final() -> None:  # the network Folding built, before the final training
-            end["counts"] = counts(job)
+            end.setdefault("counts", counts(job))
             enter_final()
 
+        def pretrained_grow(step: int):  # the talk's protocol: the 2-2-2 net trained first, then folded
+            if job.trainer.epoch < args.pretrain_epochs:
+                return []
+            growths = grow(step)
+            if not job._budget_left():  # the last fold: counted right after it
+                end.setdefault("counts", counts(job))
+            return growths
+
         job._enter_final = counted_enter_final
+        if args.pretrain_epochs:
+            job._grow = pretrained_grow
         m = job.run().metrics
         rec = {"kind": kind, "dataset": ds, "seed": seed, "width": width, "rule": rule,
                "final_width": m["final_widths"][0], "epochs": m["epochs"], "stop_reason": m["stop_reason"],
@@ -168,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rules", default=",".join(RULES), help="x_t rules among " + ", ".join(RULES))
     p.add_argument("--growth-epochs", type=float, default=20.0)
     p.add_argument("--final-epochs", type=float, default=30.0)
+    p.add_argument("--pretrain-epochs", type=float, default=0.0,
+                   help="the talk's protocol: train the width-2 net this long before the first fold (0: fold at "
+                        "initialisation, the default recipe)")
+    p.add_argument("--name", default=NAME, help="results file stem")
     p.add_argument("--jobs", type=int, default=1)
     args = p.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args.widths = widths + (["budget"] if budget_seeds else [])
     torch.set_num_threads(1)
     machine = machine_info()
-    report = Report(NAME, "Folding's linear regions against a random initialisation of the same width")
+    report = Report(args.name, "Folding's linear regions against a random initialisation of the same width")
     tasks = [(kind, ds, seed, width, rule) for ds in args.datasets
              for width in args.widths for seed in (budget_seeds if width == "budget" else seeds)
              for kind, rule in ([] if width == "budget" else [("reference", None)]) + [("fold", r) for r in args.rules]]
@@ -196,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                      "fallbacks)" if "folds" in r else ""), flush=True)
     summary = table(records, report, args)
     report.note(
-        f"Settings: Folding from width 2, a fold at initialisation and every 0.25 epoch for at most "
-        f"{args.growth_epochs:g} epochs, then {args.final_epochs:g} epochs with cosine decay (Adam, batch 16, the "
+        "Settings: Folding from width 2, "
+        + (f"trained {args.pretrain_epochs:g} epochs at width 2 first (the talk's 2-2-2 -> 2-3-2; 'end of growth' "
+           "is counted right after the last fold), then a fold every 0.25 epoch" if args.pretrain_epochs else
+           "a fold at initialisation and every 0.25 epoch")
+        + f" for at most {args.growth_epochs:g} epochs, then {args.final_epochs:g} epochs with cosine decay (Adam, batch 16, the "
         f"default recipe); trained from scratch at the final width w for as many epochs as Folding's one fold per "
-        f"step takes, {args.final_epochs:g} + 0.25 (w - 2). Seeds "
+        f"step takes, {args.final_epochs:g} + {args.pretrain_epochs:g} + 0.25 (w - 2). Seeds "
         f"{seeds} at the talk's widths, {budget_seeds} at the budget. A hidden layer of w ReLU units on 2-D inputs "
         "has at most 1 + w + w(w-1)/2 regions (7, 22, 79 for w = 3, 6, 12). 'seeds: Folding end > init': seeds "
         "where the grown network, before its final training, has more regions than the same width freshly "
