@@ -199,3 +199,30 @@ def test_rows_do_not_limit_a_cheap_consumer_even_when_its_producer_is_costly() -
     model, X, y = build(Case(dims=2, kind="conv", size=8, channels=16, width=1, n=30))
     limited = gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8, rows=[11])
     assert limited[0] == pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, chunk_size=8)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+@pytest.mark.parametrize(("shape", "kernel", "stride", "padding"), [
+    ((3, 1, 11), (1, 5), (1, 1), (0, 2)),  # Conv1d as a 1 x L grid
+    ((2, 6, 6), (3, 3), (1, 1), (1, 1)),
+    ((4, 9, 11), (3, 5), (2, 3), (1, 2)),
+    ((2, 8, 8), (2, 2), (2, 2), (0, 0)),
+], ids=str)
+def test_strided_window_unfold_equals_im2col_bit_for_bit(n, shape, kernel, stride, padding) -> None:
+    """``Window.unfold`` and ``columns_with_ones`` (a strided view copied once) against torch's im2col,
+    including an empty shard (a process without rows in a chunk)."""
+    from torch.nn import functional as F
+
+    from tinydeploy.growth.pairs import Window, columns_with_ones, windows, with_ones_channel
+
+    x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    window = Window(kernel, stride, padding)
+    expected = F.unfold(x, kernel, padding=padding, stride=stride)
+    assert torch.equal(window.unfold(x), expected)
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    patches = windows(padded, kernel, stride)
+    out = window.out_size(tuple(shape[1:]))
+    assert tuple(patches.shape) == (n, shape[0], *kernel, *out)
+    assert torch.equal(columns_with_ones(patches, (out[0] * out[1],)), with_ones_channel(expected))
+    D = shape[0] * kernel[0] * kernel[1] + 1
+    assert torch.equal(columns_with_ones(patches, out), with_ones_channel(expected).reshape(n, D, *out))

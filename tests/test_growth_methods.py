@@ -15,7 +15,7 @@ from tinydeploy.growth import candidates, folding, gradmax, north
 from tinydeploy.growth.candidates import Context
 from tinydeploy.growth.statistics import with_ones
 from tinydeploy.growth.surgery import add_neurons
-from tinydeploy.model.build import ReLU
+from tinydeploy.model.build import FUNCTION_MIN_VALUES, ReLU
 from tinydeploy.model.regions import count_linear_regions, count_patterns
 
 #: The amplitude each method's neurons are added with when the function is unchanged: its paper's.
@@ -49,6 +49,13 @@ def test_relu_has_derivative_one_at_zero_and_traces_to_a_plain_relu():
     y = ReLU()(x)
     y.sum().backward()
     assert y.tolist() == [0.0, 0.0, 2.0] and x.grad.tolist() == [0.0, 1.0, 1.0]
+    # a batch large enough for the autograd Function: the same values and gradients
+    big = torch.tensor([-1.0, 0.0, 2.0]).repeat(FUNCTION_MIN_VALUES // 3 + 1).requires_grad_()
+    out = ReLU()(big)
+    assert out.grad_fn is not None and "RightDerivative" in type(out.grad_fn).__name__
+    (out * torch.arange(big.numel())).sum().backward()
+    assert torch.equal(out, torch.relu(big.detach()))
+    assert torch.equal(big.grad, torch.arange(big.numel()) * (big.detach() >= 0))
     traced = torch.jit.trace(nn.Sequential(nn.Linear(2, 2), ReLU()).eval().requires_grad_(False), torch.ones(1, 2))
     assert "aten::relu" in str(traced.inlined_graph) and "aten::where" not in str(traced.inlined_graph)
 
