@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f"trained {args.pretrain_epochs:g} epochs at width 2 first (the talk's 2-2-2 -> 2-3-2; 'end of growth' "
            "is counted right after the last fold), then a fold every 0.25 epoch" if args.pretrain_epochs else
            "a fold at initialisation and every 0.25 epoch")
-        + f" for at most {args.growth_epochs:g} epochs, then {args.final_epochs:g} epochs with cosine decay (Adam, batch 16, the "
+        + f" for at most {args.growth_epochs:g} epochs, then {args.final_epochs:g} epochs with cosine decay "
+        "(Adam, batch 16, the "
         f"default recipe); trained from scratch at the final width w for as many epochs as Folding's one fold per "
         f"step takes, {args.final_epochs:g} + {args.pretrain_epochs:g} + 0.25 (w - 2). Seeds "
         f"{seeds} at the talk's widths, {budget_seeds} at the budget. A hidden layer of w ReLU units on 2-D inputs "

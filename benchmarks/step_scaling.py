@@ -17,9 +17,9 @@ ratio = step time / floor: 1.0 means the step costs no more than its arithmetic.
 snapshot, e.g. ``main``) at width ``--compare-width`` and batch ``--compare-batch`` (issue 15: 256 and
 8,192, one thread): rounds of one fresh process per code, alternating, each timing ``--repeats`` steps
 after a warm-up, this tree twice: with the heap setting ``tinydeploy grow`` applies
-(``training.host_memory``) and with glibc's defaults (CPU time of the process and wall time); the speedup is the median over rounds of
-the per-round ratio, and the lambdas of both layers (all of them, before the significance test) are
-compared.
+(``training.host_memory``) and with glibc's defaults (CPU time of the process and wall time); the
+speedup is the median over rounds of the per-round ratio, and the lambdas of both layers (all of them,
+before the significance test) are compared.
 
 Usage:
     .venv/bin/python benchmarks/step_scaling.py --baseline main
@@ -174,8 +174,8 @@ def compare(baseline: str, width: int, n: int, repeats: int, rounds: int, thread
                 print(f"round {r + 1}/{rounds} {label}: step {1e3 * records[label][-1]['cpu_s']:.1f} ms CPU, "
                       f"{1e3 * records[label][-1]['wall_s']:.1f} ms wall", flush=True)
     old = records[baseline]
-    speedup = {label: {k: statistics.median(o[k] / t[k] for o, t in zip(old, records[label])) for k in ("cpu_s", "wall_s")}
-               for label in (grow, defaults)}
+    speedup = {label: {k: statistics.median(o[k] / t[k] for o, t in zip(old, records[label]))
+                       for k in ("cpu_s", "wall_s")} for label in (grow, defaults)}
     difference = _lambda_difference(records[grow][0]["lambdas"], old[0]["lambdas"])
     rows = [[label, f"{1e3 * statistics.median(x['cpu_s'] for x in recs):.1f}",
              f"{1e3 * statistics.median(x['wall_s'] for x in recs):.1f}"] for label, recs in records.items()]

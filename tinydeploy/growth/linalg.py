@@ -159,7 +159,8 @@ def uncut_cholesky(S: torch.Tensor, rel_cut: float) -> torch.Tensor | None:
     if S.shape[0] == 0:
         return None
     tau = rel_cut * float(S.abs().sum(1).max())
-    if not tau > 0.0 or int(torch.linalg.cholesky_ex(S - tau * torch.eye(S.shape[0], dtype=S.dtype, device=S.device))[1]):
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    if not tau > 0.0 or int(torch.linalg.cholesky_ex(S - tau * eye)[1]):
         return None
     factor, info = torch.linalg.cholesky_ex(S)
     return None if int(info) else factor

@@ -8,6 +8,7 @@ from torch import nn
 from tinydeploy.errors import SpecError
 from tinydeploy.model.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, ArchSpec, needs_projection
 
+
 class _RightDerivativeReLU(torch.autograd.Function):
     """relu(x) with the gradient g * (x >= 0): one relu and one product instead of ``torch.where``'s
     comparison, select and select-backward (3x faster on a 3,200 x 13 x 20 batch of the statistics)."""
@@ -33,19 +34,19 @@ class ReLU(nn.ReLU):
     A unit whose pre-activation is exactly 0 on every sample (a neuron inserted with fan-in 0, as
     GradMax does) then receives the gradient sigma'(0) * omega^T V on its fan-in and trains, as in the
     GradMax reference code, whose ReLU has grad(f(0)) = 1. Values are those of ``nn.ReLU``; without
-    autograd (inference, tracing for export), in TorchScript and under torch.export / torch.compile it is
-    ``torch.relu``, so exported graphs hold a plain Relu.
+    autograd (inference, tracing for export) and in TorchScript it is ``torch.relu``, so exported graphs
+    hold a plain Relu. With autograd: ``torch.where`` on small batches and under torch.export /
+    torch.compile (which trace it), the autograd Function ``_RightDerivativeReLU`` on large ones.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.compiler.is_compiling() or not (torch.is_grad_enabled()
-                                                                               and x.requires_grad):
+        if torch.jit.is_scripting() or not (torch.is_grad_enabled() and x.requires_grad):
             return torch.relu(x)
         return self._right_derivative(x)
 
     @torch.jit.unused
     def _right_derivative(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= FUNCTION_MIN_VALUES:
+        if not torch.compiler.is_compiling() and x.numel() >= FUNCTION_MIN_VALUES:
             return _RightDerivativeReLU.apply(x)
         return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
