@@ -857,6 +857,27 @@ def test_tiny_with_a_ridge_ridges_s_and_s_h_and_reports_the_papers_bottleneck(ri
     assert (ridged.in_index, ridged.out_index, plain.out_index) == (2, 4, 4)
 
 
+def test_tiny_with_a_small_ridge_and_a_dead_input_whitens_through_the_ridged_spectrum():
+    """A dead input feature (a zero row and column of S) and a ridge too small to lift it over the rank
+    cut: S has no Cholesky whitening, and the neurons come from the ridged spectrum's S^(-1/2)."""
+    spec, model, X, y, loss_fn = _rich_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    S = m.S.clone()
+    S[0, :], S[:, 0] = 0.0, 0.0
+    m, ridge = replace(m, S=S, spectra={}), 1e-3
+    cut = linalg.rank_cut(m.n, S.shape[0], m.eps)
+    assert isinstance(m.factor(S, cut, ridge), linalg.Spectrum)
+    cand = candidates.tiny(m, 100, ridge)
+    N = m.projected_cross_moment(m.best_update(ridge))
+    expected = linalg.new_neurons(linalg.psd_inverse_sqrt(S, cut, ridge=ridge), N)
+    unridged = linalg.new_neurons(linalg.psd_inverse_sqrt(S, cut), N)
+    k = cand.n_neurons
+    assert k > 0 and cand.lambdas == pytest.approx(expected.lambdas[:k].tolist(), rel=1e-10)
+    assert cand.lambdas != pytest.approx(unridged.lambdas[:k].tolist(), rel=1e-6)
+    torch.testing.assert_close(linalg.whitening(linalg.Spectrum.of(S), cut, ridge),
+                               linalg.psd_inverse_sqrt(S, cut, ridge=ridge), rtol=1e-12, atol=1e-12)
+
+
 def test_random_candidate_names_its_pair():
     spec, model, X, y, loss_fn = small_problem()
     cand = candidates.random(moments_for(model, X, y, loss_fn, 0), 2, torch.Generator().manual_seed(0))
