@@ -3,6 +3,8 @@ best_update with a ridge, the per-neuron cost, and GradMax's first-step signs.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from growth_fixtures import moments_for, small_problem
@@ -193,3 +195,22 @@ def test_factorise_falls_back_to_the_spectrum_where_the_cut_drops_a_direction() 
                       linalg.Spectrum)
     assert isinstance(linalg.factorise(torch.diag(torch.tensor([1.0, 1e-3], dtype=F64)), rel_cut=1e-4),
                       linalg.Cholesky)
+
+
+def test_layer_moments_factor_and_best_update_pass_the_cut_and_the_ridge_on() -> None:
+    """``LayerMoments.factor``: the Cholesky factor for a well-conditioned moment, its Spectrum otherwise.
+    ``best_update(ridge)`` on an S_h that stays under the cut even ridged (a dead unit, ridge 1e-10): the
+    ridged pseudo-inverse (the ridge moves the 1e-4 eigenvalues' components by ~1e-6), not the plain one."""
+    _, model, X, y, loss_fn = small_problem()
+    m = moments_for(model, X, y, loss_fn, 2)
+    g = torch.Generator().manual_seed(6)
+    O, _ = torch.linalg.qr(torch.randn(50, 50, dtype=F64, generator=g))
+    sigma = torch.cat([torch.zeros(1, dtype=F64), torch.full((10,), 1e-4, dtype=F64), torch.ones(39, dtype=F64)])
+    S_h, N_h = (O * sigma) @ O.T, torch.randn(50, 3, dtype=F64, generator=g)
+    m = replace(m, S_h=S_h, N_h=N_h, dW=None, spectra={})
+    assert isinstance(m.factor(S_h + 1e-3 * torch.eye(50, dtype=F64), 1e-10, 0.0), linalg.Cholesky)
+    ridge = 1e-10
+    assert isinstance(m.factor(S_h, linalg.DEFAULT_RELATIVE_CUT, ridge), linalg.Spectrum)
+    ridged, plain = m.best_update(ridge), N_h.T @ linalg.psd_pinv(S_h)
+    torch.testing.assert_close(ridged, N_h.T @ linalg.psd_pinv(S_h, ridge=ridge), rtol=1e-10, atol=1e-12)
+    assert float((ridged - plain).abs().max()) > 1e-8 * float(plain.abs().max())
