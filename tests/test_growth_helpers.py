@@ -124,6 +124,12 @@ def test_uncut_cholesky_factors_only_where_no_eigenvalue_is_cut() -> None:
             torch.testing.assert_close(factor @ factor.T, S, rtol=1e-15, atol=0)
     assert linalg.uncut_cholesky(torch.zeros(3, 3, dtype=F64), 1e-10) is None
     assert linalg.uncut_cholesky(torch.zeros(0, 0, dtype=F64), 1e-10) is None
+    assert linalg.uncut_cholesky(torch.full((2, 2), float("nan"), dtype=F64), 1e-10) is None
+    assert linalg.uncut_cholesky(torch.diag(torch.tensor([1.0, 1e-20], dtype=F64)), 0.0) is not None  # no cut
+    # tau in float64: an eigenvalue 5e-19 above it is kept (tau rounded to float32 would exceed it)
+    assert linalg.uncut_cholesky(torch.diag(torch.tensor([1.0, 1.000000005e-10], dtype=F64)), 1e-10) is not None
+    # the bound is the largest row sum (1 here), not the sum of all entries (4)
+    assert linalg.uncut_cholesky(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 3e-10], dtype=F64)), 1e-10) is not None
     # the bound is the largest absolute row sum, 2 + 5 = 7 against sigma_max = 3 + 2 sqrt(2) = 5.83: an
     # eigenvalue of 6.5e-10 is kept by the cut (> 5.83e-10) but not proven kept by the test (< tau = 7e-10)
     S = torch.tensor([[1.0, 2.0, 0.0], [2.0, 5.0, 0.0], [0.0, 0.0, 6.5e-10]], dtype=F64)

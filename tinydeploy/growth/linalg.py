@@ -160,10 +160,9 @@ def uncut_cholesky(S: torch.Tensor, rel_cut: float) -> torch.Tensor | None:
         return None
     tau = rel_cut * float(S.abs().sum(1).max())
     eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    if not tau > 0.0 or int(torch.linalg.cholesky_ex(S - tau * eye)[1]):
+    if int(torch.linalg.cholesky_ex(S - tau * eye)[1]):  # S = 0, NaN or inf entries fail here too
         return None
-    factor, info = torch.linalg.cholesky_ex(S)
-    return None if int(info) else factor
+    return torch.linalg.cholesky_ex(S)[0]  # S = (S - tau I) + tau I, tau >= 0, factors when S - tau I does
 
 
 def bottleneck(v_sq_norm: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
