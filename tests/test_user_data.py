@@ -176,6 +176,19 @@ def test_flat_pixels_in_the_unit_interval_load_as_images_of_max_value_one(tmp_pa
     assert data.image == {"mode": "L", "size": [8, 8], "max_value": 1.0}
 
 
+def test_as_images_none_lets_a_user_files_rows_decide(tmp_path: Path) -> None:
+    """``as_images=None``: flat square pixels load as images, recorded in ``source`` (which reloads them the
+    same); other flat features stay flat, and ``source`` says nothing."""
+    rng = np.random.default_rng(1)
+    pixels = _save_npz(tmp_path / "px.npz", rng.uniform(0, 1, size=(60, 64)).astype(np.float32), np.arange(60) % 3)
+    data = load_dataset(str(pixels), as_images=None)
+    assert data.X_train.shape[1:] == (1, 8, 8) and data.source["as_images"] is True
+    np.testing.assert_array_equal(load_dataset(**data.source).X_train, data.X_train)
+    features = _save_npz(tmp_path / "f.npz", rng.normal(size=(60, 64)).astype(np.float32), np.arange(60) % 3)
+    flat = load_dataset(str(features), as_images=None)
+    assert flat.X_train.shape[1:] == (64,) and "as_images" not in flat.source
+
+
 def test_flat_pixel_npz_grows_a_cnn_on_images_by_default_and_serves_flat_rows(tmp_path: Path) -> None:
     """sklearn's digits flattened (64 features, whole numbers 0..16) in a user .npz: the job loads them as
     1x8x8 images, grows a CNN, says so and states both budgets; --arch mlp keeps the flat MLP. The exported

@@ -98,7 +98,7 @@ def load_dataset(
     target: str | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.2,
-    as_images: bool = False,
+    as_images: bool | None = False,
     task: str | None = None,
     stratify: bool = True,
 ) -> Dataset:
@@ -107,7 +107,9 @@ def load_dataset(
     ``data_dir`` is where the torchvision image sets live; ``target`` names the label column of a
     CSV. ``split_seed`` fixes every random split, so equal arguments give equal datasets, and the
     returned ``source`` reloads exactly this dataset via ``load_dataset(**source)``. ``as_images``
-    asks for CNN inputs, (n, C, L) or (n, C, H, W) (see the module docstring). ``task`` overrides the
+    asks for CNN inputs, (n, C, L) or (n, C, H, W) (see the module docstring); None leaves the choice to a
+    user file's rows: images when they are flat square pixels (``flat_image_side``), recorded in
+    ``source`` as ``as_images``. ``task`` overrides the
     task inferred from a user file's targets (``--task``); ``stratify=False`` carves the validation split
     at random rather than per class (``arrays_dataset`` falls back to it for classes too rare to stratify).
     """
@@ -145,6 +147,8 @@ def load_dataset(
         source["name"] = str(path)
         try:
             split = load_npz(path, task) if path.suffix.lower() == ".npz" else load_csv(path, target, split_seed, task)
+            if as_images is None and _flat_pixels(split):
+                as_images = source["as_images"] = True
             return _finish(_as_images(split) if as_images else split, source)
         except LabelError as exc:
             if task is not None:
@@ -205,6 +209,12 @@ def flat_image_side(X: np.ndarray) -> int | None:
     return side if top <= 1.0 or (top <= 255.0 and bool((X == np.round(X)).all())) else None
 
 
+def _flat_pixels(split: RawSplit) -> bool:
+    """Whether both splits' rows are flat square pixels of one side (``flat_image_side``)."""
+    side = flat_image_side(split.X_train)
+    return side is not None and flat_image_side(split.X_test) == side
+
+
 def _as_images(split: RawSplit) -> RawSplit:
     """The split as CNN inputs: built-in flat sets reshaped (``CHANNEL_SHAPES``), flat square pixels as
     1 x s x s images (``flat_image_side``), others checked."""
@@ -212,8 +222,8 @@ def _as_images(split: RawSplit) -> RawSplit:
         shape, image = CHANNEL_SHAPES[split.name]
         return replace(split, X_train=split.X_train.reshape(-1, *shape), X_test=split.X_test.reshape(-1, *shape),
                        image=image)
-    side = flat_image_side(split.X_train)
-    if side is not None and flat_image_side(split.X_test) == side:
+    if _flat_pixels(split):
+        side = flat_image_side(split.X_train)
         top = 1.0 if max(float(split.X_train.max()), float(split.X_test.max())) <= 1.0 else 255.0
         return replace(split, X_train=split.X_train.reshape(-1, 1, side, side),
                        X_test=split.X_test.reshape(-1, 1, side, side),

@@ -30,7 +30,6 @@ from tinydeploy.data import (
     Dataset,
     apply_standardizer,
     fit_standardizer,
-    flat_image_side,
     is_user_file,
     load_dataset,
 )
@@ -143,10 +142,11 @@ class GrowJob:
         self.on_progress: Callable[[Progress], None] = lambda _p: None
         self.device = parallel.device if parallel is not None else resolve_device(cfg.device)
         arch = default_arch(cfg)
-        self.data = data if data is not None else self._load(cfg, is_convolutional(arch))
-        side = flat_image_side(self.data.X_train) if self._user_file and arch is None else None
-        if side is not None:  # flat rows of s x s pixels: grown as the images they are
-            self.data = self._load(cfg, True)
+        # a user file without --arch: flat rows of s x s pixels are loaded (and grown) as the images they are
+        self.data = data if data is not None else self._load(
+            cfg, is_convolutional(arch) if arch is not None else (None if self._user_file else False))
+        pixels = data is None and arch is None and bool(self.data.source.get("as_images"))
+        side = self.data.X_train.shape[-1] if pixels else None
         self.arch = arch or ("cnn" if self.data.X_train.ndim in (3, 4) else "mlp")
         self.cfg = cfg = cfg.resolved(self.arch, len(self.data.X_train))
         prep = fit_standardizer(self.data.X_train, per_channel=is_convolutional(self.arch))
@@ -280,7 +280,7 @@ class GrowJob:
         return int(budget) if budget is not None else None
 
     @staticmethod
-    def _load(cfg: GrowConfig, as_images: bool) -> Dataset:
+    def _load(cfg: GrowConfig, as_images: bool | None) -> Dataset:
         return load_dataset(cfg.dataset, data_dir=cfg.data_dir, target=cfg.target, split_seed=cfg.split_seed,
                             val_fraction=cfg.val_fraction, as_images=as_images, task=cfg.task)
 
