@@ -8,6 +8,7 @@ The statistics below are the already-divided moments: S = B B^T / n and N = B V^
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,12 @@ class Cholesky:
     L: torch.Tensor
 
 
-def factorise(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0) -> Cholesky | Spectrum:
+def factorise(S: torch.Tensor, rel_cut: float = DEFAULT_RELATIVE_CUT, ridge: float = 0.0,
+              spectrum: Callable[[torch.Tensor], Spectrum] = Spectrum.of) -> Cholesky | Spectrum:
     """The Cholesky factor of ridged(S) where no eigenvalue is under ``rel_cut`` times the largest, else the
-    ``Spectrum`` of S (which applies the cut and the ridge itself)."""
+    ``Spectrum`` of S (which applies the cut and the ridge itself), from ``spectrum`` (e.g. a cache)."""
     L = uncut_cholesky(ridged(S, ridge), rel_cut)
-    return Cholesky(L) if L is not None else Spectrum.of(S)
+    return Cholesky(L) if L is not None else spectrum(S)
 
 
 def _eigen(S: torch.Tensor | Spectrum, rel_cut: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:

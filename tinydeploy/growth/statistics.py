@@ -114,8 +114,7 @@ class LayerMoments:
 
     def factor(self, moment: torch.Tensor, rel_cut: float, ridge: float) -> linalg.Cholesky | linalg.Spectrum:
         """``linalg.factorise`` of one of these symmetric moments (S or S_h), its Spectrum computed once per tensor."""
-        L = linalg.uncut_cholesky(linalg.ridged(moment, ridge), rel_cut)
-        return linalg.Cholesky(L) if L is not None else self.spectrum(moment)
+        return linalg.factorise(moment, rel_cut, ridge, spectrum=self.spectrum)
 
     def spectrum(self, moment: torch.Tensor) -> linalg.Spectrum:
         """``linalg.Spectrum`` of one of these symmetric moments (S or S_h), computed once per tensor."""
