@@ -218,6 +218,12 @@ def test_unknown_name_and_missing_file(tmp_path: Path) -> None:
 
 def test_bad_val_fraction() -> None:
     _raises("val_fraction must be between 0 and 1 (exclusive), got 1.0", "moons", val_fraction=1.0)
+    _raises("val_fraction must be between 0 and 1 (exclusive), got 0.0", "moons", val_fraction=0.0)
+    _raises("unknown --task 'ranking': use classification or regression", "moons", task="ranking")
+
+
+def test_load_dataset_defaults_to_digits() -> None:
+    assert load_dataset().source["name"] == "digits"
 
 
 def test_npz_errors(tmp_path: Path) -> None:

@@ -215,6 +215,7 @@ def test_layer_moments_factor_and_best_update_pass_the_cut_and_the_ridge_on() ->
     S_h, N_h = (O * sigma) @ O.T, torch.randn(50, 3, dtype=F64, generator=g)
     m = replace(m, S_h=S_h, N_h=N_h, dW=None, spectra={})
     assert isinstance(m.factor(S_h + 1e-3 * torch.eye(50, dtype=F64), 1e-10, 0.0), linalg.Cholesky)
+    assert isinstance(m.factor(S_h + 1e-3 * torch.eye(50, dtype=F64), 1e-2, 0.0), linalg.Spectrum)  # its cut
     ridge = 1e-10
     assert isinstance(m.factor(S_h, linalg.DEFAULT_RELATIVE_CUT, ridge), linalg.Spectrum)
     ridged, plain = m.best_update(ridge), N_h.T @ linalg.psd_pinv(S_h)

@@ -162,6 +162,7 @@ def test_flat_image_side_recognises_square_pixel_rows_only() -> None:
     assert flat_image_side(unit[:, :49]) is None  # 7 x 7: below MIN_IMAGE_SIDE
     assert flat_image_side(unit - 0.5) is None  # negative values are not intensities
     assert flat_image_side(unit * 3) is None  # above 1 and not whole numbers
+    assert flat_image_side(unit * 1.5) is None and flat_image_side(np.minimum(np.round(unit * 300), 256)) is None
     assert flat_image_side(np.round(unit * 300)) is None  # whole numbers above 255
     assert flat_image_side(unit.reshape(5, 8, 8)) is None and flat_image_side(unit[:0]) is None
 
@@ -174,6 +175,31 @@ def test_flat_pixels_in_the_unit_interval_load_as_images_of_max_value_one(tmp_pa
     data = load_dataset(str(path), as_images=True)
     assert data.X_train.shape[1:] == (1, 8, 8) and data.X_test.shape == (12, 1, 8, 8)
     assert data.image == {"mode": "L", "size": [8, 8], "max_value": 1.0}
+
+
+def test_whole_number_pixels_above_one_load_with_max_value_255(tmp_path: Path) -> None:
+    X = np.random.default_rng(2).integers(0, 3, size=(60, 64)).astype(np.float32)  # 0, 1, 2: 8-bit values
+    data = load_dataset(str(_save_npz(tmp_path / "dim.npz", X, np.arange(60) % 3)), as_images=True)
+    assert data.image == {"mode": "L", "size": [8, 8], "max_value": 255.0}
+
+
+def test_default_budgets_follow_the_dataset_the_inputs_and_the_architecture(tmp_path: Path) -> None:
+    """Built-in sets keep their own budgets (digits: 3,000 params, no MAC budget; mnist5k: 400,000 MACs), a
+    user file's MLP gets the larger of 4 per sample and a 64-unit layer, its images 4 per sample, and a
+    ResNet no budget (its blocks stop at their full width)."""
+    from tinydeploy.training.config import GrowConfig, default_max_params
+    from tinydeploy.training.job import prepare_grow
+
+    assert default_max_params("digits", 10, 64, 10) == 3000
+    assert default_max_params("x.npz", 1000, 3, 2) == 4000 and default_max_params("x.npz", 10, 3, 2) == 64 * 6
+    assert default_max_params("x.npz", 10, 784, 10, images=True) == 40
+    digits = prepare_grow(GrowConfig(dataset="digits", device="cpu"), tmp_path / "d")
+    assert (digits.max_params, digits.max_macs) == (3000, None)
+    assert prepare_grow(GrowConfig(dataset="mnist5k", device="cpu"), tmp_path / "m").max_macs == 400000
+    resnet = prepare_grow(GrowConfig(dataset="digits", arch="resnet10", device="cpu"), tmp_path / "r")
+    assert (resnet.max_params, resnet.max_macs) == (None, None)
+    split = prepare_grow(GrowConfig(dataset="moons", device="cpu", split_seed=3, val_fraction=0.3), tmp_path / "s")
+    assert (split.data.source["split_seed"], split.data.source["val_fraction"]) == (3, 0.3)
 
 
 def test_as_images_none_lets_a_user_files_rows_decide(tmp_path: Path) -> None:
