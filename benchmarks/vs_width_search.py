@@ -13,20 +13,23 @@ For each dataset and seed, in one process, one after the other, on CPU with one 
 Reported side by side, per dataset: the grown net; the best fixed grid net with no more parameters
 than the grown one (mean test accuracy over seeds); the grid's pick by validation accuracy (what a
 user choosing among the grid would deploy, any size); the wall time of the grow against the whole
-grid and against FS. Wall times are each job's own (``prepare_grow`` + ``run``, data loading
-included) and its CPU time, measured in the same run; on a shared machine the CPU-time ratios are the
-more reliable.
+grid and against FS. With ``--repeats R`` each grow and FS job runs R times, alternating, and its
+median time is the one reported (the jobs are deterministic: the runs must agree). Wall times are each
+job's own (``prepare_grow`` + ``run``, data loading included) and its CPU time, measured in the same
+run; on a shared machine the CPU-time ratios are the more reliable.
 
 Usage:
     .venv/bin/python benchmarks/vs_width_search.py                      # digits 5 seeds, mnist1d + moons 3 seeds
     .venv/bin/python benchmarks/vs_width_search.py --datasets digits --seeds 0 --widths 8,32 --name smoke
     .venv/bin/python benchmarks/vs_width_search.py --from results/a.json,results/b.json   # one report of two runs
+    .venv/bin/python benchmarks/vs_width_search.py --datasets mnist1d --repeats 3    # grow / FS from median times
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -80,13 +83,35 @@ def warm_up(dataset: str) -> None:
         prepare_grow(config(dataset, 0, max_growth_epochs=0.5, final_epochs=0.5), Path(scratch) / "run").run()
 
 
-def run_dataset(dataset: str, seeds: list[int], widths: list[int], layers: int | None) -> list[dict[str, Any]]:
+def repeated(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first of several runs of one deterministic job, with the median wall and CPU times of all of them
+    (each run's in ``wall_runs_s`` / ``cpu_runs_s``); the runs must agree on what they trained."""
+    first = runs[0]
+    for r in runs[1:]:
+        if (r["widths"], r["test_accuracy"]) != (first["widths"], first["test_accuracy"]):
+            raise RuntimeError(f"{first['label']} seed {first['seed']}: repeated runs differ: {r['widths']} vs {first['widths']}")
+    return {**first, "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "wall_runs_s": [r["wall_s"] for r in runs], "cpu_runs_s": [r["cpu_s"] for r in runs]}
+
+
+def grow_and_fs(dataset: str, seed: int, repeats: int) -> list[dict[str, Any]]:
+    """The grow and FS jobs of one seed, run ``repeats`` times each, alternating (grow, FS, grow, FS, ...)
+    so that both see the same state of a shared machine; their median times (``repeated``)."""
+    grows, fss = [], []
+    for _ in range(repeats):
+        grows.append(run_one(dataset, seed, "grow", config(dataset, seed)))
+        fss.append(run_one(dataset, seed, "FS", fixed(dataset, seed, list(grows[0]["widths"]), grows[0]["epochs"])))
+    return [repeated(grows), repeated(fss)]
+
+
+def run_dataset(dataset: str, seeds: list[int], widths: list[int], layers: int | None,
+                repeats: int = 1) -> list[dict[str, Any]]:
     warm_up(dataset)
     rows = []
     for seed in seeds:
-        grown = run_one(dataset, seed, "grow", config(dataset, seed))
-        rows.append(grown)
-        rows.append(run_one(dataset, seed, "FS", fixed(dataset, seed, list(grown["widths"]), grown["epochs"])))
+        grown, fs = grow_and_fs(dataset, seed, repeats)
+        rows += [grown, fs]
         depth = layers or len(grown["widths"])
         for w in widths:
             rows.append(run_one(dataset, seed, f"grid [{','.join([str(w)] * depth)}]",
@@ -146,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="4,8,16,32,64,128", help="fixed width w of each hidden layer")
     p.add_argument("--layers", type=int, default=None, help="growable layers of the grid nets (default: as many "
                    "as the grown net, e.g. 2 hidden layers of the MLP, 2 conv blocks + 1 hidden layer of the CNN)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each grow and FS job (alternating); their "
+                   "median times are reported (the grid jobs run once)")
     p.add_argument("--name", default=NAME, help="results file stem")
     p.add_argument("--from", dest="sources", help="comma-separated results JSON files (their 'rows') to "
                    "report together instead of running, e.g. two runs of different datasets")
@@ -168,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if sources:
             seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
         else:
-            rows += run_dataset(dataset, seeds, widths, args.layers)
+            rows += run_dataset(dataset, seeds, widths, args.layers, args.repeats)
             write_json(results_path(f"{NAME}.partial.json"), {"rows": rows})
         s = summaries[dataset] = summarise(rows, dataset)
         report.table(f"{dataset}: seeds {','.join(map(str, seeds))}",

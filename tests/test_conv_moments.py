@@ -226,3 +226,27 @@ def test_strided_window_unfold_equals_im2col_bit_for_bit(n, shape, kernel, strid
     assert torch.equal(columns_with_ones(patches, (out[0] * out[1],)), with_ones_channel(expected))
     D = shape[0] * kernel[0] * kernel[1] + 1
     assert torch.equal(columns_with_ones(patches, out), with_ones_channel(expected).reshape(n, D, *out))
+
+
+@pytest.mark.parametrize("n", [0, 5])
+@pytest.mark.parametrize(("grid_size", "window"), [
+    ((1, 11), ((1, 5), (1, 1), (0, 2))),  # Conv1d consumer
+    ((9, 11), ((3, 5), (2, 3), (1, 2))),  # strided, padded Conv2d consumer
+    ((6, 6), ((1, 1), (1, 1), (0, 0))),  # one tap
+    ((4, 3), ((4, 3), (1, 1), (0, 0))),  # a linear consumer after flatten: the whole grid
+], ids=str)
+def test_cross_moment_without_unfolding_equals_the_product_with_unfolded_patches(n, grid_size, window) -> None:
+    """sum_il B^t_il^T M_il from the grid (a convolution's weight gradient, or a product with the grid) equals
+    the product with B^t unfolded, columns ordered (output channel, tap)."""
+    from tinydeploy.growth.pairs import Window
+    from tinydeploy.growth.statistics import _Views
+
+    gen = torch.Generator().manual_seed(n)
+    grid = torch.randn(n, 4, *grid_size, dtype=torch.float64, generator=gen)
+    w = Window(*window)
+    out = w.out_size(grid_size)
+    M = torch.randn(n, 3, out[0] * out[1], dtype=torch.float64, generator=gen)
+    views = _Views(torch.empty(0), M, grid, w, ())
+    expected = torch.einsum("idpl,iml->dmp", views.U, M).reshape(4, -1)
+    torch.testing.assert_close(views.cross(M), expected, rtol=1e-12, atol=1e-12)
+    assert views.cross(M).shape == (4, 3 * w.taps)

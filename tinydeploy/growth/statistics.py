@@ -28,10 +28,12 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from tinydeploy.growth import linalg
 from tinydeploy.growth.pairs import (
     Pair,
+    Window,
     consumer_goal,
     consumer_inputs,
     consumer_window,
@@ -172,13 +174,40 @@ def layer_pairs(model: nn.Sequential, growable: list[int]) -> list[tuple[int, in
 @dataclass
 class _Views:
     """One chunk of one pair: B_h (n, h+1, L) and V_goal (n, o, L) of the consumer; for the producer
-    side, B^t as U (n, D, taps, L) and the grid P (n, D, H, W) it was unfolded from."""
+    side, the grid P (n, D, H, W) and the consumer's window on it, whose unfolding is B^t (``U``)."""
 
     Bh: torch.Tensor
     V: torch.Tensor
-    U: torch.Tensor | None = None
     grid: torch.Tensor | None = None
+    window: Window | None = None
     taps: tuple[int, ...] = ()
+
+    @property
+    def U(self) -> torch.Tensor:
+        """B^t as (n, D, taps, L): the grid unfolded by the consumer's window (a copy)."""
+        assert self.grid is not None and self.window is not None
+        unfolded = self.window.unfold(self.grid)
+        return unfolded.reshape(self.grid.shape[0], self.grid.shape[1], self.window.taps, unfolded.shape[-1])
+
+    def cross(self, M: torch.Tensor) -> torch.Tensor:
+        """sum_il B^t_il^T M_il as (D, o * taps), columns ordered (m, p), for M (n, o, L) shaped like V.
+
+        A window that slides over the grid makes this the weight gradient of a convolution of the grid
+        with output gradient M (torch's kernel, without unfolding the grid: 2-7x faster than the product
+        with ``U`` at the statistics' sizes); a window over the whole grid, or a single tap, a product
+        with the grid itself."""
+        assert self.grid is not None and self.window is not None
+        grid, window = self.grid, self.window
+        n, D = grid.shape[:2]
+        if window.kernel == tuple(grid.shape[-2:]) and window.padding == (0, 0):  # one position: no unfolding
+            product = grid.reshape(n, D * window.taps).T @ M[:, :, 0]  # rows (d, p)
+            return product.reshape(D, window.taps, -1).transpose(1, 2).reshape(D, -1)
+        if window.taps == 1:
+            return torch.einsum("idl,iml->dm", self.U[:, :, 0], M)
+        out = window.out_size(tuple(grid.shape[-2:]))
+        weight = conv2d_weight(grid, (M.shape[1], D, *window.kernel), M.reshape(n, M.shape[1], *out),
+                               stride=window.stride, padding=window.padding)
+        return weight.transpose(0, 1).reshape(D, -1)
 
 
 def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -188,7 +217,7 @@ def _recorded(pair: Pair, recorder: _Recorder, rows: int | None = None) -> tuple
 
 
 def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...], producer: bool = True) -> _Views:
-    """The unfolded views of one recorded chunk, in the recorded dtype."""
+    """The views of one recorded chunk, in the recorded dtype (B^t is unfolded only where asked: ``U``)."""
     x_in, b, grad = recorded
     consumer = pair.consumer(model)
     Bh = consumer_inputs(consumer, b)
@@ -199,22 +228,12 @@ def _views(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Tensor, ...],
     pool = leading_pool(between) if not isinstance(pair.producer(model), nn.Linear) else None
     grid = linearised_between(producer_patches(pair.producer(model), x_in, pool), between, pooled=pool is not None)
     size = tuple(grid.shape[-2:])
-    window = consumer_window(consumer, size)
-    unfolded = window.unfold(grid)
-    U = unfolded.reshape(grid.shape[0], grid.shape[1], window.taps, unfolded.shape[-1])
-    return _Views(Bh, V, U, grid, tap_shape(consumer, size))
+    return _Views(Bh, V, grid, consumer_window(consumer, size), tap_shape(consumer, size))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(n, k, L) -> (n * L, k): one row per (sample, position)."""
     return x.permute(0, 2, 1).reshape(-1, x.shape[1])
-
-
-def _cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """sum_il B^t_il^T V_il as (D, o * taps), columns ordered (m, p)."""
-    if U.shape[2] == U.shape[3] == 1:  # vectors: a plain product B_prev^T V
-        return U[:, :, 0, 0].T @ V[:, :, 0]
-    return torch.einsum("idpl,iml->dmp", U, V).reshape(U.shape[1], -1)
 
 
 def _add(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -318,22 +337,22 @@ def _vector_projected(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Te
     return _vector_scale(model, pair) * ones_cross(x_in.flatten(1), projected)
 
 
-def _accumulate(acc: dict[str, torch.Tensor], model: nn.Sequential, pair: Pair, views: _Views,
-                Z: torch.Tensor | None) -> None:
+def _accumulate(acc: dict[str, torch.Tensor], views: _Views, Z: torch.Tensor | None) -> None:
     """Add one chunk's products to the running sums of ``pair`` (Z: a standard Gaussian shaped like V, for
     pairs with several taps; one-tap pairs get their probe from ``derived_probe``)."""
-    U, V, grid = views.U, views.V, views.grid
-    D, taps = U.shape[1], U.shape[2]
+    grid, window = views.grid, views.window
+    assert grid is not None and window is not None
+    D, taps = grid.shape[1], window.taps
     size = tuple(grid.shape[-2:])
-    weight = consumer_window(pair.consumer(model), size).coverage(size, U.dtype, U.device).sqrt()
+    weight = window.coverage(size, grid.dtype, grid.device).sqrt()
     P = _rows((grid * weight).flatten(2))
     _add(acc, "S", min(taps, D) * (P.T @ P))
-    _add(acc, "N_v", _cross(U, V))
+    _add(acc, "N_v", views.cross(views.V))
     if Z is not None:
-        _add(acc, "N_z", _cross(U, Z))
+        _add(acc, "N_z", views.cross(Z))
     _accumulate_consumer(acc, views)
     if taps == 1:
-        _add(acc, "S_ph", _rows(U[:, :, 0]).T @ _rows(views.Bh))
+        _add(acc, "S_ph", _rows(views.U[:, :, 0]).T @ _rows(views.Bh))
 
 
 def derived_probe(S: torch.Tensor, n_outputs: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -343,6 +362,13 @@ def derived_probe(S: torch.Tensor, n_outputs: int, n: int, generator: torch.Gene
     a continuous function of S, so equal sums over processes give equal probes)."""
     G = torch.randn((S.shape[0], n_outputs), dtype=S.dtype, device=S.device, generator=generator)
     return linalg.psd_factor(S) @ G / math.sqrt(n)
+
+
+def _unfolded_size(views: _Views) -> int:
+    """Values of B^t unfolded (D x taps x L per sample), whether or not it is formed."""
+    assert views.grid is not None and views.window is not None
+    out = views.window.out_size(tuple(views.grid.shape[-2:]))
+    return views.grid.shape[0] * views.grid.shape[1] * views.window.taps * out[0] * out[1]
 
 
 @dataclass
@@ -367,7 +393,7 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
         for index, pair in pairs.items():
             recorded = _recorded(pair, recorder)
             v = _views(model, pair, recorded, producer)
-            size = v.Bh.numel() + 3 * v.V.numel() + (3 * v.U.numel() + v.grid.numel() if producer else 0)
+            size = v.Bh.numel() + 3 * v.V.numel() + (3 * _unfolded_size(v) + v.grid.numel() if producer else 0)
             found[index] = _Probe(size, sum(t.numel() for t in recorded), math.prod(v.taps) if producer else 1)
     finally:
         recorder.remove()
@@ -507,7 +533,7 @@ def gather_moments(
                                     generator=generator)
                 for tensors, lo, hi in _slices(part, probe[index]):
                     views = _views(model, pairs[index], tensors)
-                    _accumulate(sums[index], model, pairs[index], views, None if Z is None else Z[lo:hi])
+                    _accumulate(sums[index], views, None if Z is None else Z[lo:hi])
                 meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
             if keep and late:
                 kept.append({i: _Part(tuple(_own(t) for t in parts[i].tensors), parts[i].rows, parts[i].lo,
@@ -525,7 +551,7 @@ def gather_moments(
                 for tensors, _, _ in _slices(part, probe[index]):
                     views = _views(model, pairs[index], tensors)
                     projected = views.V - torch.einsum("oh,ihl->iol", dW, views.Bh)
-                    _add(sums[index], "N", _cross(views.U, projected))
+                    _add(sums[index], "N", views.cross(projected))
         _sum_over(total, sums, {i: [k for k in acc if not (i in late and k in ("S_h", "N_h"))]
                                 for i, acc in enumerate(sums)})
     found: list[LayerMoments] = []

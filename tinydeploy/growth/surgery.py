@@ -272,10 +272,13 @@ class GrownOutput:
             return t.reshape((G,) + (1,) * like.dim())
 
         new = self.fresh((per_copy(scale, self.a_new) * self.a_new).flatten(0, 1))  # through what lies between
-        contribution = _apply(self.consumer, new, self.new_weight, None).unflatten(0, (G, n))
-        pre = self.base + per_copy(scale, self.base) * contribution
+        # scale * (consumer of the new channels), with the factor on the K new channels rather than on the
+        # consumer's outputs, then the old output and g dW's added in place: three passes over the G copies
+        grown = new.unflatten(0, (G, n))
+        new = (per_copy(scale, grown[0]) * grown).flatten(0, 1)
+        pre = _apply(self.consumer, new, self.new_weight, None).unflatten(0, (G, n)).add_(self.base)
         if self.moved is not None:
-            pre = pre + per_copy(gamma, self.base) * self.moved
+            pre.addcmul_(per_copy(gamma, self.base), self.moved)
         with _evaluating(self.model):
             if G not in self._suffixes:
                 self._suffixes[G] = self.pair.continuation(self.model, self.x, repeats=G)

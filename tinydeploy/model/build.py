@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tinydeploy.errors import SpecError
+from tinydeploy.model.pooling import AvgPool1d, AvgPool2d
 from tinydeploy.model.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, ArchSpec, needs_projection
 
 
@@ -63,7 +64,7 @@ ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
 #: Modules that act on each value alone: the activations above, and torch's own ReLU (in models built elsewhere).
 ELEMENTWISE_TYPES: tuple[type[nn.Module], ...] = (*ACTIVATION_MODULES.values(), nn.ReLU)
 CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
-POOL_MODULES: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d}
+POOL_MODULES: dict[int, type[nn.Module]] = {1: AvgPool1d, 2: AvgPool2d}
 NORM_MODULES: dict[int, type[nn.Module]] = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 
 
