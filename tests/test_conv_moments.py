@@ -36,6 +36,7 @@ def _loss(out, y):
 @pytest.mark.parametrize("case", [Case(dims=2, kind="pool-flatten-linear", size=14), Case(dims=1)], ids=str)
 def test_second_pass_recomputed_when_the_recorded_tensors_do_not_fit(case: Case, monkeypatch) -> None:
     """Above KEEP_VALUES the projected N comes from running the model again: same moments."""
+    monkeypatch.setattr(statistics, "_spatial_projects_later", lambda views, size: True)
     model, X, y = build(case)
     kept = gather_moments(model, [0], X, y, _loss, chunk_size=4)[0]
     monkeypatch.setattr(statistics, "KEEP_VALUES", 0)
@@ -43,6 +44,44 @@ def test_second_pass_recomputed_when_the_recorded_tensors_do_not_fit(case: Case,
     expected = brute_force(model, X, y)["N"]
     for m in (kept, rerun):
         torch.testing.assert_close(m.N, expected, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", cases(), ids=str)
+def test_goal_projected_in_the_first_pass_or_in_a_second_gives_the_same_N(case: Case, monkeypatch) -> None:
+    """S_ph formed in the first pass (with several taps: (D, (h+1) * taps)) and the second pass's projected N
+    agree with the brute-force N."""
+    model, X, y = build(case)
+    expected = brute_force(model, X, y)["N"]
+    for later in (False, True):
+        monkeypatch.setattr(statistics, "_spatial_projects_later", lambda views, size: later)
+        m = gather_moments(model, [0], X, y, _loss, chunk_size=5)[0]
+        assert (m.N is not None) == (later and m.taps > 1) and (m.S_ph is None) == (m.N is not None)
+        torch.testing.assert_close(m.projected_cross_moment(linalg.best_update(m.S_h, m.N_h)), expected,
+                                   rtol=1e-8, atol=1e-11)
+
+
+def _one_sample_views(channels: int, kernel: int, consumer_channels: int, length: int):
+    """The views of one sample of a Conv1d pair (``channels`` producer inputs, kernel 5, pad 2) read by a
+    Conv1d of kernel ``kernel`` with ``consumer_channels`` outputs, on signals of ``length``."""
+    from tinydeploy.growth.pairs import Window
+    from tinydeploy.growth.statistics import _Views
+
+    D = channels * 5 + 1
+    window = Window((1, kernel), (1, 1), (0, kernel // 2))
+    return _Views(torch.zeros(1, 8 * kernel + 1, length), torch.zeros(1, consumer_channels, length),
+                  torch.zeros(1, D, 1, length), window, (kernel,))
+
+
+def test_narrow_pairs_form_S_ph_and_wide_ones_take_a_second_pass() -> None:
+    """mnist1d's first pair (1 -> 8 channels, kernel 5, read by a conv of 13 channels): S_ph of 6 x 41 x 5
+    values per position against 923 multiply-adds of the second pass plus 4 per view value: S_ph. With 64
+    input channels (D = 321) S_ph is 321 x 41 x 5 per position: the second pass."""
+    narrow = _one_sample_views(1, 5, 13, 20)
+    assert not statistics._spatial_projects_later(narrow, 3520)
+    wide = _one_sample_views(64, 5, 13, 20)
+    assert statistics._spatial_projects_later(wide, 3520 + 3 * 64 * 5 * 20)
+    # the boundary: D taps (h+1) L = 6 * 5 * 41 * 20 = 24,600 against 4 views + (41 * 13 + 30 * 13) * 20 = 18,460 + 4 views
+    assert statistics._spatial_projects_later(narrow, 1534) and not statistics._spatial_projects_later(narrow, 1535)
 
 
 def test_rows_limit_each_layer_to_the_first_samples() -> None:

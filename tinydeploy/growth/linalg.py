@@ -175,12 +175,20 @@ def bottleneck(v_sq_norm: torch.Tensor, S_h: torch.Tensor, N_h: torch.Tensor, dW
     return v_sq_norm - 2 * torch.trace(dW @ N_h) + torch.trace(dW @ S_h @ dW.T)
 
 
-def projected_cross_moment(N_prev_v: torch.Tensor, S_prev_h: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+def projected_cross_moment(N_prev_v: torch.Tensor, S_prev_h: torch.Tensor, dW: torch.Tensor,
+                           taps: int = 1) -> torch.Tensor:
     """N = B_prev V_goal_proj^T / n with V_goal_proj = V_goal - dW* B_h.
 
     ``N_prev_v`` = B_prev V_goal^T / n is (d+1, o) and ``S_prev_h`` = B_prev B_h^T / n is (d+1, h+1).
+    With ``taps`` > 1 (a consumer window of several taps, App. C.2.2) N_v is (D, o * taps) and S_ph
+    (D, (h+1) * taps), columns ordered (output or input m, tap p), and N[:, (m, p)] = N_v[:, (m, p)] -
+    sum_h dW*[m, h] S_ph[:, (h, p)].
     """
-    return N_prev_v - S_prev_h @ dW.T
+    if taps == 1:
+        return N_prev_v - S_prev_h @ dW.T
+    D = S_prev_h.shape[0]
+    moved = torch.einsum("dhp,mh->dmp", S_prev_h.reshape(D, dW.shape[1], taps), dW)
+    return N_prev_v - moved.reshape(D, -1)
 
 
 def projected_covariance(

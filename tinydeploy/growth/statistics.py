@@ -13,9 +13,10 @@ window over the whole grid), so one code path computes them all.
 
 Pairs whose consumer reads one tap per new channel (linear -> linear, conv -> global pool -> linear,
 1 x 1 convolutions) project the goal with the cross moment S_ph in the same pass, as in the fully
-connected case. Pairs with a spatial consumer window (conv -> conv, conv -> flatten -> linear) would
-need an S_ph of size D x taps x (C_h taps + 1); instead a second pass computes the projected goal
-V_goal - dW* B_h per chunk and accumulates N directly (``LayerMoments.N``). The second pass reads the
+connected case. Pairs with a spatial consumer window (conv -> conv, conv -> flatten -> linear) need an
+S_ph of size D x taps x (C_h taps + 1): narrow ones form it in the same pass too; for wide ones a second
+pass is cheaper (``_spatial_projects_later``): it computes the projected goal V_goal - dW* B_h per
+chunk and accumulates N directly (``LayerMoments.N``). The second pass reads the
 layers' recorded inputs and gradients kept from the first (raw, not unfolded) when they fit in
 ``KEEP_VALUES``, and runs the model again otherwise.
 """
@@ -69,8 +70,9 @@ class LayerMoments:
     vectors), N_v = (1/n) sum_il B^t_il^T V_il, S_h = B_h B_h^T/n, N_h = B_h V_goal^T/n,
     VV = V_goal V_goal^T/n, N_z as N_v with a standard Gaussian Z in place of V_goal (independent of
     the inputs; for the significance threshold). N_v and N_z are (D, o * taps), columns ordered
-    (output m, tap p). One-tap pairs carry S_ph = (1/n) sum_il B^t_il^T B_h,il^T; the others carry
-    the projected N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass.
+    (output m, tap p). Pairs whose goal is projected in the same pass carry S_ph = (1/n) sum_il
+    B^t_il^T B_h,il^T ((D, (h+1) * taps), columns (input m, tap p)); the others carry the projected
+    N = (1/n) sum_il B^t_il^T (V_goal - dW* B_h)_il from a second pass (``gather_moments``).
     ``out_positions`` is the number L of the consumer's output positions. Pairs with the projected N
     also carry the best update ``dW`` it was projected with (``linalg.best_update`` with ``ridge``).
     """
@@ -129,7 +131,7 @@ class LayerMoments:
         """N = B^t V_goal_proj^T / n (D, o * taps) for the best update ``dW`` of the consumer."""
         if self.N is not None:
             return self.N
-        return linalg.projected_cross_moment(self.N_v, self.S_ph, dW)
+        return linalg.projected_cross_moment(self.N_v, self.S_ph, dW, self.taps)
 
 
 def with_ones(b: torch.Tensor) -> torch.Tensor:
@@ -337,9 +339,10 @@ def _vector_projected(model: nn.Sequential, pair: Pair, recorded: tuple[torch.Te
     return _vector_scale(model, pair) * ones_cross(x_in.flatten(1), projected)
 
 
-def _accumulate(acc: dict[str, torch.Tensor], views: _Views, Z: torch.Tensor | None) -> None:
-    """Add one chunk's products to the running sums of ``pair`` (Z: a standard Gaussian shaped like V, for
-    pairs with several taps; one-tap pairs get their probe from ``derived_probe``)."""
+def _accumulate(acc: dict[str, torch.Tensor], views: _Views, Z: torch.Tensor | None, projects_now: bool) -> None:
+    """Add one chunk's products to the running sums of a pair (Z: a standard Gaussian shaped like V, for
+    pairs with several taps; one-tap pairs get their probe from ``derived_probe``); S_ph if the pair's
+    goal is projected from this pass (``projects_now``)."""
     grid, window = views.grid, views.window
     assert grid is not None and window is not None
     D, taps = grid.shape[1], window.taps
@@ -351,8 +354,8 @@ def _accumulate(acc: dict[str, torch.Tensor], views: _Views, Z: torch.Tensor | N
     if Z is not None:
         _add(acc, "N_z", views.cross(Z))
     _accumulate_consumer(acc, views)
-    if taps == 1:
-        _add(acc, "S_ph", _rows(views.U[:, :, 0]).T @ _rows(views.Bh))
+    if projects_now:
+        _add(acc, "S_ph", views.cross(views.Bh))
 
 
 def derived_probe(S: torch.Tensor, n_outputs: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -371,13 +374,31 @@ def _unfolded_size(views: _Views) -> int:
     return views.grid.shape[0] * views.grid.shape[1] * views.window.taps * out[0] * out[1]
 
 
+#: What rebuilding one value of a pair's views costs, in multiply-adds of its products (the views are
+#: built by memory-bound copies, the products by matrix kernels; ``_spatial_projects_later``).
+VIEW_COST = 4
+
+
+def _spatial_projects_later(v: _Views, views: int) -> bool:
+    """Whether a pair with several taps gets its projected N cheaper from a second pass (rebuild the views,
+    ``VIEW_COST`` each, then V_goal - dW* B_h and its cross moment: (h+1) o L + D taps o L multiply-adds per
+    sample) than from S_ph in the first pass (D taps (h+1) L): the second pass for wide consumers, S_ph for
+    narrow ones."""
+    assert v.grid is not None and v.window is not None
+    D, taps = v.grid.shape[1], v.window.taps
+    h1, o, L = v.Bh.shape[1], v.V.shape[1], v.V.shape[2]
+    return VIEW_COST * views + (h1 * o + D * taps * o) * L < D * taps * h1 * L
+
+
 @dataclass
 class _Probe:
-    """Per sample of one pair: float64 values of its views, values recorded, and its taps."""
+    """Per sample of one pair: float64 values of its views, values recorded, its taps, and whether its goal
+    is projected in a second pass (pairs with several taps, ``_spatial_projects_later``)."""
 
     views: int
     recorded: int
     taps: int
+    projects_later: bool = False
 
 
 def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
@@ -394,7 +415,9 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
             recorded = _recorded(pair, recorder)
             v = _views(model, pair, recorded, producer)
             size = v.Bh.numel() + 3 * v.V.numel() + (3 * _unfolded_size(v) + v.grid.numel() if producer else 0)
-            found[index] = _Probe(size, sum(t.numel() for t in recorded), math.prod(v.taps) if producer else 1)
+            taps = math.prod(v.taps) if producer else 1
+            found[index] = _Probe(size, sum(t.numel() for t in recorded), taps,
+                                  taps > 1 and _spatial_projects_later(v, size))
     finally:
         recorder.remove()
     return found
@@ -516,7 +539,8 @@ def gather_moments(
         counts = _row_counts(X.shape[0], pairs, rows, probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
         vectors = {i for i in indexed if _is_vector_pair(model, pairs[i])}
-        late = {**spatial, **{i: pairs[i] for i in vectors if _projects_later(model, pairs[i])}}
+        late = {**{i: p for i, p in spatial.items() if probe[i].projects_later},
+                **{i: pairs[i] for i in vectors if _projects_later(model, pairs[i])}}
         keep = sum(probe[i].recorded * counts[i] for i in late) <= KEEP_VALUES
         kept: list[dict[int, _Part]] = []
         for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
@@ -533,7 +557,7 @@ def gather_moments(
                                     generator=generator)
                 for tensors, lo, hi in _slices(part, probe[index]):
                     views = _views(model, pairs[index], tensors)
-                    _accumulate(sums[index], views, None if Z is None else Z[lo:hi])
+                    _accumulate(sums[index], views, None if Z is None else Z[lo:hi], index not in late)
                 meta[index].update(tap_shape=views.taps, out_positions=int(views.V.shape[2]))
             if keep and late:
                 kept.append({i: _Part(tuple(_own(t) for t in parts[i].tensors), parts[i].rows, parts[i].lo,
