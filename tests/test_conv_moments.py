@@ -289,3 +289,18 @@ def test_cross_moment_without_unfolding_equals_the_product_with_unfolded_patches
     expected = torch.einsum("idpl,iml->dmp", views.U, M).reshape(4, -1)
     torch.testing.assert_close(views.cross(M), expected, rtol=1e-12, atol=1e-12)
     assert views.cross(M).shape == (4, 3 * w.taps)
+
+
+def test_projected_cross_moment_with_taps_subtracts_dW_from_each_taps_block() -> None:
+    """N[:, (m, p)] = N_v[:, (m, p)] - sum_h dW[m, h] S_ph[:, (h, p)]; one tap (the default): N_v - S_ph dW^T."""
+    gen = torch.Generator().manual_seed(3)
+    D, h1, o, taps = 4, 5, 3, 2
+    N_v = torch.randn(D, o * taps, dtype=torch.float64, generator=gen)
+    S_ph = torch.randn(D, h1 * taps, dtype=torch.float64, generator=gen)
+    dW = torch.randn(o, h1, dtype=torch.float64, generator=gen)
+    expected = N_v.clone().reshape(D, o, taps)
+    for m in range(o):
+        for p in range(taps):
+            expected[:, m, p] -= sum(dW[m, h] * S_ph.reshape(D, h1, taps)[:, h, p] for h in range(h1))
+    torch.testing.assert_close(linalg.projected_cross_moment(N_v, S_ph, dW, taps), expected.reshape(D, -1))
+    torch.testing.assert_close(linalg.projected_cross_moment(N_v[:, :o], S_ph[:, :h1], dW), N_v[:, :o] - S_ph[:, :h1] @ dW.T)

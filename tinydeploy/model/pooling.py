@@ -76,8 +76,22 @@ def _tile_mean(x: torch.Tensor, kernel: tuple[int, ...] | None) -> torch.Tensor 
     return window_sum(x, kernel) / math.prod(kernel)
 
 
-class AvgPool1d(nn.AvgPool1d):
+class _TilingPool:
+    """What the two pools share: the strided-view mean of ``_tile_mean`` where their windows tile the input."""
+
+    dims: int
+
+    @torch.jit.unused
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if getattr(self, "divisor_override", None):
+            return None
+        return _tile_mean(x, _tiling(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.dims))
+
+
+class AvgPool1d(_TilingPool, nn.AvgPool1d):
     """``nn.AvgPool1d`` with the strided-view mean where its windows tile the signal (module docstring)."""
+
+    dims = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -86,13 +100,11 @@ class AvgPool1d(nn.AvgPool1d):
                 return fast
         return F.avg_pool1d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
 
-    @torch.jit.unused
-    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        return _tile_mean(x, _tiling(self.kernel_size, self.stride, self.padding, self.ceil_mode, 1))
 
-
-class AvgPool2d(nn.AvgPool2d):
+class AvgPool2d(_TilingPool, nn.AvgPool2d):
     """``nn.AvgPool2d`` with the strided-view mean where its windows tile the image (module docstring)."""
+
+    dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -101,9 +113,3 @@ class AvgPool2d(nn.AvgPool2d):
                 return fast
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
                             self.divisor_override)
-
-    @torch.jit.unused
-    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.divisor_override:
-            return None
-        return _tile_mean(x, _tiling(self.kernel_size, self.stride, self.padding, self.ceil_mode, 2))
