@@ -304,3 +304,28 @@ def test_projected_cross_moment_with_taps_subtracts_dW_from_each_taps_block() ->
             expected[:, m, p] -= sum(dW[m, h] * S_ph.reshape(D, h1, taps)[:, h, p] for h in range(h1))
     torch.testing.assert_close(linalg.projected_cross_moment(N_v, S_ph, dW, taps), expected.reshape(D, -1))
     torch.testing.assert_close(linalg.projected_cross_moment(N_v[:, :o], S_ph[:, :h1], dW), N_v[:, :o] - S_ph[:, :h1] @ dW.T)
+
+
+def test_probe_counts_each_pairs_values_per_sample_and_picks_its_projection() -> None:
+    """``_probe`` on mnist1d's CNN shape. Views per sample: B_h (8 * 5 + 1) x 20 = 820, 3 V = 3 x 13 x 20,
+    3 B^t = 3 x 6 x 5 x 20 (counted whether or not it is formed), the grid 6 x 20: 3,520; recorded: the
+    input 40, the consumer's input 8 x 20 and its gradient 13 x 20: 460. Consumer side only: 820 + 780. The
+    flatten -> linear pair reads a 41 x 10 grid through 10 taps (its second pass is cheaper than S_ph).
+    A pair whose consumer reads 32 channels through 2 taps into 4 outputs projects in a second pass."""
+    from torch import nn
+
+    from tinydeploy.growth.pairs import pairs_of
+    from tinydeploy.model.build import ReLU
+    from tinydeploy.model.pooling import AvgPool1d
+
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), ReLU(), AvgPool1d(2), nn.Conv1d(8, 13, 5, padding=2), ReLU(),
+                          AvgPool1d(2), nn.Flatten(), nn.Linear(130, 10), ReLU(), nn.Linear(10, 10))
+    X, y = torch.randn(3, 1, 40), torch.tensor([0, 1, 2])
+    pairs = dict(enumerate(pairs_of(model, [0, 3, 7])))
+    found = statistics._probe(model, pairs, X, y, _loss, producer=True)
+    assert [(p.views, p.recorded, p.taps, p.projects_later) for p in found.values()] == [
+        (3520, 460, 5, False), (131 + 3 * 10 + 3 * 41 * 10 + 41 * 10, 300, 10, True), (11 + 3 * 10 + 3 * 131 + 131, 150, 1, False)]
+    assert [p.views for p in statistics._probe(model, pairs, X, y, _loss, producer=False).values()] == [1600, 161, 41]
+    wide = nn.Sequential(nn.Conv1d(2, 32, 5, padding=2), ReLU(), nn.Conv1d(32, 4, 2), nn.Flatten(), nn.Linear(36, 3))
+    probe = statistics._probe(wide, dict(enumerate(pairs_of(wide, [0]))), torch.randn(2, 2, 10), y[:2], _loss, True)[0]
+    assert probe.taps == 2 and probe.projects_later
