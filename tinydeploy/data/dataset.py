@@ -147,7 +147,7 @@ def load_dataset(
         source["name"] = str(path)
         try:
             split = load_npz(path, task) if path.suffix.lower() == ".npz" else load_csv(path, target, split_seed, task)
-            if as_images is None and _flat_pixels(split):
+            if as_images is None and _pixel_side(split) is not None:
                 as_images = source["as_images"] = True
             return _finish(_as_images(split) if as_images else split, source)
         except LabelError as exc:
@@ -209,10 +209,10 @@ def flat_image_side(X: np.ndarray) -> int | None:
     return side if top <= 1.0 or (top <= 255.0 and bool((X == np.round(X)).all())) else None
 
 
-def _flat_pixels(split: RawSplit) -> bool:
-    """Whether both splits' rows are flat square pixels of one side (``flat_image_side``)."""
+def _pixel_side(split: RawSplit) -> int | None:
+    """The side s when both splits' rows are flat s x s pixels (``flat_image_side``), else None."""
     side = flat_image_side(split.X_train)
-    return side is not None and flat_image_side(split.X_test) == side
+    return side if side is not None and flat_image_side(split.X_test) == side else None
 
 
 def _as_images(split: RawSplit) -> RawSplit:
@@ -222,8 +222,8 @@ def _as_images(split: RawSplit) -> RawSplit:
         shape, image = CHANNEL_SHAPES[split.name]
         return replace(split, X_train=split.X_train.reshape(-1, *shape), X_test=split.X_test.reshape(-1, *shape),
                        image=image)
-    if _flat_pixels(split):
-        side = flat_image_side(split.X_train)
+    side = _pixel_side(split)
+    if side is not None:
         top = 1.0 if max(float(split.X_train.max()), float(split.X_test.max())) <= 1.0 else 255.0
         return replace(split, X_train=split.X_train.reshape(-1, 1, side, side),
                        X_test=split.X_test.reshape(-1, 1, side, side),

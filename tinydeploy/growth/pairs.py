@@ -56,11 +56,15 @@ class Window:
     def out_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         return tuple((g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, self.kernel, self.stride, self.padding))
 
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """This window's positions on (n, C, H, W), zero-padded: (n, C, kh, kw, H_out, W_out) (``windows``)."""
+        grid = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        return windows(grid, self.kernel, self.stride)
+
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """im2col of (n, C, H, W): (n, C * taps, L) with rows ordered (channel, kernel row, kernel column),
         equal to ``F.unfold`` (``windows``: one copy)."""
-        grid = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
-        patches = windows(grid, self.kernel, self.stride)
+        patches = self.windows(x)
         return patches.reshape(x.shape[0], x.shape[1] * self.taps, patches.shape[-2] * patches.shape[-1])
 
     def coverage(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -273,9 +277,7 @@ def consumer_inputs(consumer: nn.Module, b: torch.Tensor) -> torch.Tensor:
     """B_h: the consumer's unfolded input with a ones row, (n, C_h * taps + 1, L)."""
     if isinstance(consumer, nn.Linear):
         return with_ones_channel(b.flatten(1))[:, :, None]
-    window, grid = window_of(consumer), as_grid(b)
-    padded = F.pad(grid, (window.padding[1], window.padding[1], window.padding[0], window.padding[0]))
-    patches = windows(padded, window.kernel, window.stride)
+    patches = window_of(consumer).windows(as_grid(b))
     return columns_with_ones(patches, (patches.shape[-2] * patches.shape[-1],))
 
 
