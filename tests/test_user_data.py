@@ -213,6 +213,10 @@ def test_as_images_none_lets_a_user_files_rows_decide(tmp_path: Path) -> None:
     features = _save_npz(tmp_path / "f.npz", rng.normal(size=(60, 64)).astype(np.float32), np.arange(60) % 3)
     flat = load_dataset(str(features), as_images=None)
     assert flat.X_train.shape[1:] == (64,) and "as_images" not in flat.source
+    X = rng.uniform(0, 1, size=(60, 64)).astype(np.float32)
+    X[-1, 0] = -0.5  # the test rows are not pixel values: both splits stay flat
+    mixed = load_dataset(str(_save_npz(tmp_path / "mixed.npz", X, np.arange(60) % 3)), as_images=None)
+    assert mixed.X_train.shape[1:] == (64,) and "as_images" not in mixed.source
 
 
 def test_flat_pixel_npz_grows_a_cnn_on_images_by_default_and_serves_flat_rows(tmp_path: Path) -> None:
@@ -243,6 +247,8 @@ def test_flat_pixel_npz_grows_a_cnn_on_images_by_default_and_serves_flat_rows(tm
     mlp = prepare_grow(GrowConfig(dataset=str(path), arch="mlp", device="cpu"), tmp_path / "mlp")
     assert mlp.arch == "mlp" and mlp.data.X_train.shape[1:] == (64,) and mlp.max_macs is None
     assert not any("pixel" in n for n in mlp.notices)
+    chosen = prepare_grow(GrowConfig(dataset=str(path), arch="cnn", device="cpu"), tmp_path / "chosen")
+    assert chosen.data.X_train.shape[1:] == (1, 8, 8) and not any("pixel" in n for n in chosen.notices)
 
     run, out = tmp_path / "run", tmp_path / "export"
     grown = cli("grow", "--dataset", str(path), "--out", str(run), "--max-growth-epochs", "1", "--final-epochs", "1",
