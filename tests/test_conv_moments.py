@@ -322,10 +322,38 @@ def test_probe_counts_each_pairs_values_per_sample_and_picks_its_projection() ->
                           AvgPool1d(2), nn.Flatten(), nn.Linear(130, 10), ReLU(), nn.Linear(10, 10))
     X, y = torch.randn(3, 1, 40), torch.tensor([0, 1, 2])
     pairs = dict(enumerate(pairs_of(model, [0, 3, 7])))
-    found = statistics._probe(model, pairs, X, y, _loss, producer=True)
+    found = statistics._probe(model, pairs, X, y, _loss, set())
     assert [(p.views, p.recorded, p.taps, p.projects_later) for p in found.values()] == [
         (3520, 460, 5, False), (131 + 3 * 10 + 3 * 41 * 10 + 41 * 10, 300, 10, True), (11 + 3 * 10 + 3 * 131 + 131, 150, 1, False)]
-    assert [p.views for p in statistics._probe(model, pairs, X, y, _loss, producer=False).values()] == [1600, 161, 41]
+    assert [p.views for p in statistics._probe(model, pairs, X, y, _loss, set(pairs)).values()] == [1600, 161, 41]
+    mixed = statistics._probe(model, pairs, X, y, _loss, {1})  # one pair consumer-side only
+    assert [(p.views, p.taps) for p in mixed.values()] == [(3520, 5), (161, 1), (11 + 3 * 10 + 3 * 131 + 131, 1)]
     wide = nn.Sequential(nn.Conv1d(2, 32, 5, padding=2), ReLU(), nn.Conv1d(32, 4, 2), nn.Flatten(), nn.Linear(36, 3))
-    probe = statistics._probe(wide, dict(enumerate(pairs_of(wide, [0]))), torch.randn(2, 2, 10), y[:2], _loss, True)[0]
+    probe = statistics._probe(wide, dict(enumerate(pairs_of(wide, [0]))), torch.randn(2, 2, 10), y[:2], _loss, set())[0]
     assert probe.taps == 2 and probe.projects_later
+
+
+def test_a_round_gathers_the_consumer_side_of_other_layers_in_the_same_pass() -> None:
+    """gather_round: the moments of the layers it grows are gather_moments' (same draws), and Psi of every
+    layer, the consumer-side-only ones included (a conv -> conv pair, a flatten -> linear pair), is
+    gather_bottlenecks' on the same samples."""
+    from torch import nn
+
+    from tinydeploy.model.build import ReLU
+    from tinydeploy.model.pooling import AvgPool1d
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), ReLU(), AvgPool1d(2), nn.Conv1d(4, 5, 3, padding=1), ReLU(),
+                          AvgPool1d(2), nn.Flatten(), nn.Linear(50, 6), ReLU(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(30, 1, 40, dtype=torch.float64), torch.randint(0, 3, (30,))
+    options = {"chunk_size": 7, "rows": [20]}
+    moments, psi = statistics.gather_round(model, [0], [3, 7], X, y, _loss, generator=torch.Generator().manual_seed(1),
+                                           **options)
+    (alone,) = gather_moments(model, [0], X, y, _loss, generator=torch.Generator().manual_seed(1), **options)
+    for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
+        assert torch.equal(getattr(moments[0], name), getattr(alone, name)), name
+    expected = gather_bottlenecks(model, [0, 3, 7], X, y, _loss, chunk_size=7)
+    assert sorted(psi) == [0, 3, 7]
+    assert all(psi[i] == pytest.approx(expected[i], rel=1e-10) for i in (3, 7))
+    assert psi[0] == pytest.approx(statistics.psi(alone.S_h, alone.N_h, alone.VV), rel=0)
+    assert psi[0] == pytest.approx(gather_bottlenecks(model, [0], X[: alone.n], y[: alone.n], _loss)[0], rel=1e-10)

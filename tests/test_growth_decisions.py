@@ -29,7 +29,7 @@ from tinydeploy.growth.policy import (
     growth_step,
     neuron_budget,
 )
-from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, layer_pairs
+from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, gather_round, layer_pairs
 from tinydeploy.growth.surgery import add_neurons, carry_optimizer_state, grown_output
 from tinydeploy.model.build import ResidualBlock, build_model
 from tinydeploy.model.losses import per_sample_loss
@@ -354,21 +354,44 @@ def test_no_growth_when_no_candidate_lowers_the_held_out_loss():
     assert growths == [] and count_params(grown) == count_params(model)
 
 
-def test_growth_step_streams_its_statistics_in_chunks():
-    """The estimation batch (256 of 1000 samples) goes through the model ``chunk_size`` samples at a time."""
-    spec, model, X, y, loss_fn = small_problem(n=1400)
+def _training_passes(step) -> tuple[tuple, list[int]]:
+    """``step()``'s result and the batch size of every forward pass through a first layer (6 inputs)."""
     seen = []
 
-    def first_layer(module, args):  # every first layer, the grown model's too (the final bottleneck pass)
+    def first_layer(module, args):
         if isinstance(module, nn.Linear) and module.in_features == 6:
             seen.append(args[0].shape[0])
 
     hook = torch.nn.modules.module.register_module_forward_pre_hook(first_layer)
     try:
-        _, growths, _ = growth_step(model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn,
-                                    _metric, GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0))
+        return step(), seen
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("seed, held_labels, grew", [(1, "true", [0]), (0, "misleading", [])])
+def test_a_round_that_adds_nothing_gives_the_bottlenecks_after_the_step_without_another_pass(seed, held_labels, grew):
+    """Layer 0 grows, then the round over layer 2 finds nothing to add (true labels); or nothing grows at all
+    (misleading held-out labels). That last round ran on the final model, the grown layer's consumer side
+    included, so Psi after the step comes from it: one pass over the estimation batch per round, none more."""
+    spec, model, X, y, loss_fn = small_problem(seed=seed)
+    train = Batch(X[:250], y[:250])
+    held = Batch(X[250:], y[250:] if held_labels == "true" else (y[250:] + 3) % 5)
+    (grown, growths, psi), passes = _training_passes(lambda: growth_step(
+        model, [0, 2], train, held, loss_fn, _metric, GrowthSettings(), torch.Generator().manual_seed(5)))
+    assert [g.candidate.in_index for g in growths] == grew
+    assert passes.count(250) == len(grew) + 1  # one round per growth and the round that found nothing
+    expected = gather_bottlenecks(grown, [0, 2], train.X, train.y, loss_fn)
+    assert psi.keys() == expected.keys() and all(psi[i] == pytest.approx(expected[i], rel=1e-10) for i in psi)
+    assert [g.psi_after for g in growths] == [psi[i] for i in grew]
+
+
+def test_growth_step_streams_its_statistics_in_chunks():
+    """The estimation batch (256 of 1000 samples) goes through the model ``chunk_size`` samples at a time."""
+    spec, model, X, y, loss_fn = small_problem(n=1400)
+    (_, growths, _), seen = _training_passes(lambda: growth_step(
+        model, [0, 2], Batch(X[:1000], y[:1000]), Batch(X[1000:], y[1000:]), loss_fn, _metric,
+        GrowthSettings(chunk_size=64), torch.Generator().manual_seed(0)))
     assert growths  # so the last pass runs on a grown model
     chunks = [n for n in seen if n != 400]  # 400: the held-out evaluations
     assert chunks and max(chunks) == 64 and sum(chunks) % 256 == 0
@@ -681,7 +704,7 @@ _SEED = 2  # a seed where all three first-round candidates lower the loss (in th
 
 def _first_round(model, blocks, train, held, loss_fn, s):
     """The first round's candidates of a step (same generator seed) and each one's held-out loss decrease."""
-    first = policy._propose(model, blocks, train, loss_fn, s, torch.Generator().manual_seed(_SEED), None)
+    first, _ = policy._propose(model, blocks, [], train, loss_fn, s, torch.Generator().manual_seed(_SEED), None)
     scores = policy._Evaluator(held, loss_fn, _metric)
     with torch.no_grad():
         loss_0 = scores(model(held.X))[0]
@@ -818,18 +841,24 @@ def test_statistics_on_shards_summed_over_ranks_equal_the_whole_batchs(world):
         return moments, gather_bottlenecks(copy.deepcopy(model), [0, 2], X, y, loss_fn, chunk_size=7,
                                            shard=(rank.rank, world), total=rank.sum)
 
+    def round_on_shard(rank):
+        return gather_round(copy.deepcopy(model), [2], [0], X, y, loss_fn, chunk_size=7,
+                            generator=torch.Generator().manual_seed(1), shard=(rank.rank, world), total=rank.sum)
+
     for moments, psi_r in _Ranks(world).run(shard):
         assert psi_r.keys() == psi.keys() and all(psi_r[k] == pytest.approx(psi[k], rel=1e-10) for k in psi)
         for a, b in zip(moments, whole):
             assert a.n == b.n == 40
             for name in ("S", "N_v", "N_z", "S_h", "N_h", "VV"):
                 torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-13, msg=name)
+    for _, psi_r in _Ranks(world).run(round_on_shard):  # layer 0 consumer-side only, layer 2 in full
+        assert psi_r.keys() == psi.keys() and all(psi_r[k] == pytest.approx(psi[k], rel=1e-10) for k in psi)
 
 
 def test_statistics_on_a_shard_without_the_sum_over_processes_are_refused():
     spec, model, X, y, loss_fn = small_problem(n=20)
     message = "statistics on a shard of the batch need `total`, the sum over the processes"
-    for gather in (gather_moments, gather_bottlenecks):
+    for gather in (gather_moments, gather_bottlenecks, lambda *args, **kw: gather_round(model, [0], [2], X, y, loss_fn, **kw)):
         with pytest.raises(ValueError) as error:
             gather(model, [0, 2], X, y, loss_fn, shard=(0, 2))
         assert str(error.value) == message

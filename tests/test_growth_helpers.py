@@ -221,3 +221,25 @@ def test_layer_moments_factor_and_best_update_pass_the_cut_and_the_ridge_on() ->
     ridged, plain = m.best_update(ridge), N_h.T @ linalg.psd_pinv(S_h)
     torch.testing.assert_close(ridged, N_h.T @ linalg.psd_pinv(S_h, ridge=ridge), rtol=1e-10, atol=1e-12)
     assert float((ridged - plain).abs().max()) > 1e-8 * float(plain.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("classes", [2, 10, 37])
+def test_scoring_cross_entropy_has_torchs_values(dtype, classes) -> None:
+    """The line search's and held-out scores' cross-entropy (logsumexp - the target's logit) is torch's to
+    float rounding: both subtract logits, so they agree to a few eps times the largest logit of the row
+    (logits up to 400 here); squared error and other losses score as themselves."""
+    from tinydeploy.model import losses
+
+    gen = torch.Generator().manual_seed(0)
+    out = (torch.randn(500, classes, generator=gen) * torch.logspace(-2, 2, 500)[:, None]).to(dtype)
+    y = torch.randint(0, classes, (500,), generator=gen)
+    value = losses.scoring_loss(losses.per_sample_loss("classification"))(out, y)
+    expected = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    bound = 4 * torch.finfo(dtype).eps * (1 + out.abs().amax(1))
+    assert bool(((value - expected).abs() <= bound).all()) and bound.max() < 1e-3
+    assert value.dtype == dtype and value.shape == (500,)
+    regression = losses.per_sample_loss("regression")
+    assert losses.scoring_loss(regression) is regression is losses.squared_error
+    other = lambda o, t: o.sum(1)  # noqa: E731
+    assert losses.scoring_loss(other) is other

@@ -39,6 +39,8 @@ POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 #: Modules that may sit between a producer and its consumer: each acts on every channel on its own.
 BETWEEN_TYPES = (*ELEMENTWISE_TYPES, *POOL_TYPES, *NORM_TYPES, nn.Flatten, GlobalAvgPool)
+#: Modules f with f(c x) = c f(x) for every c > 0 (positively homogeneous of degree 1).
+HOMOGENEOUS_TYPES = (nn.ReLU, nn.Identity, *POOL_TYPES, nn.Flatten, GlobalAvgPool)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from tinydeploy.growth.amplitude import line_search
 from tinydeploy.growth.candidates import Candidate, Context, balance, propose
 from tinydeploy.growth.costs import count_macs, count_params, neuron_cost, output_shapes
 from tinydeploy.growth.pairs import CONV_TYPES, evaluating, pair_at, pairs_of
-from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_moments, shard_rows
+from tinydeploy.growth.statistics import LayerMoments, gather_bottlenecks, gather_round, shard_rows
 from tinydeploy.growth.surgery import add_neurons, grown_output
 from tinydeploy.model.build import module_width
-from tinydeploy.model.losses import LossFn
+from tinydeploy.model.losses import LossFn, scoring_loss
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class _Evaluator:
 
     def __init__(self, batch: Batch, loss_fn: LossFn, metric: Callable[[torch.Tensor, torch.Tensor], float],
                  parallel: DataParallel | None = None):
-        self.batch, self.loss_fn, self.metric, self.parallel = batch, loss_fn, metric, parallel
+        self.batch, self.loss_fn, self.metric, self.parallel = batch, scoring_loss(loss_fn), metric, parallel
 
     def __call__(self, out: torch.Tensor) -> tuple[float, float]:
         y = self.batch.y
@@ -189,7 +189,9 @@ def growth_step(
     fit, amplitudes searched again) for up to ``layers_per_step`` layers.
 
     Returns the grown model, the growths applied and the bottleneck Psi of every growable layer after them
-    (keyed by module index; from consumer-side statistics only, ``gather_bottlenecks``).
+    (keyed by module index; from consumer-side statistics only): from the statistics of the round that
+    found nothing to add when there is one (they were gathered on the final model, the grown layers'
+    consumer side included, ``gather_round``), else from one more pass (``gather_bottlenecks``).
     With ``parallel``, this process works on its shard of each batch and takes the same decisions as
     the others (the sums over processes are the ones one process would compute on the whole batch).
     """
@@ -204,10 +206,14 @@ def growth_step(
     remaining, applied = list(growable), []
     loss_0, metric_0 = evaluate(model)
     ranked: list[Candidate] = []  # with reuse_statistics: this step's candidates, best first
+    psi: dict[int, float] | None = None  # of the current model, when its statistics are at hand
     for _ in range(s.layers_per_step or len(growable)):
         reusing = s.reuse_statistics and bool(ranked)
-        candidates = [c for c in ranked if _fits(model, c)] if reusing else _propose(
-            model, remaining, train, loss_fn, s, generator, parallel)
+        if reusing:
+            candidates, psi = [c for c in ranked if _fits(model, c)], None
+        else:
+            others = [i for i in growable if i not in remaining]
+            candidates, psi = _propose(model, remaining, others, train, loss_fn, s, generator, parallel)
         best: tuple[float, Candidate, float, float] | None = None
         scored: list[tuple[float, Candidate]] = []
         examined: set[int] = set()
@@ -229,7 +235,7 @@ def growth_step(
         if best is None:
             break
         _, cand, gamma, _ = best
-        model = add_neurons(model, cand, gamma, sample)
+        model, psi = add_neurons(model, cand, gamma, sample), None
         loss_1, metric_1 = evaluate(model)
         widths = [module_width(model[i]) for i in growable]
         applied.append(Growth(cand, gamma, loss_0, loss_1, metric_0, metric_1, widths))
@@ -238,18 +244,19 @@ def growth_step(
         ranked = [c for c in ranked if c.in_index != cand.in_index]
         if not remaining:
             break
-    psi = _bottlenecks(model, growable, train, loss_fn, s, generator, parallel)
+    if psi is None:
+        psi = _bottlenecks(model, growable, train, loss_fn, s, generator, parallel)
     for growth in applied:
         growth.psi_after = psi[growth.candidate.in_index]
     return model, applied, psi
 
 
-def _propose(model: nn.Sequential, indices: list[int], train: Batch, loss_fn, s: GrowthSettings, generator,
-             parallel: DataParallel | None) -> list[Candidate]:
+def _propose(model: nn.Sequential, indices: list[int], others: list[int], train: Batch, loss_fn, s: GrowthSettings,
+             generator, parallel: DataParallel | None) -> tuple[list[Candidate], dict[int, float]]:
     """The chosen method's candidate neurons of every layer in ``indices`` (within its budget), from one
-    round of statistics."""
+    round of statistics, and Psi of the layers ``indices`` and ``others`` from the same round."""
     proposals = []
-    moments, batch = _moments(model, indices, train, loss_fn, s, generator, parallel)
+    (moments, psi), batch = _moments(model, indices, others, train, loss_fn, s, generator, parallel)
     context = Context(model, batch.X, batch.y, loss_fn)
     for m in moments:
         budget = neuron_budget(model, m.in_index, m.out_index, s, train.X[:1])
@@ -259,7 +266,7 @@ def _propose(model: nn.Sequential, indices: list[int], train: Batch, loss_fn, s:
             cand = balance(cand, _rms(pair.producer(model).weight), _rms(pair.consumer(model).weight))
         if cand is not None and cand.n_neurons > 0:
             proposals.append(cand)
-    return proposals
+    return proposals, psi
 
 
 def _fits(model: nn.Sequential, cand: Candidate) -> bool:
@@ -286,13 +293,14 @@ def _estimation_batch(model, indices, train: Batch, s: GrowthSettings, generator
     return train.take(max(rows), generator), rows
 
 
-def _moments(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,
-             parallel: DataParallel | None = None) -> tuple[list[LayerMoments], Batch]:
+def _moments(model, indices, others, train: Batch, loss_fn, s: GrowthSettings, generator,
+             parallel: DataParallel | None = None) -> tuple[tuple[list[LayerMoments], dict[int, float]], Batch]:
     """Statistics of the layers ``indices``, each layer reading the first samples of the batch it needs
-    (with ``parallel``: this process's rows of every chunk, summed over the processes), and that batch."""
+    (with ``parallel``: this process's rows of every chunk, summed over the processes), with Psi of them
+    and of the layers ``others`` (``gather_round``), and that batch."""
     batch, rows = _estimation_batch(model, indices, train, s, generator)
-    return gather_moments(model, indices, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size, generator=generator,
-                          rows=rows, ridge=s.ridge, **_sharding(parallel)), batch
+    return gather_round(model, indices, others, batch.X, batch.y, loss_fn, chunk_size=s.chunk_size,
+                        generator=generator, rows=rows, ridge=s.ridge, **_sharding(parallel)), batch
 
 
 def _bottlenecks(model, indices, train: Batch, loss_fn, s: GrowthSettings, generator,

@@ -402,8 +402,9 @@ class _Probe:
 
 
 def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-           producer: bool) -> dict[int, _Probe]:
-    """Sizes of one sample's views, from a forward/backward pass of X[:1] (nothing to measure for vectors)."""
+           consumer_only: set[int]) -> dict[int, _Probe]:
+    """Sizes of one sample's views, from a forward/backward pass of X[:1] (nothing to measure for vectors);
+    the pairs in ``consumer_only`` build only their consumer's views."""
     if all(_is_vector_pair(model, p) for p in pairs.values()):  # recorded: x_in (d), b (h), grad (o)
         return {i: _Probe(0, p.producer(model).in_features + sum(p.consumer(model).weight.shape), 1)
                 for i, p in pairs.items()}
@@ -413,6 +414,7 @@ def _probe(model: nn.Sequential, pairs: dict[int, Pair], X: torch.Tensor, y: tor
         found = {}
         for index, pair in pairs.items():
             recorded = _recorded(pair, recorder)
+            producer = index not in consumer_only
             v = _views(model, pair, recorded, producer)
             size = v.Bh.numel() + 3 * v.V.numel() + (3 * _unfolded_size(v) + v.grid.numel() if producer else 0)
             taps = math.prod(v.taps) if producer else 1
@@ -505,13 +507,7 @@ def gather_moments(
     X: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
-    *,
-    chunk_size: int = 4096,
-    generator: torch.Generator | None = None,
-    rows: list[int] | None = None,
-    ridge: float = 0.0,
-    shard: tuple[int, int] = (0, 1),
-    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **options,
 ) -> list[LayerMoments]:
     """Accumulate the moments of every growable layer over (X, y), at most ``chunk_size`` samples at a
     time (fewer when the unfolded tensors of a chunk would exceed ``CHUNK_VALUES`` values). ``rows``
@@ -528,17 +524,61 @@ def gather_moments(
     are added over the processes before dW* and at the end, so that every process returns exactly the
     moments of the whole batch (n counting every process's rows).
     """
+    return _gather(model, growable, [], X, y, loss_fn, **options)[0]
+
+
+def gather_round(
+    model: nn.Sequential,
+    growable: list[int],
+    others: list[int],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    **options,
+) -> tuple[list[LayerMoments], dict[int, float]]:
+    """``gather_moments`` of the layers ``growable``, and in the same pass the consumer-side moments of the
+    layers ``others`` (all of X: as ``gather_bottlenecks``), with Psi of every one of them (``psi``),
+    keyed by module index: the bottleneck of each layer of the model as it is, at the cost of one pass."""
+    moments, consumers = _gather(model, growable, others, X, y, loss_fn, **options)
+    found = {m.in_index: psi(m.S_h, m.N_h, m.VV) for m in moments}
+    return moments, {**found, **{i: psi(*consumers[i]) for i in others}}
+
+
+def psi(S_h: torch.Tensor, N_h: torch.Tensor, VV: torch.Tensor) -> float:
+    """Psi = ||V_goal||^2 / n - <dW*, N_h> (Eq. 4 with the paper's dW* = N_h^T S_h^+, Prop. 3.1) from the
+    consumer-side moments."""
+    return float(linalg.bottleneck(torch.trace(VV), S_h, N_h, linalg.best_update(S_h, N_h)))
+
+
+def _gather(
+    model: nn.Sequential,
+    growable: list[int],
+    others: list[int],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    chunk_size: int = 4096,
+    generator: torch.Generator | None = None,
+    rows: list[int] | None = None,
+    ridge: float = 0.0,
+    shard: tuple[int, int] = (0, 1),
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[LayerMoments], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """``gather_moments`` of ``growable``, and (S_h, N_h, VV) of the layers ``others`` from the same passes
+    (keyed by module index; ``rows`` has one entry per layer of ``growable``)."""
     if shard[1] > 1 and total is None:
         raise ValueError("statistics on a shard of the batch need `total`, the sum over the processes")
-    pairs = pairs_of(model, growable)
+    pairs = pairs_of(model, growable + others)
     indexed = dict(enumerate(pairs))
+    consumer_only = set(range(len(growable), len(pairs)))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     meta: list[dict] = [{} for _ in pairs]
     with _evaluating(model):
-        probe = _probe(model, indexed, X, y, loss_fn, producer=True)
-        counts = _row_counts(X.shape[0], pairs, rows, probe)
+        probe = _probe(model, indexed, X, y, loss_fn, consumer_only)
+        counts = _row_counts(X.shape[0], pairs, None if rows is None else rows + [X.shape[0]] * len(others), probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
-        vectors = {i for i in indexed if _is_vector_pair(model, pairs[i])}
+        vectors = {i for i in indexed if _is_vector_pair(model, pairs[i]) and i not in consumer_only}
         late = {**{i: p for i, p in spatial.items() if probe[i].projects_later},
                 **{i: pairs[i] for i in vectors if _projects_later(model, pairs[i])}}
         keep = sum(probe[i].recorded * counts[i] for i in late) <= KEEP_VALUES
@@ -546,6 +586,9 @@ def gather_moments(
         for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
             grams = _Grams()
             for index, part in parts.items():
+                if index in consumer_only:
+                    _accumulate_consumer(sums[index], _views(model, pairs[index], part.tensors, producer=False))
+                    continue
                 if index in vectors:
                     _accumulate_vectors(sums[index], model, pairs[index], part.tensors, grams)
                     meta[index].update(tap_shape=(), out_positions=1)
@@ -580,7 +623,8 @@ def gather_moments(
                                 for i, acc in enumerate(sums)})
     found: list[LayerMoments] = []
     spectra: dict[int, tuple[torch.Tensor, linalg.Spectrum]] = {}
-    for i, (acc, p, m) in enumerate(zip(sums, pairs, meta)):
+    consumers = {pairs[i].in_index: tuple(sums[i][k] / counts[i] for k in ("S_h", "N_h", "VV")) for i in consumer_only}
+    for i, (acc, p, m) in enumerate(zip(sums[: len(growable)], pairs, meta)):
         moments = {k: v / counts[i] for k, v in acc.items()}
         if found and torch.equal(moments["S"], found[-1].S_h):  # one tensor: one eigendecomposition
             moments["S"] = found[-1].S_h
@@ -589,7 +633,7 @@ def gather_moments(
         found.append(LayerMoments(p.in_index, p.out_index, counts[i], **moments, tap_shape=m["tap_shape"],
                                   out_positions=m["out_positions"], dW=updates.get(i), ridge=ridge,
                                   eps=torch.finfo(X.dtype).eps, spectra=spectra))
-    return found
+    return found, consumers
 
 
 def gather_bottlenecks(
@@ -613,15 +657,11 @@ def gather_bottlenecks(
     indexed = dict(enumerate(pairs))
     sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     with _evaluating(model):
-        probe = _probe(model, indexed, X, y, loss_fn, producer=False)
+        probe = _probe(model, indexed, X, y, loss_fn, set(indexed))
         counts = _row_counts(X.shape[0], pairs, rows, probe)
         for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
             for index, part in parts.items():
                 _accumulate_consumer(sums[index], _views(model, pairs[index], part.tensors, producer=False))
     _sum_over(total, sums, {i: ["S_h", "N_h", "VV"] for i in range(len(pairs))})
-    psi = {}
-    for i, (acc, pair) in enumerate(zip(sums, pairs)):
-        S_h, N_h, VV = (acc[k] / counts[i] for k in ("S_h", "N_h", "VV"))
-        dW = linalg.best_update(S_h, N_h)
-        psi[pair.in_index] = float(linalg.bottleneck(torch.trace(VV), S_h, N_h, dW))
-    return psi
+    return {pair.in_index: psi(*(acc[k] / counts[i] for k in ("S_h", "N_h", "VV")))
+            for i, (acc, pair) in enumerate(zip(sums, pairs))}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinydeploy.growth.candidates import Candidate
-from tinydeploy.growth.pairs import Pair, pair_at
+from tinydeploy.growth.pairs import HOMOGENEOUS_TYPES, Pair, pair_at
 from tinydeploy.growth.pairs import evaluating as _evaluating
 
 
@@ -229,8 +229,11 @@ class GrownOutput:
     The activities up to the grown layer are computed once; each evaluation only redoes the new
     channels, what they pass through, the consumer's new inputs and what follows, so a line search over
     g costs little. The consumer is linear in its input channels, so its output is the old output plus
-    the new channels' contribution plus g times the best update's. ``stacked`` evaluates several g at
-    once (one pass over G copies of the batch, in groups of at most ``STACK_VALUES`` values).
+    the new channels' contribution plus g times the best update's. Where everything between producer
+    and consumer is positively homogeneous (ReLU, pooling, flatten; a BatchNorm is the identity on new
+    channels), the new channels' contribution is linear in g too (``_direction``), and an amplitude
+    costs one multiply-add over the consumer's output before what follows. ``stacked`` evaluates
+    several g at once (one pass over G copies of the batch, in groups of at most ``STACK_VALUES`` values).
     """
 
     @torch.no_grad()
@@ -251,6 +254,8 @@ class GrownOutput:
             if candidate.dW is not None:
                 dW = candidate.dW.to(dtype)
                 self.moved = _apply(self.consumer, h_old, dW[:, :-1].reshape(self.consumer.weight.shape), dW[:, -1])
+        self.linear = all(isinstance(m, HOMOGENEOUS_TYPES) for m in self.fresh)
+        self._directions: dict[float, torch.Tensor] = {}
         self._suffixes: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def __call__(self, gamma: float) -> torch.Tensor:
@@ -262,23 +267,39 @@ class GrownOutput:
         group = max(1, STACK_VALUES // max(1, self.base.numel(), self.a_new.numel()))
         return torch.cat([self._group(gammas[i : i + group]) for i in range(0, len(gammas), group)])
 
-    def _group(self, gammas: list[float]) -> torch.Tensor:
+    def _direction(self, sign: float) -> torch.Tensor:
+        """C_s = d pre / d g for amplitudes g of sign s, when the new channels' path f is positively
+        homogeneous: s sqrt|g| omega f(s sqrt|g| alpha x) = g omega f(s alpha x), so the consumer's output
+        is pre(g) = base + g C_s with C_s = omega f(s alpha x) + dW* x."""
+        if sign not in self._directions:
+            C = _apply(self.consumer, self.fresh(sign * self.a_new), self.new_weight, None)
+            self._directions[sign] = C if self.moved is None else C.add_(self.moved)
+        return self._directions[sign]
+
+    def _pre(self, gammas: list[float]) -> torch.Tensor:
+        """The consumer's output for each g: (G, n, ...)."""
         G, n = len(gammas), self.base.shape[0]
         options = {"dtype": self.base.dtype, "device": self.base.device}
-        gamma = torch.tensor(gammas, **options)
-        scale = torch.tensor([_signed_root(g) for g in gammas], **options)
-
-        def per_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            return t.reshape((G,) + (1,) * like.dim())
-
-        new = self.fresh((per_copy(scale, self.a_new) * self.a_new).flatten(0, 1))  # through what lies between
+        gamma = torch.tensor(gammas, **options).reshape((G,) + (1,) * self.base.dim())
+        if self.linear:  # base + g C_s: one multiply-add over the G copies per sign of g
+            pre = None
+            for sign in sorted({math.copysign(1.0, g) for g in gammas if g != 0.0}):
+                part, C = gamma.clamp(min=0.0) if sign > 0 else gamma.clamp(max=0.0), self._direction(sign)
+                pre = torch.addcmul(self.base, part, C) if pre is None else pre.addcmul_(part, C)
+            return self.base.expand(G, *self.base.shape) if pre is None else pre
+        scale = torch.tensor([_signed_root(g) for g in gammas], **options).reshape((G,) + (1,) * self.a_new.dim())
+        grown = self.fresh((scale * self.a_new).flatten(0, 1)).unflatten(0, (G, n))  # through what lies between
         # scale * (consumer of the new channels), with the factor on the K new channels rather than on the
         # consumer's outputs, then the old output and g dW's added in place: three passes over the G copies
-        grown = new.unflatten(0, (G, n))
-        new = (per_copy(scale, grown[0]) * grown).flatten(0, 1)
+        new = (scale.reshape((G,) + (1,) * (grown.dim() - 1)) * grown).flatten(0, 1)
         pre = _apply(self.consumer, new, self.new_weight, None).unflatten(0, (G, n)).add_(self.base)
         if self.moved is not None:
-            pre.addcmul_(per_copy(gamma, self.base), self.moved)
+            pre.addcmul_(gamma, self.moved)
+        return pre
+
+    def _group(self, gammas: list[float]) -> torch.Tensor:
+        G, n = len(gammas), self.base.shape[0]
+        pre = self._pre(gammas)
         with _evaluating(self.model):
             if G not in self._suffixes:
                 self._suffixes[G] = self.pair.continuation(self.model, self.x, repeats=G)
