@@ -120,7 +120,7 @@ def _patches_by_hand(x: torch.Tensor, kernel, stride, padding, pool: int | tuple
 
 
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [((3, 1), (1, 2), (1, 0)), ((2, 3), (2, 1), (0, 1))])
-@pytest.mark.parametrize("pool", [1, 2, (2, 1)])
+@pytest.mark.parametrize("pool", [1, 2, (2, 1), (3, 2)])
 def test_producer_patches_of_non_square_convolutions_equal_explicit_patches(kernel, stride, padding, pool) -> None:
     from tinydeploy.growth.pairs import producer_patches, window_of
 
@@ -128,6 +128,23 @@ def test_producer_patches_of_non_square_convolutions_equal_explicit_patches(kern
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     P = producer_patches(conv, x, window_of(torch.nn.AvgPool2d(pool)) if pool != 1 else None)
     torch.testing.assert_close(P, _patches_by_hand(x, kernel, stride, padding, pool), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (1, 2), (2, 2), (3, 3), (2, 1)])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 3)])
+def test_box_mean_is_a_per_channel_box_convolution(kernel, dilation) -> None:
+    """box_mean = conv2d with a box kernel (1 / taps everywhere) per channel; bit for bit for 1 and 2 taps."""
+    from tinydeploy.growth.pairs import box_mean
+
+    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
+        x = torch.randn(3, 4, 9, 11, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        box = torch.ones(4, 1, *kernel, dtype=dtype) / (kernel[0] * kernel[1])
+        expected = torch.nn.functional.conv2d(x, box, dilation=dilation, groups=4)
+        found = box_mean(x, kernel, dilation)
+        assert found.shape == expected.shape
+        if kernel[0] * kernel[1] <= 2:
+            assert torch.equal(found, expected)
+        torch.testing.assert_close(found, expected, rtol=tol, atol=tol)
 
 
 def test_producer_patches_of_a_conv1d_and_of_a_linear_layer() -> None:

@@ -171,7 +171,8 @@ def add_neurons(model: nn.Sequential, candidate: Candidate, gamma: float, X: tor
     """
     pair = pair_at(model, candidate.in_index)
     alpha, omega, dW = _scaled(candidate, gamma)
-    moments = _norm_moments(model, pair, alpha, X) if X is not None else {}
+    normed = any(isinstance(m, NORMS) for m in pair.between(model))
+    moments = _norm_moments(model, pair, alpha, X) if X is not None and normed else {}
     grown = copy.deepcopy(model)
     k = candidate.n_neurons
     grown.set_submodule(pair.producer_path, widen_producer(pair.producer(grown), alpha))
