@@ -527,15 +527,8 @@ def gather_moments(
     return _gather(model, growable, [], X, y, loss_fn, **options)[0]
 
 
-def gather_round(
-    model: nn.Sequential,
-    growable: list[int],
-    others: list[int],
-    X: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: LossFn,
-    **options,
-) -> tuple[list[LayerMoments], dict[int, float]]:
+def gather_round(model: nn.Sequential, growable: list[int], others: list[int], X: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn, **options) -> tuple[list[LayerMoments], dict[int, float]]:
     """``gather_moments`` of the layers ``growable``, and in the same pass the consumer-side moments of the
     layers ``others`` (all of X: as ``gather_bottlenecks``), with Psi of every one of them (``psi``),
     keyed by module index: the bottleneck of each layer of the model as it is, at the cost of one pass."""
