@@ -54,19 +54,23 @@ def test_fast_line_search_forward_equals_the_grown_model(method, gamma):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["tiny", "random"])
 @pytest.mark.parametrize("activation, linear", [("relu", True), ("identity", True), ("tanh", False), ("gelu", False)])
-def test_stacked_amplitudes_of_both_signs_are_each_grown_model(activation, linear):
-    """Several amplitudes of both signs in one stacked evaluation: each copy is the grown model's output.
-    Through a positively homogeneous activation the consumer's output is base + g C_s (one multiply-add per
-    sign of g); through the others the new channels are recomputed at each amplitude."""
+def test_stacked_amplitudes_of_both_signs_are_each_grown_model(activation, linear, method):
+    """Several amplitudes of both signs in one stacked evaluation: each copy is the grown model's output
+    (with TINY's best update g dW* and without it). Through a positively homogeneous activation the
+    consumer's output is base + g C_s (one multiply-add per sign of g); through the others the new channels
+    are recomputed at each amplitude."""
     spec, model, X, y, loss_fn = small_problem(activation)
-    cand = _candidates(model, X, y, loss_fn)["random"]
+    cand = _candidates(model, X, y, loss_fn)[method]
+    assert (cand.dW is not None) == (method == "tiny")
     output = grown_output(model, cand, X)
     assert output.linear is linear
     gammas = [-1.3, 0.0, 0.4, 2.0, -0.2]
     expected = torch.stack([add_neurons(model, cand, g)(X).detach() for g in gammas])
     torch.testing.assert_close(output.stacked(gammas), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(output.stacked([0.0]), model(X).detach()[None], rtol=0, atol=1e-15)
+    torch.testing.assert_close(output(1.0), add_neurons(model, cand, 1.0)(X).detach(), rtol=1e-12, atol=1e-12)
     negative = [-0.5, -2.0]  # one sign only
     torch.testing.assert_close(output.stacked(negative), torch.stack([add_neurons(model, cand, g)(X).detach()
                                                                       for g in negative]), rtol=1e-12, atol=1e-12)

@@ -781,6 +781,23 @@ def test_estimation_rows_of_a_conv_pair_count_the_positions_of_its_grid(kind, ch
     assert policy._estimation_rows(model, 0, train, s) == expected
 
 
+def test_a_rounds_costly_conv_pair_reads_the_rows_app_e1_asks():
+    """In one round, a pair whose views exceed CHEAP_VIEWS values per sample reads only its App. E.1 rows
+    of the estimation batch (85 here), while the batch holds what the other pair asks (all 600 samples)."""
+    from tinydeploy.growth.pairs import pairs_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(256, 3))
+    train, loss_fn = Batch(torch.randn(600, 3, 8, 8), torch.randint(0, 3, (600,))), per_sample_loss("classification")
+    s = GrowthSettings(estimation_floor=1, min_estimation_batch=1)
+    probe = statistics._probe(model, dict(enumerate(pairs_of(model, [0, 2]))), train.X, train.y, loss_fn, set())
+    assert min(p.views for p in probe.values()) > statistics.CHEAP_VIEWS
+    assert [policy._estimation_rows(model, i, train, s) for i in (0, 2)] == [4 * 37 * 37 // 64, 600]
+    (moments, psi), batch = policy._moments(model, [0, 2], [], train, loss_fn, s, torch.Generator().manual_seed(0))
+    assert batch.X.shape[0] == 600 and [m.n for m in moments] == [85, 600] and sorted(psi) == [0, 2]
+
+
 def test_estimation_batch_size_divides_by_the_positions_in_whole_samples():
     """Per-position terms: (d+1)^2 / P and floor x (d+1) // P, whole samples."""
     floor = GrowthSettings(estimation_scale=1.0, estimation_floor=16, min_estimation_batch=1)

@@ -239,7 +239,18 @@ def test_scoring_cross_entropy_has_torchs_values(dtype, classes) -> None:
     bound = 4 * torch.finfo(dtype).eps * (1 + out.abs().amax(1))
     assert bool(((value - expected).abs() <= bound).all()) and bound.max() < 1e-3
     assert value.dtype == dtype and value.shape == (500,)
+    assert losses.scoring_loss(losses.cross_entropy) is losses.cross_entropy_value
     regression = losses.per_sample_loss("regression")
     assert losses.scoring_loss(regression) is regression is losses.squared_error
     other = lambda o, t: o.sum(1)  # noqa: E731
     assert losses.scoring_loss(other) is other
+
+
+def test_task_metric_is_accuracy_or_mean_squared_error() -> None:
+    """Accuracy: the share of rows whose largest output is the label; regression: the mean of (out - y)^2."""
+    from tinydeploy.model.losses import task_metric
+
+    out = torch.tensor([[0.1, 0.9, 0.0], [2.0, 1.0, 3.0], [0.5, 0.2, 0.1], [0.0, 0.0, 1.0]])
+    assert task_metric("classification", out, torch.tensor([1, 2, 1, 2])) == 0.75
+    predicted, target = torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    assert task_metric("regression", predicted, target) == pytest.approx((1 + 0 + 4 + 4) / 4)

@@ -569,7 +569,8 @@ def _gather(
     meta: list[dict] = [{} for _ in pairs]
     with _evaluating(model):
         probe = _probe(model, indexed, X, y, loss_fn, consumer_only)
-        counts = _row_counts(X.shape[0], pairs, None if rows is None else rows + [X.shape[0]] * len(others), probe)
+        counts = {**_row_counts(X.shape[0], pairs[: len(growable)], rows, probe),
+                  **{i: X.shape[0] for i in consumer_only}}
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
         vectors = {i for i in indexed if _is_vector_pair(model, pairs[i]) and i not in consumer_only}
         late = {**{i: p for i, p in spatial.items() if probe[i].projects_later},
