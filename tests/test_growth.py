@@ -61,7 +61,7 @@ def test_stacked_amplitudes_of_both_signs_are_each_grown_model(activation, linea
     (with TINY's best update g dW* and without it). Through a positively homogeneous activation the
     consumer's output is base + g C_s (one multiply-add per sign of g); through the others the new channels
     are recomputed at each amplitude."""
-    spec, model, X, y, loss_fn = small_problem(activation)
+    _, model, X, y, loss_fn = small_problem(activation)
     cand = _candidates(model, X, y, loss_fn)[method]
     assert (cand.dW is not None) == (method == "tiny")
     output = grown_output(model, cand, X)

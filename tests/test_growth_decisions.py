@@ -374,7 +374,7 @@ def test_a_round_that_adds_nothing_gives_the_bottlenecks_after_the_step_without_
     """Layer 0 grows, then the round over layer 2 finds nothing to add (true labels); or nothing grows at all
     (misleading held-out labels). That last round ran on the final model, the grown layer's consumer side
     included, so Psi after the step comes from it: one pass over the estimation batch per round, none more."""
-    spec, model, X, y, loss_fn = small_problem(seed=seed)
+    _, model, X, y, loss_fn = small_problem(seed=seed)
     train = Batch(X[:250], y[:250])
     held = Batch(X[250:], y[250:] if held_labels == "true" else (y[250:] + 3) % 5)
     (grown, growths, psi), passes = _training_passes(lambda: growth_step(
