@@ -702,9 +702,9 @@ def _three_block_resnet() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
 _SEED = 2  # a seed where all three first-round candidates lower the loss (in the order 3, 5, 4)
 
 
-def _first_round(model, blocks, train, held, loss_fn, s):
+def _first_round(model, blocks, train, held, loss_fn, s, seed=_SEED):
     """The first round's candidates of a step (same generator seed) and each one's held-out loss decrease."""
-    first, _ = policy._propose(model, blocks, [], train, loss_fn, s, torch.Generator().manual_seed(_SEED), None)
+    first, _ = policy._propose(model, blocks, [], train, loss_fn, s, torch.Generator().manual_seed(seed), None)
     scores = policy._Evaluator(held, loss_fn, _metric)
     with torch.no_grad():
         loss_0 = scores(model(held.X))[0]
@@ -735,6 +735,39 @@ def test_reused_statistics_apply_the_first_rounds_candidates_in_the_order_of_the
     for g in growths:
         assert torch.equal(g.candidate.alpha, first[g.candidate.in_index].alpha)
         assert torch.equal(g.candidate.omega, first[g.candidate.in_index].omega)
+
+
+@pytest.mark.parametrize(("seed", "fresh"), [(15, 0), (27, 0), (56, 1)])
+def test_each_reused_round_applies_the_first_candidate_that_still_lowers_the_loss(seed, fresh):
+    """After the first round's best, each round re-searches the amplitudes of the first round's other
+    candidates in their score order and applies the first one that still lowers the held-out loss; the ones
+    examined before it are not examined again, and once they are used up the layers left get fresh
+    statistics (``fresh`` growths here). Seeds where a later candidate would gain more (15), where a
+    candidate examined without gain would gain after another growth (27), and where the layer of such a
+    candidate grows from fresh statistics (56)."""
+    model, blocks, loss_fn, train, held, s, _, _ = _reuse_problem()
+    first, score = _first_round(model, blocks, train, held, loss_fn, s, seed)
+    order = sorted(score, key=score.get, reverse=True)
+    scores = policy._Evaluator(held, loss_fn, _metric)
+    net, expected = model, []
+    while order:
+        with torch.no_grad():
+            loss_0 = scores(net.eval()(held.X))[0]
+        for k, i in enumerate(order):
+            gamma, loss = policy._amplitude(net, first[i], held, scores)
+            if gamma != 0.0 and loss < loss_0:
+                net, order = add_neurons(net, first[i], gamma, held.X), order[k + 1 :]
+                expected.append(i)
+                break
+        else:
+            break
+    _, growths, _ = growth_step(model, blocks, train, held, loss_fn, _metric, s, torch.Generator().manual_seed(seed))
+    assert [g.candidate.in_index for g in growths[: len(expected)]] == expected and len(expected) >= 2
+    later = growths[len(expected) :]
+    assert len(later) == fresh
+    for g in later:  # from new statistics, on a layer not grown yet
+        i = g.candidate.in_index
+        assert i not in expected and not torch.equal(g.candidate.alpha, first[i].alpha)
 
 
 def test_reused_candidates_are_cut_to_the_budget_left_by_the_growths_before_them():
