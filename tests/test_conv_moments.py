@@ -374,3 +374,19 @@ def test_a_round_gathers_the_consumer_side_of_other_layers_in_the_same_pass() ->
     assert all(psi[i] == pytest.approx(expected[i], rel=1e-10) for i in (3, 7))
     assert psi[0] == pytest.approx(statistics.psi(alone.S_h, alone.N_h, alone.VV), rel=0)
     assert psi[0] == pytest.approx(gather_bottlenecks(model, [0], X[: alone.n], y[: alone.n], _loss)[0], rel=1e-10)
+
+
+def test_a_rounds_consumer_only_layers_read_all_samples_even_with_costly_views() -> None:
+    """``rows`` limits only the layers it names: a consumer-only layer of a round (its consumer's views
+    over 4,096 values per sample here) reads all of X, as ``gather_bottlenecks`` without rows does."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 3)).double()
+    X, y = torch.randn(40, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
+    probe = statistics._probe(model, dict(enumerate(statistics.pairs_of(model, [0]))), X, y, _loss, {0})
+    assert probe[0].views > statistics.CHEAP_VIEWS
+    _, psi = statistics.gather_round(model, [2], [0], X, y, _loss, rows=[10])
+    assert psi[0] == pytest.approx(gather_bottlenecks(model, [0], X, y, _loss)[0], rel=1e-12)
+    assert psi[0] != pytest.approx(gather_bottlenecks(model, [0], X, y, _loss, rows=[10])[0], rel=1e-6)

@@ -559,7 +559,8 @@ def _gather(
     total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[LayerMoments], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """``gather_moments`` of ``growable``, and (S_h, N_h, VV) of the layers ``others`` from the same passes
-    (keyed by module index; ``rows`` has one entry per layer of ``growable``)."""
+    (keyed by module index). ``rows`` has one entry per layer of ``growable``, then of ``others``; layers
+    past its end read all of X."""
     if shard[1] > 1 and total is None:
         raise ValueError("statistics on a shard of the batch need `total`, the sum over the processes")
     pairs = pairs_of(model, growable + others)
@@ -569,8 +570,8 @@ def _gather(
     meta: list[dict] = [{} for _ in pairs]
     with _evaluating(model):
         probe = _probe(model, indexed, X, y, loss_fn, consumer_only)
-        counts = {**_row_counts(X.shape[0], pairs[: len(growable)], rows, probe),
-                  **{i: X.shape[0] for i in consumer_only}}
+        counts = _row_counts(X.shape[0], pairs, None if rows is None else rows + [X.shape[0]] * (len(pairs) - len(rows)),
+                             probe)
         spatial = {i: pairs[i] for i in indexed if probe[i].taps > 1}
         vectors = {i for i in indexed if _is_vector_pair(model, pairs[i]) and i not in consumer_only}
         late = {**{i: p for i, p in spatial.items() if probe[i].projects_later},
@@ -643,19 +644,7 @@ def gather_bottlenecks(
     total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Psi (Eq. 4 with dW*, Prop. 3.1) of every growable layer, keyed by its module index, from the
-    consumer-side moments only (S_h, N_h, VV): one pass, no unfolding of the producer's inputs.
-    ``shard`` and ``total`` as in ``gather_moments``."""
-    if shard[1] > 1 and total is None:
-        raise ValueError("statistics on a shard of the batch need `total`, the sum over the processes")
-    pairs = pairs_of(model, growable)
-    indexed = dict(enumerate(pairs))
-    sums: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
-    with _evaluating(model):
-        probe = _probe(model, indexed, X, y, loss_fn, set(indexed))
-        counts = _row_counts(X.shape[0], pairs, rows, probe)
-        for parts in _chunks(model, indexed, counts, X, y, loss_fn, chunk_size, probe, shard):
-            for index, part in parts.items():
-                _accumulate_consumer(sums[index], _views(model, pairs[index], part.tensors, producer=False))
-    _sum_over(total, sums, {i: ["S_h", "N_h", "VV"] for i in range(len(pairs))})
-    return {pair.in_index: psi(*(acc[k] / counts[i] for k in ("S_h", "N_h", "VV")))
-            for i, (acc, pair) in enumerate(zip(sums, pairs))}
+    consumer-side moments only (S_h, N_h, VV): one pass, no unfolding of the producer's inputs
+    (``gather_round`` with every layer consumer-side only). ``shard`` and ``total`` as in ``gather_moments``."""
+    return gather_round(model, [], growable, X, y, loss_fn, chunk_size=chunk_size, rows=rows, shard=shard,
+                        total=total)[1]

@@ -142,7 +142,9 @@ def _scaled(candidate: Candidate, gamma: float) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def _norm_moments(model: nn.Sequential, pair: Pair, alpha: torch.Tensor, X: torch.Tensor) -> dict[str, tuple]:
     """(mean, biased variance) over samples and positions of the new channels (fan-in ``alpha``) at the
-    input of every BatchNorm between producer and consumer, on inputs ``X`` (eval mode)."""
+    input of every BatchNorm between producer and consumer, on inputs ``X`` (eval mode); none without one."""
+    if not any(isinstance(m, NORMS) for m in pair.between(model)):
+        return {}
     producer = pair.producer(model)
     dtype = producer.weight.dtype
     with _evaluating(model):
@@ -171,8 +173,7 @@ def add_neurons(model: nn.Sequential, candidate: Candidate, gamma: float, X: tor
     """
     pair = pair_at(model, candidate.in_index)
     alpha, omega, dW = _scaled(candidate, gamma)
-    normed = any(isinstance(m, NORMS) for m in pair.between(model))
-    moments = _norm_moments(model, pair, alpha, X) if X is not None and normed else {}
+    moments = _norm_moments(model, pair, alpha, X) if X is not None else {}
     grown = copy.deepcopy(model)
     k = candidate.n_neurons
     grown.set_submodule(pair.producer_path, widen_producer(pair.producer(grown), alpha))
